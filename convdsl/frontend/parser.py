@@ -112,10 +112,10 @@ class _ToSyntax(Transformer[Token, ast.Module]):
         return _token_span(token, self.source)
 
     # values
-    def int(self, meta: Any, children: list[Token]) -> ast.Int:
+    def integer(self, meta: Any, children: list[Token]) -> ast.Int:
         return ast.Int(int(children[0]), self._span(meta))
 
-    def float(self, meta: Any, children: list[Token]) -> ast.Float:
+    def number(self, meta: Any, children: list[Token]) -> ast.Float:
         return ast.Float(float(children[0]), str(children[0]), self._span(meta))
 
     def dims(self, meta: Any, children: list[Token]) -> ast.Dims:
@@ -142,7 +142,7 @@ class _ToSyntax(Transformer[Token, ast.Module]):
     def div(self, meta: Any, children: list[ast.Value]) -> ast.BinOp:
         return self._binop("/", meta, children)
 
-    def list(self, meta: Any, children: list[Any]) -> ast.ListValue:
+    def list_value(self, meta: Any, children: list[Any]) -> ast.ListValue:
         return ast.ListValue(tuple(c for c in children if c is not None), None, self._span(meta))
 
     def scaled_list(self, meta: Any, children: list[Any]) -> ast.ListValue:
@@ -305,7 +305,8 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> ConvDslError:
     column = max(1, exc.column if exc.column and exc.column > 0 else 1)
     span = Span(source, line, column, line, column + 1)
     if isinstance(exc, UnexpectedCharacters):
-        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else "?"
+        position = exc.pos_in_stream or 0
+        char = source.text[position] if position < len(source.text) else "?"
         return ConvDslError.single(
             f"unexpected character {char!r}",
             span,

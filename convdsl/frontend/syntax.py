@@ -7,13 +7,14 @@ different layouts compare equal (the printer's round-trip property relies on it)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from convdsl.errors import Span
 
 
 def _span() -> Span | None:
-    return field(default=None, compare=False, repr=False)  # type: ignore[return-value]
+    """A span field: kept for error messages, ignored by equality and repr."""
+    span: Span | None = field(default=None, compare=False, repr=False)
+    return span
 
 
 # --- values -----------------------------------------------------------------
@@ -71,7 +72,7 @@ class ListValue:
     span: Span | None = _span()
 
 
-Value = Union[Int, Float, Dims, Word, Neg, BinOp, ListValue]
+Value = Int | Float | Dims | Word | Neg | BinOp | ListValue
 
 
 # --- statements -------------------------------------------------------------
@@ -159,7 +160,7 @@ class IfStmt:
     condition_span: Span | None = _span()
 
 
-Statement = Union[NetworkStmt, InputStmt, LayerStmt, OutputStmt, BlockDef, IfStmt]
+Statement = NetworkStmt | InputStmt | LayerStmt | OutputStmt | BlockDef | IfStmt
 
 
 @dataclass(frozen=True)

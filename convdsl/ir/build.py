@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from convdsl.errors import ConvDslError, Diagnostic, Source, Span, did_you_mean, error, warning
+from convdsl.errors import (
+    ConvDslError,
+    Diagnostic,
+    Source,
+    Span,
+    did_you_mean,
+    error,
+    known_list,
+    warning,
+)
 from convdsl.frontend import syntax as ast
 from convdsl.ir import signatures as sig
 from convdsl.ir.graph import Graph
@@ -53,7 +62,7 @@ class Scope:
 @dataclass(frozen=True)
 class _Draft:
     name: str
-    op: sig.Op
+    op: Op
     attrs: object
     inputs: tuple[Flow, ...]
     span: Span | None
@@ -179,7 +188,7 @@ class _Builder:
                 f"invalid input shape {'x'.join(map(str, statement.dims))}", statement.span,
                 hint="write channels, then 1 to 3 sizes: 1x40 (signal), 3x32x32 (image), "
                 "1x16x32x32 (volume or video); every size at least 1")
-        self._add(_Draft(name, sig.Op.INPUT, InputAttrs(statement.dims), (), statement.span, ()))
+        self._add(_Draft(name, Op.INPUT, InputAttrs(statement.dims), (), statement.span, ()))
         scope.names[name] = name
         return name
 
@@ -345,7 +354,7 @@ class _Builder:
         known = [*sig.LAYER_TYPES, *self.blocks]
         hint = did_you_mean(call.op, [*known, *scope.declared])
         if hint is None:
-            hint = sig.known_list("layer types", sig.LAYER_TYPES)
+            hint = known_list("layer types", sig.LAYER_TYPES)
         what = "layer type or block"
         if not call.parens and call.op not in scope.declared:
             what = "layer, layer type or block"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
 
 from convdsl.errors import Span
 
@@ -147,8 +146,8 @@ class MergeAttrs:
     act: ActSpec | None = None
 
 
-Attrs = Union[InputAttrs, ConvAttrs, FilterAttrs, PoolAttrs, NoAttrs, ActivationAttrs,
-              BatchNormAttrs, DropoutAttrs, DenseAttrs, MergeAttrs]
+Attrs = (InputAttrs | ConvAttrs | FilterAttrs | PoolAttrs | NoAttrs | ActivationAttrs
+         | BatchNormAttrs | DropoutAttrs | DenseAttrs | MergeAttrs)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from convdsl.errors import ConvDslError, Span, did_you_mean, known_list
 from convdsl.ir import ops
-from convdsl.ir.ops import ActSpec, Activation, Op, Padding, PadMode
+from convdsl.ir.ops import Activation, ActSpec, Op, Padding, PadMode
+
+__all__ = ["LAYER_TYPES", "SIGNATURES", "Argument", "Evaluated", "Signature", "bind",
+           "known_list", "make_attrs"]
 
 # An evaluated value: a number, a word, sizes (3x3) or a (nested) list.
-Evaluated = Union[int, float, str, tuple[int, ...], list[Any]]
+Evaluated = int | float | str | tuple[int, ...] | list[Any]
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,10 @@ def sizes(minimum: int) -> Converter:
 
     def convert(option: str, value: Evaluated, span: Span | None) -> tuple[int, ...]:
         values = value if isinstance(value, tuple) else (value,)
-        if (not all(isinstance(v, int) for v in values) or len(values) > 3
-                or min(values, default=0) < minimum):  # type: ignore[type-var]
+        numbers = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if len(numbers) != len(values) or len(numbers) > 3 or min(numbers) < minimum:
             raise _fail(option, value, f"sizes of at least {minimum}, such as 3 or 3x3", span)
-        return tuple(values)  # type: ignore[arg-type]
+        return tuple(numbers)
 
     return convert
 
@@ -132,7 +135,8 @@ def padding(option: str, value: Evaluated, span: Span | None) -> Padding:
 def pool_padding(option: str, value: Evaluated, span: Span | None) -> tuple[int, ...]:
     if value == "valid":
         return (0,)
-    return sizes(0)(option, value, span)
+    padding: tuple[int, ...] = sizes(0)(option, value, span)
+    return padding
 
 
 def kernel_values(option: str, value: Evaluated, span: Span | None) -> tuple[tuple[float, ...],

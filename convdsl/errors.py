@@ -12,6 +12,7 @@ fix it. It renders in the compiler style users know from gcc and rustc:
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -25,9 +26,11 @@ class Source:
     text: str
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
+        # Only "\n" ends a line, as in the grammar; str.splitlines would also split
+        # at form feeds and other separators and so quote the wrong line.
+        lines = self.text.split("\n")
         if 1 <= number <= len(lines):
-            return lines[number - 1]
+            return lines[number - 1].removesuffix("\r")
         return ""
 
 
@@ -71,22 +74,55 @@ class Diagnostic:
         return "\n".join(lines)
 
 
+QUOTE_WIDTH = 100  # characters of a source line shown at most
+
+
 def _quote(span: Span | None) -> list[str]:
-    """The offending source line with a caret under the offending text."""
+    """The offending source line with a caret under the offending text.
+
+    Columns count characters, as the parser does; the quote shows tabs as four
+    spaces and wide characters as two cells, and the caret follows suit.
+    """
     if span is None or span.source is None:
         return []
-    text = span.source.line(span.line).expandtabs(1)
-    if not text.strip():
+    text = span.source.line(span.line)
+    if not text.strip() or "\x00" in text:
         return []
-    width = 1
+    end = span.column + 1
     if span.end_line == span.line and span.end_column > span.column:
-        width = span.end_column - span.column
-    width = max(1, min(width, len(text) - span.column + 1))
+        end = span.end_column
+    elif span.end_line > span.line:
+        end = len(text.rstrip()) + 1  # underline the first line of a longer span
+    end = max(span.column + 1, min(end, len(text) + 1))
+    # A very long line is cut to a window around the caret, marked with "...".
+    first = max(0, min(span.column - 1 - QUOTE_WIDTH // 3, len(text) - QUOTE_WIDTH))
+    last = first + QUOTE_WIDTH
+    lead = "..." if first > 0 else ""
+    shown, _ = _display(text[first:last])
+    _, before = _display(text[first:span.column - 1])
+    _, under = _display(text[first:min(end - 1, last)])
     gutter = f"{span.line:5d}"
     return [
-        f"{gutter} | {text.rstrip()}",
-        f"{' ' * len(gutter)} | {' ' * (span.column - 1)}{'^' * width}",
+        f"{gutter} | {lead}{shown.rstrip()}{'...' if last < len(text.rstrip()) else ''}",
+        f"{' ' * len(gutter)} | {' ' * (len(lead) + before)}{'^' * max(1, under - before)}",
     ]
+
+
+def _display(text: str) -> tuple[str, int]:
+    """Text as a terminal shows it, and the number of cells it takes there."""
+    shown: list[str] = []
+    width = 0
+    for char in text:
+        if char == "\t":
+            shown.append(" " * (4 - width % 4))
+            width += 4 - width % 4
+        elif not char.isprintable():
+            shown.append(" ")  # a stray carriage return or form feed would garble the line
+            width += 1
+        else:
+            shown.append(char)
+            width += 2 if unicodedata.east_asian_width(char) in "WF" else 1
+    return "".join(shown), width
 
 
 class ConvDslError(Exception):
@@ -118,7 +154,7 @@ def warning(message: str, span: Span | None = None, hint: str | None = None) -> 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest known word, if any is close enough."""
-    close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, sorted(set(choices) - {word}), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
 
 

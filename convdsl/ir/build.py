@@ -9,6 +9,7 @@ Unnamed layers are called after their type (`relu_1`, `relu_2`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from convdsl.errors import (
@@ -27,7 +28,9 @@ from convdsl.ir.graph import Graph
 from convdsl.ir.ops import InputAttrs, Layer, Loss, Op, Output
 
 MAX_REPEAT = 1000
-MAX_LAYERS = 100_000
+# Far above real networks (ResNet-1001 has about 3,000 layers), low enough that
+# checking a runaway repetition fails in well under a second.
+MAX_LAYERS = 10_000
 MAX_BLOCK_DEPTH = 32
 BLOCK_INPUT = "input"  # inside a block, the name of whatever flows into it
 
@@ -92,6 +95,14 @@ class _Builder:
     # --- the whole module -------------------------------------------------
 
     def build(self) -> BuildResult:
+        if not self.module.statements:
+            what = "is empty" if not self.source.text.strip() else "holds only comments"
+            raise ConvDslError.single(
+                f"no network here: the file {what}",
+                # A span into no text: the file's name, and no line quoted.
+                Span(Source(self.source.name, ""), 1, 1, 1, 1),
+                hint="a network needs an input, layers and an output, as in "
+                "'input 1x28x28', 'fc = flatten -> dense(10)', 'output fc'")
         self._collect_blocks()
         self._expand(self.module.lines, self.top)
         layers = self._resolve()
@@ -153,17 +164,28 @@ class _Builder:
                 out.append(statement)
                 continue
             if statement.condition not in scope.params:
-                known = list(scope.params)
-                raise ConvDslError.single(
-                    f"'if {statement.condition}' needs a block parameter",
-                    statement.condition_span,
-                    hint=did_you_mean(statement.condition, known) or (
-                        "conditions test a parameter of the enclosing block"))
+                raise self._bad_condition(statement, scope)
             taken = sig.boolean(statement.condition, scope.params[statement.condition],
                                 statement.condition_span)
             branch = statement.then if taken else (statement.otherwise or ())
             out.extend(self._taken_branches(branch, scope))
         return out
+
+    @staticmethod
+    def _bad_condition(statement: ast.IfStmt, scope: Scope) -> ConvDslError:
+        condition = statement.condition
+        if not scope.in_block:
+            return ConvDslError.single(
+                "'if' can only be used inside a block", statement.condition_span,
+                hint=f"it tests a block parameter, as in block stage({condition}=no) "
+                f"{{ if {condition} {{ ... }} }}")
+        block = scope.calls[-1]
+        known = sorted(scope.params)
+        hint = did_you_mean(condition, known) or (
+            f"'if' tests a parameter of the block; '{block}' has "
+            + (", ".join(f"'{name}'" for name in known) if known else "none"))
+        return ConvDslError.single(f"'{condition}' is not a parameter of block '{block}'",
+                                   statement.condition_span, hint=hint)
 
     def _declare(self, statements: list[ast.Statement], scope: Scope) -> None:
         first_use: dict[str, Span | None] = {}
@@ -183,14 +205,27 @@ class _Builder:
 
     def _input(self, statement: ast.InputStmt, scope: Scope) -> str:
         name = statement.name or "input"
-        if not 2 <= len(statement.dims) <= 4 or min(statement.dims) < 1:
+        problem = _shape_problem(statement.dims)
+        if problem is not None:
+            shape = "x".join(map(str, statement.dims))
             raise ConvDslError.single(
-                f"invalid input shape {'x'.join(map(str, statement.dims))}", statement.span,
+                f"invalid input shape {shape}: {problem}", self._shape_span(statement),
                 hint="write channels, then 1 to 3 sizes: 1x40 (signal), 3x32x32 (image), "
-                "1x16x32x32 (volume or video); every size at least 1")
+                "1x16x32x32 (volume or video)")
         self._add(_Draft(name, Op.INPUT, InputAttrs(statement.dims), (), statement.span, ()))
         scope.names[name] = name
         return name
+
+    def _shape_span(self, statement: ast.InputStmt) -> Span | None:
+        """Just the sizes of an input statement: the digits and x's that end it."""
+        span = statement.span
+        if span is None:
+            return None
+        text = self.source.line(span.end_line)[:span.end_column - 1]
+        start = len(text.rstrip("0123456789x"))
+        if span.end_line != span.line or start >= len(text):
+            return span
+        return Span(span.source, span.line, start + 1, span.line, span.end_column)
 
     def _output(self, statement: ast.OutputStmt, scope: Scope) -> None:
         arguments = [sig.Argument(o.key, self._evaluate(o.value, scope), o.span)
@@ -260,7 +295,7 @@ class _Builder:
             return self._block_call(call, scope, current, name)
         signature = sig.SIGNATURES.get(call.op)
         if signature is None:
-            raise self._unknown_call(call, scope)
+            raise self._unknown_call(call, scope, at_head=not follows_arrow)
         if signature.merges:
             inputs = self._merge_inputs(call, scope, current if follows_arrow else None)
             arguments = [a for a in call.args if a.key is not None]
@@ -274,7 +309,11 @@ class _Builder:
         bound = [sig.Argument(a.key, self._evaluate(a.value, scope), a.span) for a in arguments]
         values, spans = sig.bind(signature, call.op, bound, call.span)
         attrs = sig.make_attrs(call.op, values)
-        self._add(_Draft(name, signature.op, attrs, inputs, call.span, tuple(spans.items())))
+        # Where each named input was written ("#0", "#1", ...), so that shape errors
+        # can call it what the user called it rather than by its full name.
+        written = [(f"#{i}", flow.span) for i, flow in enumerate(inputs) if isinstance(flow, Ref)]
+        self._add(_Draft(name, signature.op, attrs, inputs, call.span,
+                         (*spans.items(), *written)))
         return name
 
     def _merge_inputs(self, call: ast.Call, scope: Scope, current: Flow | None
@@ -350,15 +389,26 @@ class _Builder:
             values[param.name] = self._evaluate(param.default, Scope("", {}))
         return values
 
-    def _unknown_call(self, call: ast.Call, scope: Scope) -> ConvDslError:
-        known = [*sig.LAYER_TYPES, *self.blocks]
-        hint = did_you_mean(call.op, [*known, *scope.declared])
-        if hint is None:
-            hint = known_list("layer types", sig.LAYER_TYPES)
-        what = "layer type or block"
-        if not call.parens and call.op not in scope.declared:
-            what = "layer, layer type or block"
-        return ConvDslError.single(f"unknown {what} '{call.op}'", _name_span(call), hint=hint)
+    def _unknown_call(self, call: ast.Call, scope: Scope, at_head: bool) -> ConvDslError:
+        span = _name_span(call)
+        types = [*sig.LAYER_TYPES, *self.blocks]
+        what = "layer type or block" if self.blocks else "layer type"
+        if call.op in scope.declared or (scope.in_block and call.op == BLOCK_INPUT):
+            if at_head:  # a layer's name with arguments or a repeat count
+                hint = f"to use the layer, write just '{call.op}'"
+            else:
+                hint = (f"only the start of a chain can name a layer; join layers with "
+                        f"add({call.op}, ...) or concat({call.op}, ...)")
+            return ConvDslError.single(f"'{call.op}' is a layer, not a {what}", span, hint=hint)
+        if at_head and not call.parens:
+            # A bare name at the start of a chain: a layer or a layer type was meant.
+            hint = did_you_mean(call.op, [*types, *scope.declared]) or (
+                f"check the spelling, or define the layer, as in '{call.op} = conv(16, 3)'")
+            message = (f"'{call.op}' is not a layer, a layer type or a block" if self.blocks
+                       else f"'{call.op}' is neither a layer nor a layer type")
+            return ConvDslError.single(message, span, hint=hint)
+        hint = did_you_mean(call.op, types) or known_list("layer types", sig.LAYER_TYPES)
+        return ConvDslError.single(f"unknown {what} '{call.op}'", span, hint=hint)
 
     # --- values -----------------------------------------------------------
 
@@ -388,16 +438,20 @@ class _Builder:
         left = self._number(self._evaluate(value.left, scope), value.left)
         right = self._number(self._evaluate(value.right, scope), value.right)
         if value.op == "+":
-            return left + right
-        if value.op == "-":
-            return left - right
-        if value.op == "*":
-            return left * right
-        if right == 0:
+            result = left + right
+        elif value.op == "-":
+            result = left - right
+        elif value.op == "*":
+            result = left * right
+        elif right == 0:
             raise ConvDslError.single("division by zero", value.span)
-        if isinstance(left, int) and isinstance(right, int) and left % right == 0:
-            return left // right
-        return left / right
+        elif isinstance(left, int) and isinstance(right, int) and left % right == 0:
+            result = left // right
+        else:
+            result = left / right
+        if isinstance(result, float) and not math.isfinite(result):  # as 1 / 1e-320 is
+            raise ConvDslError.single("number too large", value.span)
+        return result
 
     @staticmethod
     def _number(value: sig.Evaluated, node: ast.Value) -> int | float:
@@ -455,6 +509,8 @@ class _Builder:
         if hint is None and ref.scope.in_block and ref.name in self.top.names:
             hint = (f"blocks see only their own layers and '{BLOCK_INPUT}'; pass "
                     f"'{ref.name}' in by calling the block after it")
+        if hint is None and 0 < len(names) <= 12:  # few enough to list
+            hint = "the layers here are " + ", ".join(f"'{name}'" for name in sorted(names))
         return error(f"undefined layer '{ref.name}'", ref.span, hint)
 
     def _check_cycles(self, graph: Graph) -> None:
@@ -485,16 +541,28 @@ class _Builder:
             seen[target] = statement.span
             outputs.append(Output(target, loss, weight, statement.aux, statement.span))
         if not outputs:
-            line = max(1, len(self.source.text.splitlines()))
-            raise ConvDslError.single(
-                "the network has no output", Span(self.source, line, 1, line, 1),
-                hint="name the layer that gives the result, as in "
-                "'output fc loss=cross_entropy'")
+            raise self._no_output()
         if all(output.aux for output in outputs):
             raise ConvDslError.single("the network has only auxiliary outputs",
                                       outputs[0].span,
                                       hint="declare the main result with 'output'")
         return outputs
+
+    def _no_output(self) -> ConvDslError:
+        """Points at the last layer written, the likely result, and names it in the hint."""
+        layers = [s for s in self.module.statements if isinstance(s, ast.LayerStmt)]
+        if layers and layers[-1].name is not None:
+            last = layers[-1]
+            return ConvDslError.single(
+                "the network has no output", last.name_span,
+                hint=f"declare the layer that gives the result, as in "
+                f"'output {last.name} loss=cross_entropy'")
+        line = max(1, len(self.source.text.rstrip().split("\n")))
+        span = layers[-1].span if layers else Span(self.source, line, 1, line, 1)
+        return ConvDslError.single(
+            "the network has no output", span,
+            hint="name the layer that gives the result and declare it, as in "
+            "'fc = dense(10)' and 'output fc loss=cross_entropy'")
 
     def _unused(self, graph: Graph) -> list[Diagnostic]:
         outputs = {output.name for output in graph.outputs}
@@ -519,11 +587,25 @@ def _scale(items: list[sig.Evaluated], scale: int | float, node: ast.ListValue
         if isinstance(item, list):
             out.append(_scale(item, scale, node))
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            if not math.isfinite(item / scale):
+                raise ConvDslError.single("number too large in a scaled list", node.span)
             out.append(item / scale)
         else:
             raise ConvDslError.single(f"'{sig.describe(item)}' in a scaled list is not a "
                                       "number", node.span)
     return out
+
+
+def _shape_problem(dims: tuple[int, ...]) -> str | None:
+    if len(dims) < 2:
+        return "it gives channels but no size"
+    if len(dims) > 4:
+        return f"it gives {len(dims) - 1} sizes after the channels, and at most 3 are allowed"
+    if min(dims) < 1:
+        return "every size, channels included, must be at least 1"
+    if max(dims) > sig.MAX_SIZE:
+        return f"sizes can be at most {sig.MAX_SIZE}"
+    return None
 
 
 def _loss_weight(option: str, value: sig.Evaluated, span: Span | None) -> float:

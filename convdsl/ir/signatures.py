@@ -18,6 +18,10 @@ from convdsl.ir.ops import Activation, ActSpec, Op, Padding, PadMode
 __all__ = ["LAYER_TYPES", "SIGNATURES", "Argument", "Evaluated", "Signature", "bind",
            "known_list", "make_attrs"]
 
+# The largest size, channel count or padding accepted: what 32-bit indices hold,
+# as the frameworks that run these networks need.
+MAX_SIZE = 2**31 - 1
+
 # An evaluated value: a number, a word, sizes (3x3) or a (nested) list.
 Evaluated = int | float | str | tuple[int, ...] | list[Any]
 
@@ -51,6 +55,8 @@ Converter = Callable[[str, Evaluated, Span | None], Any]
 def positive_int(option: str, value: Evaluated, span: Span | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail(option, value, "a whole number of at least 1", span)
+    if value > MAX_SIZE:
+        raise _fail(option, value, f"a whole number from 1 to {MAX_SIZE}", span)
     return value
 
 
@@ -62,6 +68,8 @@ def sizes(minimum: int) -> Converter:
         numbers = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
         if len(numbers) != len(values) or len(numbers) > 3 or min(numbers) < minimum:
             raise _fail(option, value, f"sizes of at least {minimum}, such as 3 or 3x3", span)
+        if max(numbers) > MAX_SIZE:
+            raise _fail(option, value, f"sizes from {minimum} to {MAX_SIZE}", span)
         return tuple(numbers)
 
     return convert
@@ -90,6 +98,8 @@ _FALSE = {"no", "false", "off"}
 
 
 def boolean(option: str, value: Evaluated, span: Span | None) -> bool:
+    if isinstance(value, list):  # unhashable, so never in the sets below
+        raise _fail(option, value, "yes or no (also true/false, on/off)", span)
     if value in _TRUE or value == 1:
         return True
     if value in _FALSE or value == 0:
@@ -121,6 +131,8 @@ def padding(option: str, value: Evaluated, span: Span | None) -> Padding:
     if isinstance(value, str):
         mode = choice("valid", "same", "full")(option, value, span)
         return Padding(PadMode(mode))
+    if _too_large(value):
+        raise _fail(option, value, f"padding of at most {MAX_SIZE}", span)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return Padding(PadMode.EXPLICIT, ((value, value),))
     if isinstance(value, tuple):
@@ -132,9 +144,18 @@ def padding(option: str, value: Evaluated, span: Span | None) -> Padding:
                 "or [before after] per axis", span)
 
 
+def _too_large(value: Evaluated) -> bool:
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return any(isinstance(v, int) and v > MAX_SIZE for v in values)
+
+
 def pool_padding(option: str, value: Evaluated, span: Span | None) -> tuple[int, ...]:
     if value == "valid":
         return (0,)
+    if isinstance(value, str):
+        raise _fail(option, value, "valid, a number such as 1, or sizes such as 1x0", span,
+                    hint="'same' and 'full' are for conv and filter; pooling pads explicitly"
+                    if value in ("same", "full") else did_you_mean(value, ["valid"]))
     padding: tuple[int, ...] = sizes(0)(option, value, span)
     return padding
 
@@ -147,6 +168,8 @@ def kernel_values(option: str, value: Evaluated, span: Span | None) -> tuple[tup
     shape = _nesting(value)
     if shape is None:
         raise _fail(option, value, "a list of numbers, or equal-length nested lists", span)
+    if len(shape) > 3:
+        raise _fail(option, value, "a list nested at most 3 deep, one level per axis", span)
     flat = _flatten(value)
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in flat):
         raise _fail(option, value, "numbers only", span)
@@ -236,12 +259,15 @@ def bind(signature: Signature, op_name: str, arguments: list[Argument],
     positional = [a for a in arguments if a.key is None]
     if len(positional) > len(signature.positional):
         extra = positional[len(signature.positional)]
+        if not signature.options:
+            raise ConvDslError.single(f"'{op_name}' takes no arguments", extra.span,
+                                      hint=f"write just '{op_name}'")
         takes = (f"takes {len(signature.positional)} positional argument"
                  f"{'s' if len(signature.positional) != 1 else ''}")
         names = ", ".join(signature.positional)
         raise ConvDslError.single(
             f"too many arguments for '{op_name}': it {takes}" + (f" ({names})" if names else ""),
-            extra.span, hint="name the option, as in stride=2")
+            extra.span, hint=_extra_hint(op_name, signature))
     for name, argument in zip(signature.positional, positional):
         values[name], spans[name] = argument.value, argument.span
     for argument in arguments:
@@ -263,6 +289,15 @@ def bind(signature: Signature, op_name: str, arguments: list[Argument],
                                       hint=_usage(op_name, signature))
     converted = {k: signature.options[k](k, v, spans[k]) for k, v in values.items()}
     return converted, spans
+
+
+def _extra_hint(op_name: str, signature: Signature) -> str:
+    """What to write instead of one positional argument too many."""
+    named = [k for k in signature.options if k not in signature.positional]
+    if not named:
+        return _usage(op_name, signature)
+    example = "stride=2" if "stride" in named else f"{named[0]}=..."
+    return f"name the option, as in {example}"
 
 
 def _usage(op_name: str, signature: Signature) -> str:

@@ -13,6 +13,7 @@ window that would start inside the right padding is dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,14 +80,17 @@ def _spatial_input(layer: Layer, shape: Shape) -> int:
     return len(shape) - 1
 
 
-def _per_axis(layer: Layer, option: str, values: tuple[int, ...], axes: int) -> tuple[int, ...]:
+def _per_axis(layer: Layer, option: str, values: tuple[int, ...], shape: Shape
+              ) -> tuple[int, ...]:
+    axes = len(shape) - 1
     if len(values) == 1:
         return values * axes
     if len(values) != axes:
         raise ShapeError(
-            f"'{option}' of '{layer.name}' gives {len(values)} sizes but the input has "
-            f"{axes} spatial axis{'es' if axes != 1 else ''}", layer.option_span(option),
-            hint=f"give one size, or {axes} sizes joined by 'x'")
+            f"'{option}' of '{layer.name}' gives {len(values)} sizes but its input "
+            f"{format_shape(shape)} has {axes} spatial {'axis' if axes == 1 else 'axes'}",
+            layer.option_span(option),
+            hint="give one size" if axes == 1 else f"give one size, or {axes} joined by 'x'")
     return values
 
 
@@ -144,10 +148,10 @@ def _conv(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
     attrs = layer.attrs
     assert isinstance(attrs, (ops.ConvAttrs, ops.FilterAttrs))
     (shape,) = inputs
-    axes = _spatial_input(layer, shape)
-    window = _per_axis(layer, "window", attrs.window, axes)
-    stride = _per_axis(layer, "stride", attrs.stride, axes)
-    dilation = _per_axis(layer, "dilation", attrs.dilation, axes)
+    _spatial_input(layer, shape)
+    window = _per_axis(layer, "window", attrs.window, shape)
+    stride = _per_axis(layer, "stride", attrs.stride, shape)
+    dilation = _per_axis(layer, "dilation", attrs.dilation, shape)
     pads = _resolve_padding(layer, attrs.padding, shape[1:], window, stride, dilation)
     channels = shape[0]
     if isinstance(attrs, ops.ConvAttrs):
@@ -163,8 +167,8 @@ def _check_groups(layer: Layer, attrs: ops.ConvAttrs, channels: int) -> None:
     for what, count in (("input", channels), ("output", attrs.out_channels)):
         if count % attrs.groups:
             raise ShapeError(
-                f"'{layer.name}' has {count} {what} channels, which {attrs.groups} groups "
-                "cannot divide evenly", layer.option_span("groups"),
+                f"'{layer.name}' has {count} {what} channel{'s' if count != 1 else ''}, which "
+                f"{attrs.groups} groups cannot divide evenly", layer.option_span("groups"),
                 hint=f"choose groups that divide both {channels} and {attrs.out_channels}")
 
 
@@ -176,8 +180,9 @@ def _check_kernel(layer: Layer, attrs: ops.FilterAttrs, window: tuple[int, ...])
     if len(attrs.kernel) != needed or not shape_ok:
         written = (format_shape(attrs.kernel_shape) if attrs.kernel_shape
                    else str(len(attrs.kernel)))
+        plural = "s" if written != "1" else ""
         raise ShapeError(
-            f"the fixed kernel of '{layer.name}' has {written} values but its window "
+            f"the fixed kernel of '{layer.name}' has {written} value{plural} but its window "
             f"{format_shape(window)} needs {needed}", layer.option_span("kernel"),
             hint="give one number per window position, row by row")
 
@@ -186,11 +191,11 @@ def _pool(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
     attrs = layer.attrs
     assert isinstance(attrs, ops.PoolAttrs)
     (shape,) = inputs
-    axes = _spatial_input(layer, shape)
-    window = _per_axis(layer, "window", attrs.window, axes)
-    stride = _per_axis(layer, "stride", attrs.stride or attrs.window, axes)
-    dilation = _per_axis(layer, "dilation", attrs.dilation, axes)
-    padding = _per_axis(layer, "pad", attrs.padding, axes)
+    _spatial_input(layer, shape)
+    window = _per_axis(layer, "window", attrs.window, shape)
+    stride = _per_axis(layer, "stride", attrs.stride or attrs.window, shape)
+    dilation = _per_axis(layer, "dilation", attrs.dilation, shape)
+    padding = _per_axis(layer, "pad", attrs.padding, shape)
     for k, p in zip(window, padding):
         if p > k // 2:
             raise ShapeError(
@@ -231,12 +236,12 @@ def _dense(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
 
 
 def _concat(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
-    first, first_shape = layer.inputs[0], inputs[0]
-    for other, shape in zip(layer.inputs[1:], inputs[1:]):
+    first_shape = inputs[0]
+    for index, shape in enumerate(inputs[1:], 1):
         if len(shape) != len(first_shape) or shape[1:] != first_shape[1:]:
             raise ShapeError(
-                f"cannot concatenate '{first}' ({format_shape(first_shape)}) and '{other}' "
-                f"({format_shape(shape)}): their sizes "
+                f"cannot concatenate {_described(layer, 0, first_shape)} and "
+                f"{_described(layer, index, shape)}: their sizes "
                 f"{format_shape(first_shape[1:]) or 'flat'} and "
                 f"{format_shape(shape[1:]) or 'flat'} differ", layer.span,
                 hint="concatenation joins channels; every branch must keep the same "
@@ -245,18 +250,53 @@ def _concat(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
 
 
 def _add(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
-    first, first_shape = layer.inputs[0], inputs[0]
-    for other, shape in zip(layer.inputs[1:], inputs[1:]):
+    first_shape = inputs[0]
+    for index, shape in enumerate(inputs[1:], 1):
         if shape != first_shape:
-            hint = "the shapes must match exactly"
-            if len(shape) == len(first_shape) and len(shape) > 1:
-                hint = ("use a projection shortcut, as in "
-                        f"{other} -> conv({first_shape[0]}, 1, stride=2, bias=no) -> bn, "
-                        "so that channels and sizes agree")
             raise ShapeError(
-                f"cannot add '{first}' ({format_shape(first_shape)}) and '{other}' "
-                f"({format_shape(shape)}): shapes differ", layer.span, hint=hint)
+                f"cannot add {_described(layer, 0, first_shape)} and "
+                f"{_described(layer, index, shape)}: shapes differ", layer.span,
+                hint=_projection_hint(_written(layer, 0), first_shape,
+                                      _written(layer, index), shape))
     return first_shape, None
+
+
+def _written(layer: Layer, index: int) -> str:
+    """A merge's input as the user wrote it (bn2, input), else its full name."""
+    name = layer.inputs[index]
+    span = dict(layer.option_spans).get(f"#{index}")
+    if span is None or span.source is None or span.end_line != span.line:
+        return name
+    word = span.source.line(span.line)[span.column - 1:span.end_column - 1]
+    return word if word.isidentifier() else name
+
+
+def _described(layer: Layer, index: int, shape: Shape) -> str:
+    """'bn2' (layer2.0.bn2, 128x28x28): the written name, the full one where it differs."""
+    name, written = layer.inputs[index], _written(layer, index)
+    full = f"{name}, " if name != written else ""
+    return f"'{written}' ({full}{format_shape(shape)})"
+
+
+def _projection_hint(first: str, first_shape: Shape, other: str, shape: Shape) -> str:
+    """How to make two shapes addable: the 1x1 convolution (or dense layer) that would."""
+    if len(shape) != len(first_shape):
+        return "a feature map and a flat vector cannot be added; flatten or pool the map"
+    if len(shape) == 1:
+        return f"pass '{other}' through dense({first_shape[0]}) first, so that sizes agree"
+    if shape[1:] == first_shape[1:]:
+        return (f"pass '{other}' through conv({first_shape[0]}, 1, bias=no) -> bn first, so "
+                f"that it has {first_shape[0]} channels too")
+    big, big_shape, small_shape = first, first_shape, shape
+    if math.prod(shape[1:]) > math.prod(first_shape[1:]):
+        big, big_shape, small_shape = other, shape, first_shape
+    for stride in range(2, 65):
+        if all(-(-b // stride) == s for b, s in zip(big_shape[1:], small_shape[1:])):
+            return (f"pass '{big}' through conv({small_shape[0]}, 1, stride={stride}, "
+                    f"bias=no) -> bn first, so that it becomes {format_shape(small_shape)}")
+    return (f"no stride turns {format_shape(big_shape[1:])} into "
+            f"{format_shape(small_shape[1:])}; check the padding (pad=same keeps the size) "
+            "and strides of both branches")
 
 
 def _input(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:

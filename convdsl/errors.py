@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -131,6 +131,10 @@ class ConvDslError(Exception):
     def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
         self.diagnostics = tuple(diagnostics)
         super().__init__("\n".join(d.render() for d in self.diagnostics))
+
+    def with_note(self, note: str) -> ConvDslError:
+        """The same errors, each with one more note (such as the block call it came from)."""
+        return ConvDslError([replace(d, notes=(*d.notes, note)) for d in self.diagnostics])
 
     @classmethod
     def single(

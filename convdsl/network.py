@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convdsl.errors import ConvDslError, Diagnostic, Source
+from convdsl.errors import ConvDslError, Diagnostic, Source, Span
 from convdsl.frontend.parser import parse
 from convdsl.frontend.syntax import Module
 from convdsl.ir.build import build_graph
@@ -177,9 +177,19 @@ def read_source(path: str | Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConvDslError.single(
-            f"'{path}' is not UTF-8 text (bad byte at offset {exc.start})",
-            hint="a .cnn file is plain text") from None
+        raise _not_utf8(path, data, exc) from None
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> ConvDslError:
+    """Point at the first byte that is not UTF-8, quoting the line it is on."""
+    before = data[:exc.start].decode("utf-8-sig", errors="replace")
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    source = Source(str(path), data.decode("utf-8-sig", errors="replace"))
+    return ConvDslError.single(
+        f"this file is not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be decoded",
+        Span(source, line, column, line, column + 1),
+        hint="a .cnn file is plain text; save it as UTF-8")
 
 
 def load(path: str | Path) -> Network:

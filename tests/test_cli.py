@@ -148,3 +148,21 @@ def test_python_api_loads_text_and_files() -> None:
         convdsl.loads("input 1x8x8\nfc = dense(10)\noutput fc\n", "x.cnn")
     assert "x.cnn:2:6: error:" in str(caught.value)
     assert "insert 'flatten'" in str(caught.value)
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_network_is_valid() -> None:
+    (text,) = [block.split("\n", 1)[1] for block in readme().split("```")[1::2]
+               if block.startswith("cnn\n")]
+    assert convdsl.loads(text, "README.md").params == 61706
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    (command,) = [line for line in readme().splitlines() if "pytest" in line and "pip" in line]
+    steps = [step.strip() for step in command.split("&&")]
+    tests = steps[steps.index('pip install -e ".[dev]"') + 1:]
+    ci_lines = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()}
+    assert tests and all(step in ci_lines for step in tests), tests

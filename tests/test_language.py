@@ -16,6 +16,7 @@ import convdsl
 from convdsl import ConvDslError
 from convdsl.frontend import syntax as ast
 from convdsl.frontend.parser import parse
+from convdsl.frontend.printer import format_module
 from convdsl.ir import signatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,9 +213,20 @@ def test_a_comment_on_the_last_line_of_a_continued_statement():
     assert len(module.lines) == 1
 
 
+@pytest.mark.parametrize(("text", "comment"), [
+    ("x = conv(6, 5)  # first\n    -> relu\n", "first"),  # before a continuation line
+    ("x = conv(6, # channels\n 5)\n", "channels"),  # inside brackets
+    ("x = conv(6, # channels\n 5)  # window\n    -> relu  # act\n",
+     "channels  # window  # act"),
+])
+def test_comments_inside_a_statement_move_to_its_end(text, comment):
+    module = parse(text)
+    assert len(module.lines) == 1
+    assert module.lines[0].comment == comment
+    assert format_module(module).endswith(f"  # {comment}\n")
+
+
 @pytest.mark.parametrize("text", [
-    "x = conv(6, 5)  # no\n    -> relu\n",  # a comment before a continuation line
-    "x = conv(6, # no\n 5)\n",  # a comment inside brackets
     "x = conv(6, 5)\n\n    -> relu\n",  # a blank line before a continuation line
     "x = conv(6, 5)\n# no\n    -> relu\n",
 ])
@@ -436,8 +448,12 @@ def test_statements_flow_into_the_next():
 def test_positional_and_keyword_arguments_are_equivalent():
     a = load("input 1x8x8\nx = conv(6, 3, stride=2)\noutput x")
     b = load("input 1x8x8\nx = conv(window=3, stride=2, channels=6)\noutput x")
-    c = load("input 1x8x8\nx = conv(stride=2, 6, 3)\noutput x")  # positions still count
-    assert a.graph.layer("x").attrs == b.graph.layer("x").attrs == c.graph.layer("x").attrs
+    assert a.graph.layer("x").attrs == b.graph.layer("x").attrs
+
+
+def test_a_positional_value_after_a_named_option_is_refused():
+    with pytest.raises(ConvDslError, match="positional value cannot follow a named option"):
+        load("input 1x8x8\nx = conv(stride=2, 6, 3)\noutput x")
 
 
 @pytest.mark.parametrize(("call", "fragments"), [

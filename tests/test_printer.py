@@ -93,7 +93,8 @@ def calls(draw, first_of_line: bool = False):
     parens = draw(st.booleans())
     if not parens:
         return ast.Call(op)
-    args = draw(st.lists(st.one_of(positional, keyword), max_size=4))
+    # Positional values come first: the grammar refuses one after a named option.
+    args = draw(st.lists(positional, max_size=2)) + draw(st.lists(keyword, max_size=2))
     return ast.Call(op, tuple(args), True)
 
 

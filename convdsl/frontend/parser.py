@@ -54,22 +54,36 @@ class _LineJoiner:
     bracket of an unclosed pair instead of a puzzling error further down.
     """
 
-    always_accept = ("_NL",)
+    always_accept = ("_NL", "COMMENT")
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         open_brackets: list[Token] = []
         previous: Token | None = None
+        comments: list[Token] = []  # held until the statement ends
         for token in stream:
             if token.type == "_NL" and (open_brackets or (previous and previous.value == "->")):
                 continue
-            if token.type != "COMMENT":
-                _track_brackets(token, open_brackets)
+            if token.type == "COMMENT":
+                comments.append(token)
+                continue
+            if token.type == "_NL" and comments:
+                yield _merge_comments(comments)
+                comments = []
+            _track_brackets(token, open_brackets)
             previous = token
             yield token
         if open_brackets:
             opener = open_brackets[-1]
             raise _BracketError(opener, f"'{opener.value}' is never closed",
                                 f"add the matching '{_OPENERS[opener.value]}'")
+
+
+def _merge_comments(comments: list[Token]) -> Token:
+    """Comments written inside a multi-line statement, as one comment at its end."""
+    if len(comments) == 1:
+        return comments[0]
+    text = "  ".join(str(c).rstrip() for c in comments)
+    return Token.new_borrow_pos("COMMENT", text, comments[0])
 
 
 def _track_brackets(token: Token, open_brackets: list[Token]) -> None:
@@ -167,22 +181,27 @@ class _ToSyntax(Transformer[Token, ast.Module]):
         return ast.Arg(str(children[0]), children[1], self._span(meta))
 
     def args(self, meta: Any, children: list[Any]) -> tuple[ast.Arg, ...]:
-        out = []
+        out: list[ast.Arg] = []
         for child in children:
             if child is None:
                 continue
             if isinstance(child, ast.Arg):
                 out.append(child)
-            else:
-                out.append(ast.Arg(None, child, getattr(child, "span", None)))
+                continue
+            argument = ast.Arg(None, child, getattr(child, "span", None))
+            if out and out[-1].key is not None:
+                raise ConvDslError.single(
+                    "a positional value cannot follow a named option", argument.span,
+                    hint=f"put it before '{out[-1].key}=', or name it too")
+            out.append(argument)
         return tuple(out)
 
+    def call_args(self, meta: Any, children: list[Any]) -> tuple[ast.Arg, ...]:
+        return children[0] or ()
+
     def call(self, meta: Any, children: list[Any]) -> ast.Call:
-        name, args = children[0], children[1] if len(children) > 1 else None
-        span = self._span(meta)
-        parens = span is not None and span.end_column - span.column > len(str(name))
-        parens = parens or args is not None
-        return ast.Call(str(name), args or (), parens, span)
+        name, args = children
+        return ast.Call(str(name), args or (), args is not None, self._span(meta))
 
     def element(self, meta: Any, children: list[Any]) -> ast.Element:
         return ast.Element(children[0], children[1], self._span(meta))

@@ -56,6 +56,7 @@ class Scope:
     declared: set[str] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     calls: tuple[str, ...] = ()  # the block calls that led here, to catch recursion
+    context: tuple[str, ...] = ()  # where those calls are, innermost first, for errors
 
     @property
     def in_block(self) -> bool:
@@ -70,6 +71,7 @@ class _Draft:
     inputs: tuple[Flow, ...]
     span: Span | None
     option_spans: tuple[tuple[str, Span | None], ...]
+    context: tuple[str, ...] = ()
 
 
 @dataclass
@@ -313,7 +315,7 @@ class _Builder:
         # can call it what the user called it rather than by its full name.
         written = [(f"#{i}", flow.span) for i, flow in enumerate(inputs) if isinstance(flow, Ref)]
         self._add(_Draft(name, signature.op, attrs, inputs, call.span,
-                         (*spans.items(), *written)))
+                         (*spans.items(), *written), scope.context))
         return name
 
     def _merge_inputs(self, call: ast.Call, scope: Scope, current: Flow | None
@@ -349,8 +351,14 @@ class _Builder:
             raise ConvDslError.single(f"block '{call.op}' has no input", call.span,
                                       hint="declare the input first")
         params = self._bind_block(block, call, scope)
-        child = Scope(name + ".", params, block_input=current, calls=(*scope.calls, call.op))
-        out = self._expand(block.body, child)
+        where = f" at line {call.span.line}" if call.span else ""
+        note = f"in block '{call.op}', called as '{name}'{where}"
+        child = Scope(name + ".", params, block_input=current, calls=(*scope.calls, call.op),
+                      context=(note, *scope.context))
+        try:
+            out = self._expand(block.body, child)
+        except ConvDslError as exc:
+            raise exc.with_note(note) from None
         if out is current:
             raise ConvDslError.single(f"block '{call.op}' has no layers", block.span)
         assert out is not None
@@ -481,7 +489,8 @@ class _Builder:
                 if resolved is not None:
                     inputs.append(resolved)
             layers.append(Layer(draft.name, draft.op, draft.attrs,  # type: ignore[arg-type]
-                                tuple(inputs), draft.span, draft.option_spans))
+                                tuple(inputs), draft.span, draft.option_spans,
+                                draft.context))
         if problems:
             raise ConvDslError(problems)
         return layers
@@ -511,7 +520,7 @@ class _Builder:
                     f"'{ref.name}' in by calling the block after it")
         if hint is None and 0 < len(names) <= 12:  # few enough to list
             hint = "the layers here are " + ", ".join(f"'{name}'" for name in sorted(names))
-        return error(f"undefined layer '{ref.name}'", ref.span, hint)
+        return error(f"undefined layer '{ref.name}'", ref.span, hint, ref.scope.context)
 
     def _check_cycles(self, graph: Graph) -> None:
         cycle = graph.find_cycle()

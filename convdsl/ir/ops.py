@@ -160,6 +160,8 @@ class Layer:
     inputs: tuple[str, ...]
     span: Span | None = field(default=None, compare=False)
     option_spans: tuple[tuple[str, Span | None], ...] = field(default=(), compare=False)
+    # The block calls that produced this layer, innermost first, as notes for errors.
+    context: tuple[str, ...] = field(default=(), compare=False)
 
     def option_span(self, option: str) -> Span | None:
         for key, span in self.option_spans:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from convdsl.errors import ConvDslError, Diagnostic, Span, error
 from convdsl.ir import ops
@@ -57,7 +57,8 @@ def infer_shapes(graph: Graph) -> tuple[dict[str, Shape], dict[str, Window]]:
         try:
             shape, window = _RULES[layer.op](layer, inputs)
         except ShapeError as exc:
-            problems.append(exc.diagnostic)
+            diagnostic = exc.diagnostic
+            problems.append(replace(diagnostic, notes=(*diagnostic.notes, *layer.context)))
             continue
         shapes[layer.name] = shape
         if window is not None:
@@ -128,18 +129,19 @@ def _slide(layer: Layer, input_shape: Shape, window: Window, ceil: bool = False
             zip(sizes, window.window, window.stride, window.dilation, window.pads)):
         padded = n + before + after
         span_ = d * (k - 1) + 1
-        if span_ > padded:
-            formula = (f"out = floor(({n} + {before} + {after} - {d}*({k}-1) - 1) / {s}) + 1 = "
-                       f"{(padded - span_) // s + 1}")
+        numerator = padded - span_
+        size = (-(-numerator // s) if ceil else numerator // s) + 1
+        if ceil and (size - 1) * s >= n + before:
+            size -= 1  # the last window would start in the right padding
+        if size < 1:
+            rounding = "ceil" if ceil else "floor"
+            formula = (f"out = {rounding}(({n} + {before} + {after} - {d}*({k}-1) - 1) / {s})"
+                       f" + 1 = {size}")
             raise ShapeError(
                 f"the window of '{layer.name}' ({span_}) is larger than its padded input "
                 f"({padded}) on spatial axis {axis + 1} of input "
                 f"{format_shape(input_shape)}: {formula}", layer.span,
                 hint="use a smaller window, pad the input, or remove a pooling layer before it")
-        numerator = padded - span_
-        size = (-(-numerator // s) if ceil else numerator // s) + 1
-        if ceil and (size - 1) * s >= n + before:
-            size -= 1  # the last window would start in the right padding
         out.append(size)
     return tuple(out)
 

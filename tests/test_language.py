@@ -1011,3 +1011,15 @@ def test_resnet18_names_are_torchvisions_state_dict_names():
     assert sorted(weighted) == sorted(expected)
     assert net.counts["layer2.0.downsample.0"].params == 64 * 128
     assert net.counts["layer2.0.downsample.1"].buffers == 2 * 128
+
+
+def test_sizes_are_list_items():
+    module = parse("x = conv(4, 3, pad=[3x3 1x1])\n")
+    (element,) = module.statements[0].chain
+    (_, _, pad) = element.call.args
+    assert pad.value == ast.ListValue((ast.Dims((3, 3)), ast.Dims((1, 1))))
+
+
+def test_parentheses_on_their_own_line_still_make_a_call():
+    (element,) = parse("y = x(\n)\n").statements[0].chain
+    assert element.call.parens

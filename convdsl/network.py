@@ -18,7 +18,7 @@ from convdsl.ir.build import build_graph
 from convdsl.ir.graph import Graph
 from convdsl.ir.ops import Layer, Output
 from convdsl.passes.counts import LayerCounts, count_layers
-from convdsl.passes.shapes import Shape, Window, format_shape, infer_shapes
+from convdsl.passes.shapes import Shape, Window, infer_shapes
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -147,8 +147,6 @@ class Network:
             "aux": counts.aux,
         }
 
-    def describe_shape(self, name: str) -> str:
-        return format_shape(self.shapes[name])
 
 
 def loads(text: str, filename: str = "<string>") -> Network:

@@ -65,9 +65,3 @@ class Graph:
 
     def ancestors(self, name: str) -> set[str]:
         return set(nx.ancestors(self._g, name)) | {name}
-
-    @property
-    def nx_graph(self) -> nx.DiGraph:
-        """A read-only view, for algorithms; do not attach attributes to it."""
-        view: nx.DiGraph = self._g.copy(as_view=True)
-        return view

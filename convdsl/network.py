@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from convdsl.frontend.syntax import Module
 from convdsl.ir.build import build_graph
 from convdsl.ir.graph import Graph
 from convdsl.ir.ops import Layer, Output
-from convdsl.passes.counts import LayerCounts, count_layers
+from convdsl.passes.counts import BYTES_PER_VALUE, LayerCounts, count_layers
 from convdsl.passes.shapes import Shape, Window, infer_shapes
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -104,7 +105,16 @@ class Network:
     @property
     def activation_bytes(self) -> int:
         """Memory for every layer's output, one example, float32."""
-        return 4 * self.units
+        return BYTES_PER_VALUE * self.units
+
+    @property
+    def input_bytes(self) -> int:
+        return BYTES_PER_VALUE * sum(math.prod(s) for s in self.input_shapes.values())
+
+    @property
+    def param_bytes(self) -> int:
+        """Memory for parameters, buffers and fixed weights, float32."""
+        return BYTES_PER_VALUE * (self.params + self.buffers + self.fixed)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything `convdsl summary --json` prints."""
@@ -124,7 +134,7 @@ class Network:
             "flops": self.flops,
             "units": self.units,
             "activation_bytes": self.activation_bytes,
-            "param_bytes": 4 * (self.params + self.buffers + self.fixed),
+            "param_bytes": self.param_bytes,
             "layers": [self._layer_dict(layer) for layer in self.layers],
         }
 

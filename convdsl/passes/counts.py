@@ -63,9 +63,10 @@ def count_layers(graph: Graph, shapes: dict[str, Shape], windows: dict[str, Wind
         field = _receptive_field(layer, output, [fields[n] for n in layer.inputs],
                                  windows.get(layer.name), whole)
         fields[layer.name] = field
-        params, buffers, fixed = _weights(layer, inputs)
+        window = windows.get(layer.name)
+        params, buffers, fixed = _weights(layer, inputs, window)
         counts[layer.name] = LayerCounts(params, buffers, fixed, math.prod(output),
-                                         _macs(layer, inputs, output), field,
+                                         _macs(layer, inputs, output, window), field,
                                          layer.name in aux)
     return counts
 
@@ -79,11 +80,18 @@ def auxiliary_layers(graph: Graph) -> set[str]:
     return aux - main
 
 
-def _weights(layer: Layer, inputs: list[Shape]) -> tuple[int, int, int]:
+def _window_size(window: Window | None) -> int:
+    """Taps of a window resolved by the shape pass (sizes per axis already broadcast)."""
+    assert window is not None, "the shape pass resolves every convolution's window"
+    return math.prod(window.window)
+
+
+def _weights(layer: Layer, inputs: list[Shape], window: Window | None
+             ) -> tuple[int, int, int]:
     attrs = layer.attrs
     if isinstance(attrs, ops.ConvAttrs):
-        window = math.prod(_expand(attrs.window, len(inputs[0]) - 1))
-        weights = attrs.out_channels * (inputs[0][0] // attrs.groups) * window
+        taps = _window_size(window)
+        weights = attrs.out_channels * (inputs[0][0] // attrs.groups) * taps
         return weights + (attrs.out_channels if attrs.bias else 0), 0, 0
     if isinstance(attrs, ops.FilterAttrs):
         return 0, 0, len(attrs.kernel)
@@ -95,20 +103,15 @@ def _weights(layer: Layer, inputs: list[Shape]) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
-def _macs(layer: Layer, inputs: list[Shape], output: Shape) -> int:
+def _macs(layer: Layer, inputs: list[Shape], output: Shape, window: Window | None) -> int:
     attrs = layer.attrs
     if isinstance(attrs, ops.ConvAttrs):
-        window = math.prod(_expand(attrs.window, len(inputs[0]) - 1))
-        return math.prod(output) * (inputs[0][0] // attrs.groups) * window
+        return math.prod(output) * (inputs[0][0] // attrs.groups) * _window_size(window)
     if isinstance(attrs, ops.FilterAttrs):
         return math.prod(output) * len(attrs.kernel)
     if isinstance(attrs, ops.DenseAttrs):
         return inputs[0][0] * attrs.units
     return 0
-
-
-def _expand(values: tuple[int, ...], axes: int) -> tuple[int, ...]:
-    return values * axes if len(values) == 1 else values
 
 
 def _whole_input(graph: Graph, shapes: dict[str, Shape]) -> ReceptiveField:

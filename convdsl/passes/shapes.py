@@ -175,9 +175,7 @@ def _check_groups(layer: Layer, attrs: ops.ConvAttrs, channels: int) -> None:
 
 
 def _check_kernel(layer: Layer, attrs: ops.FilterAttrs, window: tuple[int, ...]) -> None:
-    needed = 1
-    for size in window:
-        needed *= size
+    needed = math.prod(window)
     shape_ok = not attrs.kernel_shape or attrs.kernel_shape == window
     if len(attrs.kernel) != needed or not shape_ok:
         written = (format_shape(attrs.kernel_shape) if attrs.kernel_shape
@@ -219,10 +217,7 @@ def _same(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
 
 
 def _flatten(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:
-    size = 1
-    for value in inputs[0]:
-        size *= value
-    return (size,), None
+    return (math.prod(inputs[0]),), None
 
 
 def _dense(layer: Layer, inputs: list[Shape]) -> tuple[Shape, Window | None]:

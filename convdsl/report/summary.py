@@ -62,8 +62,7 @@ def _footer(net: Network) -> list[str]:
             f"MACs without auxiliary heads: {net.macs_without_aux:,}"
             f" ({_scaled(net.macs_without_aux)})",
         ]
-    input_bytes = 4 * sum(_prod(shape) for shape in net.input_shapes.values())
-    param_bytes = 4 * (net.params + net.buffers + net.fixed)
+    input_bytes, param_bytes = net.input_bytes, net.param_bytes
     lines += [
         f"Units (output elements, one example): {net.units:,}",
         f"MACs (multiply-accumulates, one example): {net.macs:,} ({_scaled(net.macs)})",
@@ -81,10 +80,3 @@ def _footer(net: Network) -> list[str]:
 def _scaled(count: int) -> str:
     """3 decimals in G, as torchvision tabulates GMACs, or in M for small networks."""
     return f"{count / 1e9:.3f} G" if count >= 10**7 else f"{count / 1e6:.3f} M"
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for v in shape:
-        out *= v
-    return out

@@ -97,12 +97,41 @@ def test_graph_rendering_needs_graphviz(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "lenet.dot").read_text().startswith("digraph")
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed")
-def test_graph_renders_svg_with_graphviz(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def fake_dot(tmp_path: Path, exit_code: int = 0) -> Path:
+    """A stand-in for Graphviz's `dot`: writes a tiny SVG holding the DOT text it read."""
+    script = tmp_path / "bin" / "dot"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "text = sys.stdin.read()\n"
+        f"if {exit_code}:\n"
+        "    sys.exit('dot: syntax error in line 1')\n"
+        "out = sys.argv[sys.argv.index('-o') + 1]\n"
+        "open(out, 'w').write('<svg><!-- ' + text + ' --></svg>')\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_graph_renders_svg_with_graphviz(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real Graphviz when it is installed (CI installs it), else a stand-in.
+    if shutil.which("dot") is None:
+        stand_in = str(fake_dot(tmp_path))
+        monkeypatch.setattr(shutil, "which", lambda name: stand_in)
     target = tmp_path / "lenet.svg"
-    status, _, _ = run(capsys, "graph", str(LENET), "-o", str(target))
-    assert status == 0 and "<svg" in target.read_text()
+    status, out, _ = run(capsys, "graph", str(LENET), "-o", str(target))
+    assert status == 0 and "rendered by Graphviz" in out
+    assert "<svg" in target.read_text()
+
+
+def test_a_graphviz_failure_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    failing = str(fake_dot(tmp_path, exit_code=1))
+    monkeypatch.setattr(shutil, "which", lambda name: failing)
+    status, _, err = run(capsys, "graph", str(LENET), "-o", str(tmp_path / "lenet.png"))
+    assert status == 1 and "Graphviz failed to render lenet.png" in err
+    assert "syntax error in line 1" in err
 
 
 def test_fmt_check_rewrite_and_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,152 @@
+"""The interface between one layer's generated kernels and the executor.
+
+The executor builds one `KernelLayer` per layer of the graph, through the
+builder registered for the layer's op, and then only calls `forward` and
+`backward`. A kernel layer owns the buffers it writes (allocated once, for the
+compiled batch) and keeps what its backward pass needs from the last forward.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import Layer, Op
+from convdsl.passes.shapes import Window
+from convdsl.runtime.params import layer_params
+
+if TYPE_CHECKING:
+    from convdsl.network import Network
+
+ALGORITHMS = ("direct", "gemm", "fft")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one forward pass is for: training (batch statistics, dropout) or inference."""
+
+    train: bool = False
+    seed: int = 0  # with step and the layer name, decides the dropout mask
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class LayerSetup:
+    """All a builder needs to know about one layer, batch included."""
+
+    layer: Layer
+    batch: int
+    dtype: str  # "float32" or "float64"
+    in_shapes: tuple[tuple[int, ...], ...]  # without the batch
+    out_shape: tuple[int, ...]  # without the batch
+    window: Window | None
+    algo: str  # "auto", or one of ALGORITHMS when the file or the caller asks
+    param_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # field -> shape
+
+    @property
+    def batched_inputs(self) -> tuple[tuple[int, ...], ...]:
+        return tuple((self.batch, *shape) for shape in self.in_shapes)
+
+    @property
+    def batched_output(self) -> tuple[int, ...]:
+        return (self.batch, *self.out_shape)
+
+    @property
+    def spatial_axes(self) -> int:
+        return len(self.in_shapes[0]) - 1
+
+    def output_buffer(self) -> np.ndarray:
+        return np.zeros(self.batched_output, dtype=self.dtype)
+
+    def input_buffer(self, index: int = 0) -> np.ndarray:
+        return np.zeros(self.batched_inputs[index], dtype=self.dtype)
+
+    @property
+    def macs(self) -> int:
+        return math.prod(self.batched_output)
+
+
+class KernelLayer(ABC):
+    """One layer's forward and backward passes, run by generated kernels."""
+
+    def __init__(self, setup: LayerSetup) -> None:
+        self.setup = setup
+        self.specs: list[KernelSpec] = []  # every kernel this layer runs, for reports
+        self.algorithm = "direct"  # how the layer computes, for reports
+        self.reason = ""  # why that algorithm, for reports
+
+    @property
+    def name(self) -> str:
+        return self.setup.layer.name
+
+    @abstractmethod
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        """The layer's output for `inputs` (batch first). The returned array belongs to
+        the layer and is overwritten by its next forward; batch norm in training
+        updates `params['running_mean']` and friends in place."""
+
+    @abstractmethod
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        """Gradients with respect to each input (in `layer.inputs` order), from the
+        gradient of the output of the last forward. Writes (overwrites) the gradient of
+        every trained field into the preallocated `grads[field]`. `skip_act`: the
+        gradient already is with respect to the value before the layer's softmax.
+        Returned arrays belong to the layer; `grad_output` may be overwritten."""
+
+
+Builder = Callable[[LayerSetup], KernelLayer]
+_BUILDERS: dict[Op, Builder] = {}
+
+
+def builder(*ops: Op) -> Callable[[Builder], Builder]:
+    """Register the function that builds kernel layers for `ops`."""
+    def register(build: Builder) -> Builder:
+        for op in ops:
+            if op in _BUILDERS:
+                raise ValueError(f"op {op.value} has two kernel builders")
+            _BUILDERS[op] = build
+        return build
+    return register
+
+
+def build_layer(setup: LayerSetup) -> KernelLayer:
+    from convdsl.codegen import cpu  # noqa: F401  (registers the builders)
+
+    try:
+        build = _BUILDERS[setup.layer.op]
+    except KeyError:
+        raise NotImplementedError(f"no CPU kernels for op {setup.layer.op.value}") from None
+    return build(setup)
+
+
+def registered_ops() -> set[Op]:
+    from convdsl.codegen import cpu  # noqa: F401
+
+    return set(_BUILDERS)
+
+
+def layer_setups(network: Network, batch: int, dtype: str, algo: str | None = None
+                 ) -> dict[str, LayerSetup]:
+    """A setup for every layer but the inputs. `algo` (from the command line)
+    overrides the algorithm each convolution asks for in the file."""
+    setups: dict[str, LayerSetup] = {}
+    for layer in network.layers:
+        if layer.op is Op.INPUT:
+            continue
+        in_shapes = tuple(network.shapes[source] for source in layer.inputs)
+        infos = layer_params(layer, in_shapes[0])
+        asked = algo or getattr(layer.attrs, "algo", "auto")
+        setups[layer.name] = LayerSetup(
+            layer=layer, batch=batch, dtype=dtype, in_shapes=in_shapes,
+            out_shape=network.shapes[layer.name], window=network.windows.get(layer.name),
+            algo=asked, param_shapes=tuple((info.field, info.shape) for info in infos))
+    return setups

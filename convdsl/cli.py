@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from convdsl.errors import ConvDslError, Diagnostic
+from convdsl.errors import ConvDslError, Diagnostic, RunError
 from convdsl.frontend.parser import parse
 from convdsl.frontend.printer import format_module
 from convdsl.network import Network, load, read_source
@@ -87,6 +87,71 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    import time
+
+    from convdsl.report.kernels import DUMPS, emit, kernel_sources, plan_lines
+    from convdsl.runtime.executor import CompiledNetwork
+
+    dumps = [d for d in args.dump.split(",") if d] if args.dump else []
+    unknown = [d for d in dumps if d not in DUMPS]
+    if unknown:
+        print(f"convdsl compile: error: unknown dump {unknown[0]!r}; choose from "
+              f"{', '.join(DUMPS)}", file=sys.stderr)
+        return EXIT_USAGE
+    net = _load(args.file)
+    if "ast" in dumps:
+        print(format_module(net.module), end="")
+    if "graph" in dumps:
+        from convdsl.report.summary import summary_table
+
+        print(summary_table(net))
+    start = time.perf_counter()
+    compiled = CompiledNetwork(net, args.batch, args.dtype, args.algo)
+    generated = time.perf_counter() - start
+    first_run = compiled.warm_up()  # Numba compiles, or loads from its cache, here
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled.warm_up()
+    warm = time.perf_counter() - start
+    compiled.compile_seconds = first_run
+    print("\n".join(plan_lines(compiled)))
+    if "plan" in dumps:
+        for name, kernel in compiled.kernels.items():
+            for spec in kernel.specs:
+                print(f"{name}: k_{spec.key} {spec.canonical()}")
+    kernels = kernel_sources(compiled)
+    print(f"{net.name}: {len(compiled.kernels)} layers, {len(kernels)} distinct kernels, "
+          f"batch {args.batch}, {args.dtype}")
+    print(f"cold: {cold:.2f} s (generate {generated:.2f} s, then compile or load from the "
+          f"cache and run once); warm: {warm:.3f} s (a training step and an inference)")
+    if "source" in dumps:
+        for path in kernels.values():
+            print(f"# ---- {path.name}")
+            print(path.read_text(encoding="utf-8"), end="")
+    if args.emit:
+        written = emit(compiled, Path(args.emit))
+        print(f"wrote {len(written)} files to {args.emit}")
+    return EXIT_OK
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from convdsl.runtime.executor import CompiledNetwork
+    from convdsl.runtime.gradcheck import TOLERANCE, gradcheck
+
+    net = _load(args.file)
+    compiled = CompiledNetwork(net, args.batch, "float64", args.algo)
+    results = gradcheck(compiled, samples=args.samples, seed=args.seed)
+    width = max(len(r.name) for r in results)
+    for result in results:
+        status = "ok" if result.ok else "FAIL"
+        print(f"{result.name.ljust(width)}  {result.entries:4d} entries  worst relative "
+              f"error {result.worst:.2e}  {status}")
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)}/{len(results)} arrays within {TOLERANCE:g}")
+    return EXIT_USER_ERROR if failed else EXIT_OK
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.fmt-tmp")
     with open(temporary, "w", encoding="utf-8", newline="") as handle:
@@ -125,7 +190,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="change nothing; exit 1 if a file is not formatted")
     mode.add_argument("--stdout", action="store_true", help="print instead of rewriting")
     fmt.set_defaults(run=cmd_fmt)
+
+    compile_ = commands.add_parser(
+        "compile", help="generate and compile the kernels; print one line per layer")
+    compile_.add_argument("file", metavar="FILE")
+    _add_compile_options(compile_)
+    compile_.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    compile_.add_argument("--emit", metavar="DIR", help="write the generated source to DIR")
+    compile_.add_argument("--dump", metavar="WHAT",
+                          help="print ast, graph, plan and/or source (comma-separated)")
+    compile_.set_defaults(run=cmd_compile)
+
+    check_grads = commands.add_parser(
+        "gradcheck", help="finite-difference check of every gradient, in float64")
+    check_grads.add_argument("file", metavar="FILE")
+    _add_compile_options(check_grads, batch=2)
+    check_grads.add_argument("--samples", type=_positive, default=12, metavar="K",
+                             help="entries checked per array (default 12)")
+    check_grads.add_argument("--seed", type=int, default=0)
+    check_grads.set_defaults(run=cmd_gradcheck)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _add_compile_options(parser: argparse.ArgumentParser, batch: int = 1) -> None:
+    parser.add_argument("--batch", type=_positive, default=batch, metavar="N",
+                        help=f"batch size the kernels are specialised for (default {batch})")
+    parser.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+                        help="convolution algorithm for every layer, overriding the file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except ConvDslError as exc:
         _print_diagnostics(exc.diagnostics)
+        return EXIT_USER_ERROR
+    except RunError as exc:
+        print(f"convdsl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("convdsl: interrupted", file=sys.stderr)

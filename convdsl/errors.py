@@ -164,3 +164,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
 
 def known_list(kind: str, choices: Iterable[str]) -> str:
     return f"known {kind}: " + ", ".join(sorted(set(choices)))
+
+
+class RunError(ValueError):
+    """A mistake in how a compiled network is called (an array of the wrong shape, a
+    checkpoint for another network): a message and a hint, never a kernel traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+        self.message = message
+        self.hint = hint

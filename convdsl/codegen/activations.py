@@ -106,7 +106,8 @@ def _render_softmax(spec: KernelSpec) -> str:
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block("def forward(x, y)"), code.block(f"for ns in prange({batch * positions})"):
+    with code.block("def forward(x, y)"), \
+            code.block(f"for ns in prange({batch * positions})"):
         code.line(f"n = ns // {positions}")
         code.line(f"s = ns % {positions}")
         code.line("top = x[n, 0, s]")
@@ -121,7 +122,8 @@ def _render_softmax(spec: KernelSpec) -> str:
             code.line("y[n, c, s] = y[n, c, s] / total")
     code.line()
     code.line(jit())
-    with code.block("def backward(y, dy, dx)"), code.block(f"for ns in prange({batch * positions})"):
+    with code.block("def backward(y, dy, dx)"), \
+            code.block(f"for ns in prange({batch * positions})"):
         code.line(f"n = ns // {positions}")
         code.line(f"s = ns % {positions}")
         code.line("dot = 0.0")

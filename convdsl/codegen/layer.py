@@ -144,7 +144,7 @@ def layer_setups(network: Network, batch: int, dtype: str, algo: str | None = No
             continue
         in_shapes = tuple(network.shapes[source] for source in layer.inputs)
         infos = layer_params(layer, in_shapes[0])
-        asked = algo or getattr(layer.attrs, "algo", "auto")
+        asked = algo if algo else str(getattr(layer.attrs, "algo", "auto"))
         setups[layer.name] = LayerSetup(
             layer=layer, batch=batch, dtype=dtype, in_shapes=in_shapes,
             out_shape=network.shapes[layer.name], window=network.windows.get(layer.name),

@@ -65,9 +65,9 @@ def layer_params(layer: Layer, input_shape: tuple[int, ...]) -> list[ParamInfo]:
         if attrs.affine:
             infos += [ParamInfo(layer.name, "weight", channels, True),
                       ParamInfo(layer.name, "bias", channels, True)]
-        return infos + [ParamInfo(layer.name, "running_mean", channels, False),
-                        ParamInfo(layer.name, "running_var", channels, False),
-                        ParamInfo(layer.name, "num_batches_tracked", (), False)]
+        return [*infos, ParamInfo(layer.name, "running_mean", channels, False),
+                ParamInfo(layer.name, "running_var", channels, False),
+                ParamInfo(layer.name, "num_batches_tracked", (), False)]
     return []
 
 

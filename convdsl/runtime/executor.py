@@ -1,0 +1,433 @@
+"""The executor: a checked network, compiled to kernels, run forward and backward.
+
+    net = convdsl.compile("networks/lenet5.cnn", batch=64)
+    scores = net.forward(images, train=True)
+    loss = net.loss(labels)
+    net.backward()            # fills net.grads
+    net.params["c1.weight"]   # (6, 1, 5, 5), as PyTorch lays it out
+
+Each layer runs its own generated kernels (convdsl/codegen); the executor
+walks the graph in topological order, forward, and in reverse, backward,
+summing the gradients of layers that feed several others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convdsl.codegen.layer import (
+    ALGORITHMS,
+    KernelLayer,
+    LayerSetup,
+    Mode,
+    build_layer,
+    layer_setups,
+)
+from convdsl.errors import RunError
+from convdsl.ir.ops import Activation, Layer, Loss, Op
+from convdsl.network import Network, load, loads
+from convdsl.runtime import losses
+from convdsl.runtime.params import INITS, init_params, network_params
+
+DTYPES = ("float32", "float64")
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """One layer's compiled kernels, for `convdsl compile`."""
+
+    layer: str
+    op: str
+    algorithm: str
+    reason: str
+    kernels: tuple[str, ...]  # spec hashes
+    seconds: float  # first forward and backward: Numba compiles (or loads) here
+
+
+class CompiledNetwork:
+    """A network with its kernels, parameters and buffers for one batch size and dtype."""
+
+    def __init__(self, network: Network, batch: int = 1, dtype: str = "float32",
+                 algo: str | None = None, seed: int = 0, init: str = "pytorch",
+                 check: bool = False) -> None:
+        _check_options(batch, dtype, algo, init)
+        self.network = network
+        self.batch = batch
+        self.dtype = dtype
+        self.seed = seed
+        self.check = check  # look for NaN and infinity after every layer
+        self.step = 0  # training forwards so far: decides dropout masks
+        self.setups: dict[str, LayerSetup] = layer_setups(network, batch, dtype, algo)
+        self.kernels: dict[str, KernelLayer] = {
+            name: build_layer(setup) for name, setup in self.setups.items()}
+        self.params: Arrays = init_params(network, seed, init, dtype)
+        trained = [info.name for info in network_params(network) if info.trained]
+        self.grads: Arrays = {name: np.zeros_like(self.params[name]) for name in trained}
+        self._layer_params = _by_layer(self.params)
+        self._layer_grads = _by_layer(self.grads)
+        self._order = [layer for layer in network.layers if layer.op is not Op.INPUT]
+        self._values: Arrays = {}  # every layer's output in the last forward
+        self._loss_grads: Arrays = {}
+        self._through_softmax: set[str] = set()
+        self._accumulators: Arrays = {}
+        self.compile_seconds: dict[str, float] = {}
+
+    # --- shapes -----------------------------------------------------------
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.network.input_shapes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.network.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.network.output_shape
+
+    @property
+    def main_output(self) -> str:
+        return next(output.name for output in self.network.outputs if not output.aux)
+
+    # --- forward ----------------------------------------------------------
+
+    def forward(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
+                step: int | None = None) -> np.ndarray:
+        """The main output for a batch; every declared output lands in `outputs`."""
+        inputs = self._checked_inputs(x)
+        if train and step is None:
+            step = self.step
+            self.step += 1
+        mode = Mode(train=train, seed=self.seed, step=step or 0)
+        values = dict(inputs)
+        for layer in self._order:
+            sources = [values[source] for source in layer.inputs]
+            values[layer.name] = self.kernels[layer.name].forward(
+                sources, self._layer_params.get(layer.name, {}), mode)
+            if self.check:
+                _check_finite(values[layer.name], layer, "output")
+        self._values = values
+        self._loss_grads = {}
+        return values[self.main_output].copy()
+
+    @property
+    def outputs(self) -> Arrays:
+        """Copies of every declared output (main and auxiliary) of the last forward."""
+        return {output.name: self._values[output.name].copy()
+                for output in self.network.outputs if output.name in self._values}
+
+    def activation(self, layer: str) -> np.ndarray:
+        """A copy of one layer's output in the last forward."""
+        return self._values[layer].copy()
+
+    # --- loss -------------------------------------------------------------
+
+    def loss(self, targets: np.ndarray | Mapping[str, np.ndarray]) -> float:
+        """The weighted sum of the outputs' losses for the last forward; `backward()`
+        then starts from their gradients. An array is the target of the only output
+        with a loss; a mapping gives targets by output name."""
+        if not self._values:
+            raise RunError("loss() needs a forward pass first", "call net.forward(x) first")
+        by_output = self._targets_by_output(targets)
+        total = 0.0
+        self._loss_grads, self._through_softmax = {}, set()
+        for output in self.network.outputs:
+            if output.loss is Loss.NONE:
+                continue
+            value = self._values[output.name]
+            target = np.asarray(by_output[output.name])
+            try:
+                losses.check_targets(output.loss, value, target, output.name)
+            except ValueError as exc:
+                raise RunError(str(exc)) from None
+            result = losses.evaluate(output.loss, value, target, self._ends_in_softmax(
+                output.name))
+            total += output.weight * result.value
+            self._loss_grads[output.name] = (output.weight * result.grad).astype(self.dtype)
+            if result.through_softmax:
+                self._through_softmax.add(output.name)
+        return total
+
+    def _targets_by_output(self, targets: np.ndarray | Mapping[str, np.ndarray]
+                           ) -> Mapping[str, np.ndarray]:
+        with_loss = [o.name for o in self.network.outputs if o.loss is not Loss.NONE]
+        if isinstance(targets, Mapping):
+            missing = [name for name in with_loss if name not in targets]
+            if missing:
+                raise RunError(f"no targets for output{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(repr(m) for m in missing)}",
+                               f"give targets for {', '.join(with_loss)}")
+            return targets
+        if len(with_loss) != 1:
+            raise RunError(f"this network has {len(with_loss)} outputs with a loss "
+                           f"({', '.join(with_loss)}), so one target array is ambiguous",
+                           "pass a dict of targets by output name")
+        return {with_loss[0]: targets}
+
+    def _ends_in_softmax(self, name: str) -> bool:
+        """Cross-entropy may skip this output's softmax (see runtime/losses.py)."""
+        act = self.network.graph.layer(name).act
+        feeds_others = bool(self.network.graph.consumers(name))
+        return act is not None and act.kind is Activation.SOFTMAX and not feeds_others
+
+    # --- backward ---------------------------------------------------------
+
+    def backward(self, grad: np.ndarray | Mapping[str, np.ndarray] | None = None
+                 ) -> np.ndarray | Arrays:
+        """Gradients of every trained parameter into `grads`; returns the gradient of
+        the input (a dict by name when the network has several inputs). Without
+        `grad`, starts from the losses of the last `loss()` call."""
+        if not self._values:
+            raise RunError("backward() needs a forward pass first", "call net.forward(x)")
+        pending, skip = self._initial_grads(grad)
+        handed: set[int] = set()
+        for layer in reversed(self._order):
+            grad_output = pending.pop(layer.name, None)
+            if grad_output is None:
+                for array in self._layer_grads.get(layer.name, {}).values():
+                    array.fill(0)  # no gradient reaches this layer
+                continue
+            results = self.kernels[layer.name].backward(
+                grad_output, self._layer_params.get(layer.name, {}),
+                self._layer_grads.get(layer.name, {}), skip_act=layer.name in skip)
+            for source, result in zip(layer.inputs, results):
+                if result is None:
+                    continue
+                if id(result) in handed:
+                    result = result.copy()  # never let two layers share one gradient
+                handed.add(id(result))
+                self._accumulate(pending, source, result)
+        grads = {layer.name: pending.get(layer.name, np.zeros(
+            (self.batch, *self.network.shapes[layer.name]), self.dtype))
+            for layer in self.network.graph.inputs()}
+        if len(grads) == 1:
+            return next(iter(grads.values())).copy()
+        return {name: array.copy() for name, array in grads.items()}
+
+    def _initial_grads(self, grad: np.ndarray | Mapping[str, np.ndarray] | None
+                       ) -> tuple[Arrays, set[str]]:
+        if grad is None:
+            if not self._loss_grads:
+                raise RunError("backward() without a gradient needs loss() first",
+                               "call net.loss(targets), or pass the output's gradient")
+            return ({name: g.copy() for name, g in self._loss_grads.items()},
+                    set(self._through_softmax))
+        given = grad if isinstance(grad, Mapping) else {self.main_output: grad}
+        pending: Arrays = {}
+        for name, array in given.items():
+            if name not in self._values or not any(o.name == name
+                                                   for o in self.network.outputs):
+                raise RunError(f"'{name}' is not an output of this network",
+                               f"outputs: {', '.join(o.name for o in self.network.outputs)}")
+            expected = (self.batch, *self.network.shapes[name])
+            pending[name] = self._checked_array(array, expected, f"gradient of '{name}'")
+        return pending, set()
+
+    def _accumulate(self, pending: Arrays, source: str, grad: np.ndarray) -> None:
+        if source not in pending:
+            pending[source] = grad
+            return
+        total = self._accumulators.get(source)
+        if total is None:
+            total = self._accumulators[source] = np.empty_like(grad)
+        if pending[source] is total:
+            total += grad
+        else:
+            np.add(pending[source], grad, out=total)
+            pending[source] = total
+
+    # --- parameters -------------------------------------------------------
+
+    def state_dict(self) -> Arrays:
+        """Copies of every parameter and buffer, by PyTorch name."""
+        return {name: array.copy() for name, array in self.params.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy arrays in (NumPy arrays, or anything np.asarray takes, such as CPU
+        tensors), checking names and shapes first so that a bad file changes nothing."""
+        missing = [name for name in self.params if name not in state]
+        unexpected = [name for name in state if name not in self.params]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing {_some(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_some(unexpected)}")
+            raise RunError(f"the state does not fit network '{self.network.name}': "
+                           + "; ".join(parts),
+                           "was it saved from another network? strict=False loads the "
+                           "names that match")
+        arrays = {}
+        for name in self.params:
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if value.shape != self.params[name].shape:
+                raise RunError(f"'{name}' has shape {value.shape} in the state but "
+                               f"{self.params[name].shape} in network '{self.network.name}'")
+            arrays[name] = value
+        for name, value in arrays.items():
+            np.copyto(self.params[name], value, casting="unsafe")
+
+    # --- compilation ------------------------------------------------------
+
+    def warm_up(self) -> dict[str, float]:
+        """Run every kernel once (training forward and backward, then inference) so that
+        Numba compiles or loads them now; returns the seconds per layer. Parameters,
+        buffers and the step counter are left as they were."""
+        saved, step = self.state_dict(), self.step
+        rng = np.random.default_rng(0)
+        inputs = {name: rng.standard_normal((self.batch, *shape)).astype(self.dtype)
+                  for name, shape in self.input_shapes.items()}
+        values = dict(inputs)
+        seconds: dict[str, float] = {}
+        for train in (True, False):
+            for layer in self._order:
+                start = time.perf_counter()
+                values[layer.name] = self.kernels[layer.name].forward(
+                    [values[s] for s in layer.inputs], self._layer_params.get(layer.name, {}),
+                    Mode(train=train, seed=self.seed))
+                seconds[layer.name] = seconds.get(layer.name, 0.0) + time.perf_counter() - start
+            if train:
+                for layer in reversed(self._order):
+                    start = time.perf_counter()
+                    grad = np.ones_like(values[layer.name])
+                    self.kernels[layer.name].backward(
+                        grad, self._layer_params.get(layer.name, {}),
+                        self._layer_grads.get(layer.name, {}))
+                    seconds[layer.name] += time.perf_counter() - start
+        self.load_state_dict(saved)
+        self.step = step
+        for array in self.grads.values():
+            array.fill(0)
+        self.compile_seconds = seconds
+        return seconds
+
+    def report(self) -> list[KernelReport]:
+        """One line per layer: its kernels, algorithm, and first-run seconds."""
+        return [KernelReport(name, self.setups[name].layer.op.value, kernel.algorithm,
+                             kernel.reason, tuple(spec.key for spec in kernel.specs),
+                             self.compile_seconds.get(name, 0.0))
+                for name, kernel in self.kernels.items()]
+
+    # --- input checks -----------------------------------------------------
+
+    def _checked_inputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> Arrays:
+        shapes = self.input_shapes
+        if not isinstance(x, Mapping):
+            if len(shapes) != 1:
+                raise RunError(f"this network has {len(shapes)} inputs "
+                               f"({', '.join(shapes)})", "pass a dict of arrays by input name")
+            x = {next(iter(shapes)): x}
+        unknown = [name for name in x if name not in shapes]
+        if unknown:
+            raise RunError(f"'{unknown[0]}' is not an input of this network",
+                           f"inputs: {', '.join(shapes)}")
+        arrays = {}
+        for name, shape in shapes.items():
+            if name not in x:
+                raise RunError(f"no array for input '{name}'")
+            arrays[name] = self._checked_array(x[name], (self.batch, *shape), f"input '{name}'")
+            if self.check:
+                _check_finite(arrays[name], self.network.graph.layer(name), "input")
+        return arrays
+
+    def _checked_array(self, value: Any, expected: tuple[int, ...], what: str) -> np.ndarray:
+        if not isinstance(value, np.ndarray):
+            raise RunError(f"{what} must be a NumPy array, not {type(value).__name__}",
+                           "convert it with np.asarray(...)")
+        if value.ndim != len(expected):
+            raise RunError(f"{what} has {value.ndim} axes {value.shape} but this network "
+                           f"takes {len(expected)}: batch x {'x'.join(map(str, expected[1:]))}",
+                           _shape_hint(value.shape, expected))
+        if value.shape[0] != expected[0] and value.shape[1:] == expected[1:]:
+            raise RunError(f"{what} holds a batch of {value.shape[0]} but the network was "
+                           f"compiled for batch {expected[0]}",
+                           f"compile with batch={value.shape[0]}, or pass {expected[0]} "
+                           "examples at a time")
+        if value.shape != expected:
+            raise RunError(f"{what} has shape {value.shape} but this network takes "
+                           f"{expected}", _shape_hint(value.shape, expected))
+        if value.dtype != np.dtype(self.dtype):
+            raise RunError(f"{what} has dtype {value.dtype} but the network was compiled for "
+                           f"{self.dtype}", f"convert with x.astype('{self.dtype}'), or compile "
+                           f"with dtype='{value.dtype}'" if value.dtype.name in DTYPES else
+                           f"convert with x.astype('{self.dtype}')")
+        return np.ascontiguousarray(value)
+
+
+def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32",
+            algo: str | None = None, seed: int = 0, init: str = "pytorch",
+            check: bool = False, warm: bool = True) -> CompiledNetwork:
+    """Compile a `.cnn` file (a path), `.cnn` text, or a loaded Network.
+
+    batch: the batch size the kernels are specialised for. dtype: float32 or
+    float64. algo: direct, gemm or fft for every convolution, overriding the
+    file. seed/init: the parameters' initialisation (see runtime/params.py).
+    check: stop with an error at the first NaN or infinity. warm: compile every
+    kernel now (otherwise at first use)."""
+    network = _as_network(source)
+    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check)
+    if warm:
+        compiled.warm_up()
+    return compiled
+
+
+def _as_network(source: str | Path | Network) -> Network:
+    if isinstance(source, Network):
+        return source
+    if isinstance(source, Path):
+        return load(source)
+    looks_like_path = "\n" not in source and (source.endswith(".cnn") or Path(source).is_file())
+    return load(source) if looks_like_path else loads(source)
+
+
+def _check_options(batch: int, dtype: str, algo: str | None, init: str) -> None:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise RunError(f"batch must be a whole number of at least 1, not {batch!r}")
+    if dtype not in DTYPES:
+        raise RunError(f"dtype must be float32 or float64, not {dtype!r}")
+    if algo is not None and algo not in ("auto", *ALGORITHMS):
+        raise RunError(f"unknown convolution algorithm {algo!r}",
+                       f"choose one of auto, {', '.join(ALGORITHMS)}")
+    if init not in INITS:
+        raise RunError(f"unknown initialisation {init!r}", f"choose one of {', '.join(INITS)}")
+
+
+def _by_layer(arrays: Arrays) -> dict[str, Arrays]:
+    """{'c1.weight': w} -> {'c1': {'weight': w}}: the same array objects, grouped."""
+    grouped: dict[str, Arrays] = {}
+    for name, array in arrays.items():
+        layer, _, field = name.rpartition(".")
+        grouped.setdefault(layer, {})[field] = array
+    return grouped
+
+
+def _check_finite(values: np.ndarray, layer: Layer, what: str) -> None:
+    if not np.isfinite(values).all():
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        raise RunError(f"{what} of '{layer.name}' ({layer.op.value}) holds {bad} NaN or "
+                       "infinite value" + ("s" if bad > 1 else ""),
+                       "check the input data, or lower the learning rate"
+                       if what == "output" else "clean the data before it reaches the network")
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _shape_hint(shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    if len(shape) == len(expected) - 1 and shape == expected[1:]:
+        return "add the batch axis: x[None] for one example"
+    if len(shape) == len(expected) - 1 and shape[1:] == expected[2:]:
+        return "add the channel axis: x[:, None]"
+    return f"reshape to {expected}"

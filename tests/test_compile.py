@@ -1,0 +1,224 @@
+"""The compiled network as a whole: against the reference, its interface, its errors,
+its cache, and the `compile` and `gradcheck` commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kernel_harness import assert_close
+
+import convdsl
+from convdsl.cli import main
+from convdsl.errors import RunError
+from convdsl.runtime.gradcheck import random_targets
+from convdsl.runtime.reference import ReferenceNetwork
+
+ROOT = Path(__file__).resolve().parent.parent
+WHOLE_NETWORKS = ["networks/lenet5.cnn", "networks/mnist1d_cnn.cnn", "networks/digits_cnn.cnn",
+                  "networks/gaussian_signal.cnn", "examples/every_op_image.cnn",
+                  "examples/every_op_signal.cnn", "examples/every_op_volume.cnn",
+                  "examples/toeplitz_signal.cnn"]
+TINY = "input x: 2x6x6\nc = conv(3, 3, act=relu)\nflatten\nfc = dense(4)\noutput fc\n"
+
+
+def _inputs(net: convdsl.CompiledNetwork, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {name: rng.standard_normal((net.batch, *shape)).astype(net.dtype)
+            for name, shape in net.input_shapes.items()}
+
+
+@pytest.mark.parametrize("path", WHOLE_NETWORKS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
+    net = convdsl.compile(ROOT / path, batch=3, dtype="float64", seed=5, warm=False)
+    ref = ReferenceNetwork(net.network, params=net.state_dict())
+    rng = np.random.default_rng(1)
+    x = _inputs(net, rng)
+    targets = random_targets(net, rng)
+    got = net.forward(x, train=train, step=7)
+    want = ref.forward(x, train=train, step=7)
+    assert_close(got, want, 1e-10, "main output")
+    for name, output in net.outputs.items():
+        assert_close(output, ref.outputs[name], 1e-10, f"output {name}")
+    if not targets:
+        return
+    assert net.loss(targets) == pytest.approx(ref.loss(targets), rel=1e-10)
+    got_input = net.backward()
+    want_input = ref.backward()
+    assert isinstance(got_input, np.ndarray) and isinstance(want_input, np.ndarray)
+    assert_close(got_input, want_input, 1e-9, "input gradient")
+    assert set(net.grads) == set(ref.grads)
+    for name, grad in ref.grads.items():
+        assert_close(net.grads[name], grad, 1e-9, f"gradient of {name}")
+    for name, value in ref.params.items():  # running statistics after a training step
+        assert_close(net.params[name].astype(np.float64), value.astype(np.float64), 1e-10, name)
+
+
+def test_float32_agrees_with_float64() -> None:
+    net32 = convdsl.compile(ROOT / "networks/lenet5.cnn", batch=4, seed=2, warm=False)
+    net64 = convdsl.compile(ROOT / "networks/lenet5.cnn", batch=4, dtype="float64", seed=2,
+                            warm=False)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28))
+    assert_close(net32.forward(x.astype(np.float32)), net64.forward(x), 1e-5, "forward")
+    labels = np.arange(4)
+    net32.loss(labels), net64.loss(labels)
+    net32.backward(), net64.backward()
+    for name, grad in net64.grads.items():
+        assert_close(net32.grads[name], grad, 1e-4, name)
+
+
+def test_interface_follows_pytorch_names_and_layouts() -> None:
+    net = convdsl.compile(ROOT / "networks/lenet5.cnn", batch=2, warm=False)
+    assert net.input_shape == (1, 28, 28) and net.output_shape == (10,)
+    shapes = {name: array.shape for name, array in net.state_dict().items()}
+    assert shapes["c1.weight"] == (6, 1, 5, 5) and shapes["c1.bias"] == (6,)
+    assert shapes["f5.weight"] == (120, 400) and shapes["out.bias"] == (10,)
+    assert all(array.dtype == np.float32 for array in net.params.values())
+    assert set(net.grads) == set(net.params)
+
+
+def test_batch_norm_keeps_pytorch_buffers() -> None:
+    net = convdsl.compile(ROOT / "networks/resnet20_cifar.cnn", batch=2, warm=False)
+    state = net.state_dict()
+    assert state["bn1.num_batches_tracked"].dtype == np.int64
+    assert "bn1.running_var" in state and "bn1.running_var" not in net.grads
+    net.forward(np.ones((2, 3, 32, 32), np.float32), train=True)
+    assert int(net.params["bn1.num_batches_tracked"]) == 1
+
+
+def test_state_dict_round_trip_and_seeded_init() -> None:
+    first = convdsl.compile(TINY, batch=2, seed=3, warm=False)
+    same = convdsl.compile(TINY, batch=2, seed=3, warm=False)
+    other = convdsl.compile(TINY, batch=2, seed=4, warm=False)
+    for name, array in first.params.items():
+        np.testing.assert_array_equal(array, same.params[name])
+    assert not np.array_equal(first.params["c.weight"], other.params["c.weight"])
+    other.load_state_dict(first.state_dict())
+    x = np.random.default_rng(0).standard_normal((2, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(first.forward(x), other.forward(x))
+
+
+def test_load_state_dict_refuses_a_mismatch_and_changes_nothing() -> None:
+    net = convdsl.compile(TINY, batch=2, warm=False)
+    before = net.state_dict()
+    bad = net.state_dict()
+    bad["c.weight"] = np.zeros((3, 2, 5, 5), np.float32)
+    with pytest.raises(RunError, match=r"'c.weight' has shape \(3, 2, 5, 5\)"):
+        net.load_state_dict(bad)
+    missing = net.state_dict()
+    del missing["fc.bias"]
+    missing["head.weight"] = np.zeros(3)
+    with pytest.raises(RunError, match=r"missing 'fc\.bias'; unexpected 'head\.weight'"):
+        net.load_state_dict(missing)
+    for name, array in before.items():
+        np.testing.assert_array_equal(net.params[name], array)
+
+
+def test_dropout_masks_follow_seed_and_step() -> None:
+    text = "input x: 50\nd = dropout(0.5)\nfc = dense(3)\noutput fc\n"
+    net = convdsl.compile(text, batch=2, warm=False)
+    x = np.ones((2, 50), np.float32)
+    first, again = net.forward(x, train=True, step=1), net.forward(x, train=True, step=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, net.forward(x, train=True, step=2))
+    net.forward(x, train=False)
+    np.testing.assert_array_equal(net.activation("d"), x)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (np.ones((2, 2, 6), np.float32), r"has 3 axes \(2, 2, 6\) but this network takes 4"),
+    (np.ones((2, 6, 6), np.float32), r"add the channel axis"),
+    (np.ones((3, 2, 6, 6), np.float32), r"holds a batch of 3 but the network was compiled "
+                                         r"for batch 2"),
+    (np.ones((2, 3, 6, 6), np.float32), r"has shape \(2, 3, 6, 6\) but this network takes"),
+    (np.ones((2, 2, 6, 6), np.float64), r"dtype float64 but the network was compiled for "
+                                         r"float32"),
+    (np.ones((2, 2, 6, 6), np.int64), r"convert with x.astype\('float32'\)"),
+    ([[1.0]], r"must be a NumPy array, not list"),
+])
+def test_bad_input_gets_a_clear_error(value: object, message: str) -> None:
+    net = convdsl.compile(TINY, batch=2, warm=False)
+    with pytest.raises(RunError, match=message):
+        net.forward(value)  # type: ignore[arg-type]
+
+
+def test_nan_checks_name_the_input_and_the_first_layer() -> None:
+    net = convdsl.compile(TINY, batch=2, check=True, warm=False)
+    x = np.ones((2, 2, 6, 6), np.float32)
+    x[1, 0, 2, 2] = np.nan
+    with pytest.raises(RunError, match=r"input of 'x' \(input\) holds 1 NaN"):
+        net.forward(x)
+    net.params["fc.weight"][0, 0] = np.inf
+    with pytest.raises(RunError, match=r"output of 'fc' \(dense\)"):
+        net.forward(np.ones((2, 2, 6, 6), np.float32))
+    unchecked = convdsl.compile(TINY, batch=2, warm=False)
+    assert np.isnan(unchecked.forward(x)).any()
+
+
+def test_loss_and_backward_misuse() -> None:
+    net = convdsl.compile(TINY, batch=2, warm=False)
+    with pytest.raises(RunError, match="needs a forward pass first"):
+        net.loss(np.array([0, 1]))
+    net.forward(np.ones((2, 2, 6, 6), np.float32))
+    with pytest.raises(RunError, match="needs loss"):
+        net.backward()
+    with pytest.raises(RunError, match=r"must lie in 0..3, found 0..4"):
+        net.loss(np.array([0, 4]))
+    with pytest.raises(RunError, match="one class index per example"):
+        net.loss(np.array([0, 1, 2]))
+    with pytest.raises(RunError, match="'nope' is not an output"):
+        net.backward({"nope": np.ones((2, 4), np.float32)})
+
+
+def test_bad_options() -> None:
+    for kwargs, message in [({"batch": 0}, "batch must be"), ({"dtype": "float16"}, "dtype"),
+                            ({"algo": "winograd"}, "unknown convolution algorithm")]:
+        with pytest.raises(RunError, match=message):
+            convdsl.compile(TINY, **kwargs)  # type: ignore[arg-type]
+
+
+def test_identical_layers_share_one_kernel() -> None:
+    text = ("input x: 4x8x8\na = conv(4, 3, pad=same, act=relu)\n"
+            "b = conv(4, 3, pad=same, act=relu)\nflatten\nfc = dense(2)\noutput fc\n")
+    net = convdsl.compile(text, batch=2, warm=False)
+    assert [s.key for s in net.kernels["a"].specs] == [s.key for s in net.kernels["b"].specs]
+
+
+def test_a_second_process_compiles_nothing(tmp_path: Path) -> None:
+    script = ("import sys, convdsl; convdsl.compile(sys.argv[1], batch=2)")
+    env = {**os.environ, "CONVDSL_CACHE": str(tmp_path)}
+    source = ROOT / "networks/mnist1d_cnn.cnn"
+    subprocess.run([sys.executable, "-c", script, str(source)], env=env, check=True)
+    kernels = tmp_path / "kernels"
+    files = sorted(p.name for p in kernels.rglob("*"))
+    assert any(name.endswith(".nbi") for name in files), "Numba cached no machine code"
+    subprocess.run([sys.executable, "-c", script, str(source)], env=env, check=True)
+    assert sorted(p.name for p in kernels.rglob("*")) == files
+
+
+def test_compile_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["compile", str(ROOT / "networks/lenet5.cnn"), "--batch", "2",
+                   "--emit", str(tmp_path / "src"), "--dump", "plan"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "c1" in out and "conv" in out and "cold:" in out and "warm:" in out
+    index = (tmp_path / "src" / "kernels.txt").read_text()
+    assert index.startswith("c1: k_")
+    emitted = sorted((tmp_path / "src").glob("k_*.py"))
+    assert emitted and "@numba.njit" in emitted[0].read_text()
+
+
+def test_compile_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", str(ROOT / "networks/lenet5.cnn"), "--dump", "nope"]) == 2
+    assert "unknown dump 'nope'" in capsys.readouterr().err
+
+
+def test_gradcheck_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gradcheck", str(ROOT / "networks/mnist1d_cnn.cnn"), "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.weight" in out and "input 'signal'" in out and "ok" in out
+    assert "FAIL" not in out

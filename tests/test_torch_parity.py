@@ -56,12 +56,37 @@ GRAD_FLOOR = 1e-2
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # from the repository root
+    source: str  # a path from the repository root, or .cnn text
     batch: int
 
     @property
+    def is_text(self) -> bool:
+        return "\n" in self.source
+
+    @property
     def id(self) -> str:
-        return Path(self.path).stem
+        if self.is_text:
+            return self.source.split("\n", 1)[0].removeprefix("network ")
+        return Path(self.source).stem
+
+    def load(self) -> Network:
+        return convdsl.loads(self.source) if self.is_text else convdsl.load(ROOT / self.source)
+
+    @property
+    def compile_source(self) -> str:
+        return self.source if self.is_text else str(ROOT / self.source)
+
+
+# A softmax output that other layers read too: cross-entropy still reads it as
+# probabilities, but no back end may take its gradient at the logits alone.
+SOFTMAX_FEEDS_ON = """network softmax_feeds_on
+input x: 3x6
+h = conv(4, 3, act=tanh) -> flatten
+probs = dense(5, act=softmax)
+score = probs -> dense(2)
+output score loss=mse
+aux probs loss=cross_entropy weight=0.5
+"""
 
 
 CASES = [
@@ -76,6 +101,7 @@ CASES = [
     Case("examples/every_op_image.cnn", 3),
     Case("examples/every_op_signal.cnn", 4),
     Case("examples/every_op_volume.cnn", 3),
+    Case(SOFTMAX_FEEDS_ON, 3),
 ]
 CASE_BY_ID = {case.id: case for case in CASES}
 ALGORITHM_CASES = [CASE_BY_ID[stem] for stem in
@@ -149,7 +175,7 @@ class Problem:
 
 @functools.cache
 def problem(case: Case) -> Problem:
-    network = convdsl.load(ROOT / case.path)
+    network = case.load()
     rng = np.random.default_rng(sum(map(ord, case.id)))
     x = random_array(rng, (case.batch, *network.input_shape), 2.0)
     return Problem(case, network, test_arrays(network, seed=int(rng.integers(1 << 30))), x,
@@ -207,7 +233,7 @@ def reference_step(problem: Problem, train: bool) -> Step:
 
 @functools.cache
 def compiled(case: Case, dtype: str, algo: str | None) -> Any:
-    return convdsl.compile(str(ROOT / case.path), batch=case.batch, dtype=dtype,
+    return convdsl.compile(case.compile_source, batch=case.batch, dtype=dtype,
                            seed=SEED, algo=algo)
 
 
@@ -220,7 +246,8 @@ def compiled_step(problem: Problem, train: bool, dtype: str, algo: str | None) -
                for name, t in problem.targets.items()}
     loss = net.loss(targets)
     input_grad = net.backward()
-    return Step(outputs, float(loss), np.asarray(input_grad), dict(net.grads),
+    return Step(outputs, float(loss), np.array(input_grad),
+                {name: grad.copy() for name, grad in net.grads.items()},
                 {name: np.asarray(value) for name, value in net.state_dict().items()})
 
 
@@ -573,8 +600,8 @@ def test_bridge_loss_weights_auxiliary_outputs() -> None:
     values = net(torch.from_numpy(p.x))
     weights = {o.name: o.weight for o in p.network.outputs}
     assert weights == {"out": 1.0, "side.2": 0.3, "spread_head.1": 0.5}
-    each = {o.name: float(output_loss(p.network, o.name, o.loss, values[o.name],
-                                      p.targets[o.name])) for o in p.network.outputs}
+    each = {o.name: output_loss(p.network, o.name, o.loss, values[o.name],
+                                p.targets[o.name]).item() for o in p.network.outputs}
     total = float(torch_loss(p.network, values, p.targets))
     assert total == pytest.approx(sum(weights[n] * each[n] for n in each), rel=1e-12)
 

@@ -80,11 +80,12 @@ def activate(x: Tensor, act: ActSpec | None) -> Tensor:
 
 
 def ends_in_softmax(network: Network, name: str) -> bool:
-    """The contract's rule for cross-entropy on probabilities: the layer ends in a softmax
-    (fused or stand-alone) and feeds no other layer."""
+    """The output holds probabilities: its layer ends in a softmax (fused, or a softmax
+    layer). Cross-entropy then reads it as probabilities, -log p[true class], whether or
+    not other layers use it too (convdsl.runtime.losses); only the back ends' shortcut of
+    taking the gradient at the logits needs an output that feeds nothing else."""
     act = network.graph.layer(name).act
-    return (act is not None and act.kind is Activation.SOFTMAX
-            and not network.graph.consumers(name))
+    return act is not None and act.kind is Activation.SOFTMAX
 
 
 # --- windowed layers ----------------------------------------------------------------

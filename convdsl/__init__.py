@@ -11,7 +11,8 @@
 from convdsl.errors import ConvDslError, Diagnostic
 from convdsl.network import Network, load, loads
 from convdsl.runtime.executor import CompiledNetwork, compile
+from convdsl.toeplitz import toeplitz
 
 __version__ = "0.1.0"
 __all__ = ["CompiledNetwork", "ConvDslError", "Diagnostic", "Network", "__version__", "compile",
-           "load", "loads"]
+           "load", "loads", "toeplitz"]

@@ -33,7 +33,7 @@ class GradCheck:
 
 def random_targets(net: CompiledNetwork, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Targets that every output's loss accepts: class indices, or values."""
-    targets = {}
+    targets: dict[str, np.ndarray] = {}
     for output in net.network.outputs:
         shape = (net.batch, *net.network.shapes[output.name])
         if output.loss is Loss.CROSS_ENTROPY:

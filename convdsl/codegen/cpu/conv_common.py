@@ -1,0 +1,242 @@
+"""What the three convolution algorithms share: the geometry a spec describes, and the
+pieces of generated source they all emit.
+
+Notation, used in the generated code and its comments (notes/semantics.md):
+
+    x  (N, C, *n)   input           w  (O, C/G, *K)   weight (PyTorch layout)
+    y  (N, O, *Q)   output          b  (O,)           bias
+    y[n,o,q] = act(b[o] + sum_{c,k} w[o,c,k~] x[n, g*(C/G)+c, q*s + k*d - p]),  g = o // (O/G)
+
+with k~ = k for cross-correlation and k~ = K-1-k (every axis) for `flip` (convolution
+proper). A filter layer is the depthwise case C = O = G with a fixed weight and no
+weight gradient.
+
+Every generated module, whatever its algorithm, exposes the same plain-Python driver:
+
+    workspace() -> dict        scratch buffers, allocated once by the layer's builder
+    forward(x, w, b, y, ws)    y = act(conv(x, w) + b); b is None without bias
+    backward(x, w, y, dy, dx, dw, db, ws, apply_act)
+                               dx, dw (None for a filter), db (None without bias) from dy;
+                               dy is first turned into dy*act'(y) in place if apply_act.
+
+Padding is never materialised by the direct and GEMM kernels: for each window offset k
+they loop only over the output positions q whose input position q*s + k*d - p lies
+inside the input (`valid_range`), which also keeps the inner loops branch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from convdsl.codegen.activations import act_from_spec, derivative_expression, is_identity
+from convdsl.codegen.source import Code, jit
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import ActSpec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything about one convolution that its kernels bake in, read from the spec."""
+
+    dtype: str
+    batch: int
+    channels: int  # C, input channels
+    out_channels: int  # O
+    groups: int  # G
+    sizes: tuple[int, ...]  # n, input size per spatial axis
+    window: tuple[int, ...]  # K
+    out: tuple[int, ...]  # Q, output size per spatial axis
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    flip: bool
+    bias: bool
+    weight_grad: bool  # False for a filter: its kernel is fixed
+    act: ActSpec  # elementwise; a fused softmax runs outside, as an ActivationStep
+
+    @staticmethod
+    def from_spec(spec: KernelSpec) -> Geometry:
+        (batch, channels, *sizes), (out_channels, _, *window), (_, _, *out) = spec.shapes[:3]
+        return Geometry(
+            dtype=spec.dtype, batch=batch, channels=channels, out_channels=out_channels,
+            groups=spec.option("groups"), sizes=tuple(sizes), window=tuple(window),
+            out=tuple(out), stride=tuple(spec.option("stride")),
+            dilation=tuple(spec.option("dilation")),
+            pads=tuple((int(a), int(b)) for a, b in spec.option("pads")),
+            flip=spec.option("flip"), bias=spec.option("bias"),
+            weight_grad=spec.option("weight_grad"), act=act_from_spec(spec))
+
+    @property
+    def rank(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def cg(self) -> int:
+        """Input channels per group (the weight's second axis)."""
+        return self.channels // self.groups
+
+    @property
+    def og(self) -> int:
+        """Output channels per group."""
+        return self.out_channels // self.groups
+
+    @property
+    def volume(self) -> int:
+        """Window positions, prod(K)."""
+        return math.prod(self.window)
+
+    @property
+    def positions(self) -> int:
+        """Output positions per map, prod(Q)."""
+        return math.prod(self.out)
+
+    @property
+    def zero(self) -> str:
+        """A zero of the arrays' dtype, so that sums accumulate in that dtype."""
+        return "np.float32(0.0)" if self.dtype == "float32" else "0.0"
+
+    @property
+    def has_act(self) -> bool:
+        return not is_identity(self.act)
+
+    def reach(self, axis: int) -> int:
+        """Padded positions the windows touch on `axis`: (Q-1)*s + d*(K-1) + 1."""
+        return ((self.out[axis] - 1) * self.stride[axis]
+                + self.dilation[axis] * (self.window[axis] - 1) + 1)
+
+    def full_axis(self, axis: int) -> bool:
+        """True when every window offset sees real input at every output position, so the
+        loop over output positions needs no clipping (no padding touched on this axis)."""
+        before = self.pads[axis][0]
+        last = (self.out[axis] - 1) * self.stride[axis] \
+            + (self.window[axis] - 1) * self.dilation[axis] - before
+        return before == 0 and last <= self.sizes[axis] - 1
+
+
+# Generated modules import this after PRELUDE. Numba adds a wrap-around test (a negative
+# index counts from the end) to every subscript it cannot prove non-negative, and that
+# test stops LLVM from vectorising the loop; a computed subscript cast to unsigned skips
+# it (measured: im2col and the epilogues run 2.5-4x faster).
+IMPORTS = "from numba import uintp  # unsigned subscripts: no wrap-around test\n\n"
+
+
+def ix(expr: str) -> str:
+    """A subscript: a plain name or number as it is, anything computed cast to uintp
+    (every subscript the generators compute is non-negative by construction)."""
+    return expr if expr.isidentifier() or expr.isdigit() else f"uintp({expr})"
+
+
+def affine(terms: list[tuple[str, int]], constant: int = 0) -> str:
+    """sum(coefficient * name) + constant, written plainly: `q0 * 2 + k0 - 1`."""
+    parts = [(factor < 0, name if abs(factor) == 1 else f"{name} * {abs(factor)}")
+             for name, factor in terms if factor]
+    if constant or not parts:
+        parts.append((constant < 0, str(abs(constant))))
+    text = ("-" if parts[0][0] else "") + parts[0][1]
+    for negative, part in parts[1:]:
+        text += f" - {part}" if negative else f" + {part}"
+    return text
+
+
+def input_position(g: Geometry, axis: int, q: str = "q", k: str = "k") -> str:
+    """Where output position q<axis> with window offset k<axis> reads the input."""
+    return affine([(f"{q}{axis}", g.stride[axis]), (f"{k}{axis}", g.dilation[axis])],
+                  -g.pads[axis][0])
+
+
+def weight_offset(g: Geometry, axis: int, k: str = "k") -> str:
+    """The weight's index along `axis` for window offset k<axis>: flipped for convolution."""
+    return f"{g.window[axis] - 1} - {k}{axis}" if g.flip else f"{k}{axis}"
+
+
+def valid_range(code: Code, g: Geometry, axis: int, k: str = "k") -> str:
+    """Emit lo<axis>, hi<axis> (if needed) and return the range of output positions q
+    for which window offset k<axis> reads real input: 0 <= q*s + k*d - p < n."""
+    if g.full_axis(axis):
+        return f"range({g.out[axis]})"
+    s, d, (p, _) = g.stride[axis], g.dilation[axis], g.pads[axis]
+    n, q_count = g.sizes[axis], g.out[axis]
+    # q >= ceil((p - k*d) / s) and q <= floor((n - 1 + p - k*d) / s)
+    code.line(f"lo{axis} = max(0, -(({affine([(f'{k}{axis}', d)], -p)}) // {s}))")
+    code.line(f"hi{axis} = min({q_count}, ({affine([(str(n - 1 + p), 1), (f'{k}{axis}', -d)])})"
+              f" // {s} + 1)")
+    return f"range(lo{axis}, hi{axis})"
+
+
+def flat_position(names: list[str], sizes: tuple[int, ...]) -> str:
+    """Row-major flat index of the multi-index `names` in an array of `sizes`."""
+    terms = [(name, math.prod(sizes[axis + 1:])) for axis, name in enumerate(names)]
+    return affine(terms)
+
+
+def emit_prepare(code: Code, g: Geometry) -> bool:
+    """`prepare(y, dy[, db], apply_act)` on (N, O, prod(Q)) views: dy *= act'(y) in place
+    when apply_act, and db = the sum of dy over batch and positions. Returns False (and
+    emits nothing) when there is neither an activation nor a bias."""
+    if not g.bias and not g.has_act:
+        return False
+    derivative = derivative_expression(g.act, "y[n, o, q]")
+    scale = f"dy[n, o, q] * {derivative}" if g.has_act else "dy[n, o, q]"
+    batch, maps, positions = g.batch, g.out_channels, g.positions
+    code.line(jit())
+    if g.bias:  # parallel over channels: each iteration owns db[o]
+        with code.block("def prepare(y, dy, db, apply_act)"), \
+                code.block(f"for o in prange({maps})"):
+            code.line(f"total = {g.zero}")
+            with code.loops([("n", f"range({batch})"), ("q", f"range({positions})")]):
+                if g.has_act:
+                    code.line(f"v = {scale} if apply_act else dy[n, o, q]")
+                    code.line("dy[n, o, q] = v")
+                else:
+                    code.line("v = dy[n, o, q]")
+                code.line("total += v")
+            code.line("db[o] = total")
+    else:
+        with code.block("def prepare(y, dy, apply_act)"), \
+                code.block(f"for job in prange({batch * maps})"):
+            code.line(f"n = job // {maps}")
+            code.line(f"o = job - n * {maps}")
+            with code.block("if apply_act"), code.block(f"for q in range({positions})"):
+                code.line(f"dy[n, o, q] = {scale}")
+    code.line()
+    return True
+
+
+def prepare_call(g: Geometry) -> str:
+    """The driver's call of `prepare` (y, dy and db as the driver names them)."""
+    maps = f"({g.batch}, {g.out_channels}, {g.positions})"
+    db = "db, " if g.bias else ""
+    return f"prepare(y.reshape({maps}), dy.reshape({maps}), {db}apply_act)"
+
+
+def window_loops(code: Code, stack: ExitStack, g: Geometry) -> list[str]:
+    """Open `for k<axis>` over every window offset, outermost axis first, and return per
+    axis the range of output positions that offset reads real input for."""
+    ranges = []
+    for axis in range(g.rank):
+        stack.enter_context(code.block(f"for k{axis} in range({g.window[axis]})"))
+        ranges.append(valid_range(code, g, axis))
+    return ranges
+
+
+def position_loops(code: Code, stack: ExitStack, g: Geometry, ranges: list[str]) -> str:
+    """Open `for q<axis> in ranges[axis]`, binding the input row i<axis> of every axis but
+    the last; return the subscript of the input position (`i0, q1 + k1 - 1`)."""
+    for axis in range(g.rank):
+        stack.enter_context(code.block(f"for q{axis} in {ranges[axis]}"))
+        if axis < g.rank - 1:
+            code.line(f"i{axis} = {input_position(g, axis)}")
+    return ", ".join([*(f"i{axis}" for axis in range(g.rank - 1)),
+                      ix(input_position(g, g.rank - 1))])
+
+
+def names(prefix: str, rank: int) -> str:
+    """`q0, q1, q2`: a subscript over the spatial axes."""
+    return ", ".join(f"{prefix}{axis}" for axis in range(rank))
+
+
+def weight_index(g: Geometry) -> str:
+    """The weight's spatial subscript for offsets k<axis> (flipped for convolution)."""
+    return ", ".join(weight_offset(g, axis) for axis in range(g.rank))

@@ -1,0 +1,250 @@
+"""Convolution and filter kernels (direct, GEMM, FFT) against the NumPy reference.
+
+Every case runs forward and backward through tests/kernel_harness.py. Fixed cases cover
+each option at least once for every algorithm (1-D, 2-D and 3-D; every padding mode,
+asymmetric padding; stride, dilation, groups, bias, flip; elementwise and softmax
+activations; float32 and float64); Hypothesis then draws random layers. Each new shape
+compiles new kernels (seconds each), so example counts are small and derandomised: a
+second run finds every kernel in the test cache and takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_harness import check_layer, random_array
+
+import convdsl
+from convdsl.codegen import cache
+from convdsl.codegen.cpu import conv
+from convdsl.codegen.layer import LayerSetup, Mode, build_layer, layer_setups
+from convdsl.runtime import reference
+
+ALGORITHMS = ("direct", "gemm", "fft")
+ACTS = ("none", "relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "softmax")
+
+# (network text, layer, batch, dtype): together every option for every algorithm.
+CASES = [
+    pytest.param("input x: 4x11\n"
+                 "c = conv(6, 3, stride=2, pad=same, dilation=2, groups=2, mode=convolution,"
+                 " act=leaky_relu)\noutput c", "c", 3, "float64", id="1d-same-stride-dil-groups"),
+    pytest.param("input x: 3x7x8\n"
+                 "c = conv(4, 3x2, stride=1x2, pad=[1 0 0 2], bias=no, act=softmax)\noutput c",
+                 "c", 2, "float32", id="2d-asym-pad-softmax"),
+    pytest.param("input x: 2x4x5x6\n"
+                 "c = conv(3, 2x3x1, pad=full, dilation=1x1x2, mode=convolution, act=elu)\n"
+                 "output c", "c", 2, "float32", id="3d-full-flip"),
+    pytest.param("input x: 6x9x9\nc = conv(4, 3, stride=2, pad=2, groups=2, act=relu)\noutput c",
+                 "c", 1, "float64", id="2d-pad-groups"),
+    pytest.param("input x: 3x10x9\n"
+                 "f = filter(3, kernel=[[1 2 1] [0 0 0] [-1 -2 -1]] / 4, pad=same, stride=2,"
+                 " mode=convolution, act=tanh)\noutput f", "f", 2, "float64", id="filter-2d"),
+    pytest.param("input x: 2x13\nf = filter(4, kernel=[1 -3 3 -1], dilation=2)\noutput f",
+                 "f", 3, "float32", id="filter-1d-valid"),
+]
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize(("text", "name", "batch", "dtype"), CASES)
+def test_fixed_cases(text: str, name: str, batch: int, dtype: str, algo: str) -> None:
+    kernel = check_layer(text, name, batch=batch, dtype=dtype, algo=algo)
+    assert kernel.algorithm == algo
+
+
+def _out_size(n: int, k: int, s: int, d: int, pads: tuple[int, int]) -> int:
+    return (n + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+
+
+@st.composite
+def layers(draw: st.DrawFn, fixed: bool) -> tuple[str, int, str]:
+    """A random conv (or filter) layer whose output is not empty: (text, batch, dtype)."""
+    rank = draw(st.integers(1, 3))
+    top = (9, 7, 5)[rank - 1]
+    sizes = draw(st.lists(st.integers(2, top), min_size=rank, max_size=rank))
+    window = [draw(st.integers(1, min(4, n))) for n in sizes]
+    stride = [draw(st.integers(1, 3)) for _ in sizes]
+    dilation = [draw(st.integers(1, 2)) for _ in sizes]
+    mode = draw(st.sampled_from(("valid", "same", "full", "one", "pair", "axes")))
+    if mode in ("valid", "same", "full"):
+        pad, pads = mode, None
+    elif mode == "one":
+        p = draw(st.integers(0, 2))
+        pad, pads = str(p), [(p, p)] * rank
+    elif mode == "pair":
+        pair = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        pad, pads = f"[{pair[0]} {pair[1]}]", [pair] * rank
+    else:
+        pads = [(draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in sizes]
+        pad = "[" + " ".join(f"{a} {b}" for a, b in pads) + "]"
+    if mode in ("valid", "one", "pair", "axes"):  # same and full never empty the output
+        pads = pads or [(0, 0)] * rank
+        for axis, (n, s, d, p) in enumerate(zip(sizes, stride, dilation, pads)):
+            if _out_size(n, window[axis], s, d, p) < 1:
+                window[axis] = 1  # a window of 1 always fits
+    groups = draw(st.sampled_from((1, 1, 2, 3)))
+    channels = groups * draw(st.integers(1, 2))
+    flip = draw(st.booleans())
+    act = draw(st.sampled_from(ACTS))
+    joined = {name: "x".join(map(str, values)) for name, values in
+              (("size", sizes), ("window", window), ("stride", stride),
+               ("dilation", dilation))}
+    common = (f"stride={joined['stride']}, pad={pad}, dilation={joined['dilation']}, "
+              f"mode={'convolution' if flip else 'correlation'}, act={act}")
+    if fixed:
+        values = draw(st.lists(st.integers(-8, 8).filter(bool), min_size=math.prod(window),
+                               max_size=math.prod(window)))
+        kernel = " ".join(map(str, values))
+        layer = f"c = filter({joined['window']}, kernel=[{kernel}] / 8, {common})"
+    else:
+        out = groups * draw(st.integers(1, 2))
+        bias = draw(st.sampled_from(("yes", "no")))
+        layer = f"c = conv({out}, {joined['window']}, {common}, groups={groups}, bias={bias})"
+    text = f"input x: {channels}x{joined['size']}\n{layer}\noutput c"
+    return text, draw(st.integers(1, 3)), draw(st.sampled_from(("float32", "float64")))
+
+
+SETTINGS = settings(max_examples=7, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@SETTINGS
+@given(case=layers(fixed=False))
+def test_random_conv(algo: str, case: tuple[str, int, str]) -> None:
+    text, batch, dtype = case
+    check_layer(text, "c", batch=batch, dtype=dtype, algo=algo)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@settings(SETTINGS, max_examples=3)
+@given(case=layers(fixed=True))
+def test_random_filter(algo: str, case: tuple[str, int, str]) -> None:
+    text, batch, dtype = case
+    check_layer(text, "c", batch=batch, dtype=dtype, algo=algo)
+
+
+def test_gemm_in_batch_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small column budget splits the batch (5 = 2 + 2 + 1): backward revisits the
+    chunks last first and sums the weight gradient over them."""
+    monkeypatch.setattr(conv, "GEMM_CHUNK_BYTES", 2 * 3 * 9 * 25 * 4)
+    kernel = check_layer("input x: 3x7x7\nc = conv(4, 3, stride=1, act=relu)\noutput c", "c",
+                         batch=5, dtype="float32", algo="gemm")
+    assert kernel.specs[0].option("chunk") == 2
+
+
+def test_skip_act_passes_the_gradient_before_softmax() -> None:
+    text = "input x: 3x7x8\nc = conv(4, 3x2, stride=1x2, pad=[1 0 0 2], bias=no, act=softmax)"
+    network = convdsl.loads(text + "\noutput c")
+    setup = layer_setups(network, 2, "float32", "direct")["c"]
+    rng = np.random.default_rng(1)
+    x = random_array(rng, setup.batched_inputs[0])
+    weight = random_array(rng, dict(setup.param_shapes)["weight"])
+    kernel = build_layer(setup)
+    kernel.forward([x.astype(np.float32)], {"weight": weight.astype(np.float32)}, Mode())
+    _, saved = reference.layer_forward(setup.layer, [x], {"weight": weight}, setup.window,
+                                       reference.RunContext())
+    dy = random_array(rng, setup.batched_output)
+    (want,), grads = reference.layer_backward(setup.layer, dy, saved, {"weight": weight},
+                                              skip_act=True)
+    got = {"weight": np.zeros(weight.shape, np.float32)}
+    (dx,) = kernel.backward(dy.astype(np.float32), {"weight": weight.astype(np.float32)}, got,
+                            skip_act=True)
+    assert dx is not None
+    np.testing.assert_allclose(dx, want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(got["weight"], grads["weight"],
+                               atol=1e-4 * np.abs(grads["weight"]).max())
+
+
+def _setup(text: str, algo: str | None = None, name: str = "c") -> LayerSetup:
+    return layer_setups(convdsl.loads(text), 8, "float32", algo)[name]
+
+
+def test_algorithm_rule() -> None:
+    cases = {
+        "input x: 4x256\nc = conv(4, 64)\noutput c": "fft",  # large window, stride 1
+        "input x: 4x256\nc = conv(4, 64, stride=2)\noutput c": "gemm",  # strided: not FFT
+        "input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c": "gemm",  # 576 products
+        "input x: 1x28x28\nc = conv(6, 5, pad=2)\noutput c": "direct",  # 25 products
+        "input x: 32x8x8\nc = conv(32, 3, groups=32)\noutput c": "direct",  # depthwise
+        "input x: 3x8x8\nc = filter(3, kernel=[1 2 1 2 4 2 1 2 1])\noutput c": "direct",
+        "input x: 3x64\nc = filter(64, kernel=[" + " 1" * 64 + "])\noutput c": "fft",
+        "input x: 64x8x8\nc = conv(64, 3, pad=1, algo=direct)\noutput c": "direct",
+    }
+    for text, expected in cases.items():
+        algorithm, reason = conv.choose_algorithm(_setup(text))
+        assert algorithm == expected, (text, reason)
+        assert reason
+    assert conv.choose_algorithm(_setup("input x: 64x8x8\nc = conv(64, 3)\noutput c",
+                                        "fft")) == ("fft", "requested")
+    with pytest.raises(ValueError, match="unknown convolution algorithm"):
+        conv.choose_algorithm(_setup("input x: 4x8\nc = conv(4, 3)\noutput c", "winograd"))
+
+
+def test_layer_reports_its_algorithm() -> None:
+    kernel = build_layer(_setup("input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c"))
+    assert (kernel.algorithm, kernel.specs[0].template) == ("gemm", "conv_gemm")
+    assert "products per output" in kernel.reason
+
+
+def test_identical_layers_share_one_kernel() -> None:
+    network = convdsl.loads(
+        "input x: 4x6x6\n"
+        "a = conv(4, 3, pad=same, act=relu)\n"
+        "b = conv(4, 3, pad=same, act=relu)\n"
+        "f = x -> filter(3, kernel=[1 2 1 2 4 2 1 2 1] / 16, pad=same)\n"
+        "g = filter(3, kernel=[1 2 1 2 4 2 1 2 1] / 16, pad=same)\n"
+        "output b\noutput g")
+    setups = layer_setups(network, 2, "float32", "direct")
+    kernels = {name: build_layer(setup) for name, setup in setups.items()}
+    assert kernels["a"].specs == kernels["b"].specs
+    assert kernels["f"].specs == kernels["g"].specs
+    assert kernels["a"].specs != kernels["f"].specs
+    assert cache.load(kernels["a"].specs[0]) is cache.load(kernels["b"].specs[0])
+
+
+_SECOND_PROCESS = textwrap.dedent("""
+    import sys, time
+    start = time.perf_counter()
+    import numpy as np
+    import convdsl
+    from convdsl.codegen.layer import LayerSetup, Mode, build_layer, layer_setups
+    network = convdsl.loads("input x: 3x6x6\\nc = conv(5, 3, pad=[0 1], act=tanh)\\noutput c")
+    for algo in ("direct", "gemm", "fft"):
+        kernel = build_layer(layer_setups(network, 2, "float64", algo)["c"])
+        params = {"weight": np.ones((5, 3, 3, 3)), "bias": np.ones(5)}
+        grads = {key: np.zeros_like(value) for key, value in params.items()}
+        y = kernel.forward([np.ones((2, 3, 6, 6))], params, Mode())
+        kernel.backward(np.ones_like(y), params, grads)
+    print(time.perf_counter() - start)
+""")
+
+
+def test_second_process_loads_compiled_kernels(tmp_path: Path) -> None:
+    """The first process writes the kernel sources and Numba's machine code; a second
+    one with the same cache compiles nothing (no new file) and starts fast."""
+    env = {**os.environ, "CONVDSL_CACHE": str(tmp_path)}
+
+    def run() -> tuple[float, dict[Path, int]]:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _SECOND_PROCESS], env=env, check=True,
+                       capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        return seconds, {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
+
+    cold, files = run()
+    sources = {path for path in files if path.suffix == ".py"}
+    assert len(sources) == 3  # one module per algorithm
+    assert {path.suffix for path in files} >= {".nbi", ".nbc"}  # Numba's index and code
+    warm, files_again = run()
+    assert files_again == files  # nothing written, nothing rewritten
+    assert warm < cold

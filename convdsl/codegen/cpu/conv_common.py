@@ -211,25 +211,31 @@ def prepare_call(g: Geometry) -> str:
     return f"prepare(y.reshape({maps}), dy.reshape({maps}), {db}apply_act)"
 
 
-def window_loops(code: Code, stack: ExitStack, g: Geometry) -> list[str]:
-    """Open `for k<axis>` over every window offset, outermost axis first, and return per
-    axis the range of output positions that offset reads real input for."""
+def window_loops(code: Code, stack: ExitStack, g: Geometry, axes: int | None = None
+                 ) -> list[str]:
+    """Open `for k<axis>` over every window offset of the first `axes` axes (all by
+    default), outermost first, and return per axis the range of output positions that
+    offset reads real input for."""
     ranges = []
-    for axis in range(g.rank):
+    for axis in range(g.rank if axes is None else axes):
         stack.enter_context(code.block(f"for k{axis} in range({g.window[axis]})"))
         ranges.append(valid_range(code, g, axis))
     return ranges
 
 
 def position_loops(code: Code, stack: ExitStack, g: Geometry, ranges: list[str]) -> str:
-    """Open `for q<axis> in ranges[axis]`, binding the input row i<axis> of every axis but
-    the last; return the subscript of the input position (`i0, q1 + k1 - 1`)."""
-    for axis in range(g.rank):
-        stack.enter_context(code.block(f"for q{axis} in {ranges[axis]}"))
-        if axis < g.rank - 1:
+    """Open `for q<axis> in ranges[axis]` for the axes `ranges` covers, binding the input
+    row i<axis> of every axis but the last; return the subscript of the input position
+    (`i0, q1 + k1 - 1`), or of the input row (`i0`) when the last axis is not covered."""
+    last = g.rank - 1
+    for axis, positions in enumerate(ranges):
+        stack.enter_context(code.block(f"for q{axis} in {positions}"))
+        if axis < last:
             code.line(f"i{axis} = {input_position(g, axis)}")
-    return ", ".join([*(f"i{axis}" for axis in range(g.rank - 1)),
-                      ix(input_position(g, g.rank - 1))])
+    rows = [f"i{axis}" for axis in range(min(len(ranges), last))]
+    if len(ranges) == g.rank:
+        rows.append(ix(input_position(g, last)))
+    return ", ".join(rows)
 
 
 def names(prefix: str, rank: int) -> str:

@@ -24,19 +24,74 @@ from convdsl.codegen.activations import forward_expression
 from convdsl.codegen.cpu.conv_common import (
     IMPORTS,
     Geometry,
+    affine,
     emit_prepare,
+    ix,
     names,
     position_loops,
     prepare_call,
     weight_index,
+    weight_offset,
     window_loops,
 )
 from convdsl.codegen.source import PRELUDE, Code, jit
 from convdsl.codegen.spec import KernelSpec
 
+# Up to this many window taps along the last axis are written out one by one, so that
+# each output position is one sum (one load and store of the output, not one per tap);
+# wider windows loop over their taps.
+UNROLL = 16
+
+
+def _taps(code: Code, g: Geometry) -> None:
+    """tap<t> = the weight of window offset t along the last axis (outer offsets k<axis>)."""
+    last = g.rank - 1
+    outer = [weight_offset(g, axis) for axis in range(last)]
+    for t in range(g.window[last]):
+        kk = g.window[last] - 1 - t if g.flip else t
+        code.line(f"tap{t} = w[o, c, {', '.join([*outer, str(kk)])}]")
+
+
+def _all_inside(count: int, offsets: list[int], factor: int, limit: int) -> tuple[int, int]:
+    """The range [lo, hi) of var < count where every var*factor + offset is in [0, limit)."""
+    lo = max(0, *(-(off // factor) for off in offsets))  # ceil(-off / factor)
+    hi = min(count, *((limit - 1 - off) // factor + 1 for off in offsets))
+    return lo, hi
+
+
+def _borders(count: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The non-empty ranges of var < count outside [lo, hi)."""
+    return [(a, b) for a, b in ((0, min(lo, count)), (max(lo, hi), count)) if a < b]
+
+
+def _tap_sums(code: Code, g: Geometry, target: str, source: str, var: str, count: int,
+              offsets: list[int], factor: int, limit: int) -> None:
+    """target[var] += sum_t tap<t> * source[var*factor + offsets[t]] for var < count,
+    skipping terms outside 0 <= position < limit. The positions where every term is
+    inside get one branch-free (vectorisable) loop; the few near the borders test."""
+    lo, hi = _all_inside(count, offsets, factor, limit)
+    inside = [(t, affine([(var, factor)], off)) for t, off in enumerate(offsets)]
+    for first, stop in _borders(count, lo, hi):
+        with code.block(f"for {var} in range({first}, {stop})"):
+            code.line(f"total = {g.zero}")
+            for t, position in inside:
+                with code.block(f"if 0 <= {position} < {limit}"):
+                    code.line(f"total += tap{t} * {source.format(ix(position))}")
+            code.line(f"{target.format(var)} += total")
+    if lo < hi:
+        with code.block(f"for {var} in range({lo}, {hi})"):
+            terms = [f"tap{t} * {source.format(ix(position))}" for t, position in inside]
+            if len(terms) == 1:
+                code.line(f"{target.format(var)} += {terms[0]}")
+                return
+            code.line(f"{target.format(var)} += ({terms[0]}")
+            for term in terms[1:-1]:
+                code.line(f"    + {term}")
+            code.line(f"    + {terms[-1]})")
+
 
 def _forward(code: Code, g: Geometry) -> None:
-    rank, maps = g.rank, g.out_channels
+    rank, maps, last = g.rank, g.out_channels, g.rank - 1
     here = f"n, o, {names('q', rank)}"
     full = [(f"q{axis}", f"range({size})") for axis, size in enumerate(g.out)]
     code.line(jit())
@@ -50,10 +105,21 @@ def _forward(code: Code, g: Geometry) -> None:
             code.line(f"y[{here}] = start")
         with ExitStack() as stack:
             stack.enter_context(code.block(f"for c in range({g.cg})"))
-            ranges = window_loops(code, stack, g)
-            code.line(f"v = w[o, c, {weight_index(g)}]")
-            at = position_loops(code, stack, g, ranges)
-            code.line(f"y[{here}] += v * x[n, uintp(first + c), {at}]")
+            code.line("ci = first + c")
+            if g.window[last] <= UNROLL:
+                ranges = window_loops(code, stack, g, last)
+                _taps(code, g)
+                rows = position_loops(code, stack, g, ranges)
+                outer = "".join(f"q{axis}, " for axis in range(last))
+                s, d, (p, _) = g.stride[last], g.dilation[last], g.pads[last]
+                source = f"x[n, ci, {rows}{', ' if rows else ''}{{}}]"
+                _tap_sums(code, g, f"y[n, o, {outer}{{}}]", source, f"q{last}", g.out[last],
+                          [t * d - p for t in range(g.window[last])], s, g.sizes[last])
+            else:
+                ranges = window_loops(code, stack, g)
+                code.line(f"v = w[o, c, {weight_index(g)}]")
+                at = position_loops(code, stack, g, ranges)
+                code.line(f"y[{here}] += v * x[n, ci, {at}]")
         if g.has_act:
             with code.loops(full):
                 code.line(f"v = y[{here}]")
@@ -62,7 +128,9 @@ def _forward(code: Code, g: Geometry) -> None:
 
 
 def _input_grad(code: Code, g: Geometry) -> None:
-    rank, channels = g.rank, g.channels
+    """With stride 1 along the last axis, each dx position gathers its taps (one sum per
+    position); otherwise each tap scatters dy into dx (one update per tap)."""
+    rank, channels, last = g.rank, g.channels, g.rank - 1
     code.line(jit())
     with code.block("def conv_input_grad(dy, w, dx)"), \
             code.block(f"for job in prange({g.batch * channels})"):
@@ -74,15 +142,29 @@ def _input_grad(code: Code, g: Geometry) -> None:
             code.line(f"dx[n, ci, {names('i', rank)}] = {g.zero}")
         with ExitStack() as stack:
             stack.enter_context(code.block(f"for o in range(first, first + {g.og})"))
-            ranges = window_loops(code, stack, g)
-            code.line(f"v = w[o, c, {weight_index(g)}]")
-            at = position_loops(code, stack, g, ranges)
-            code.line(f"dx[n, ci, {at}] += v * dy[n, o, {names('q', rank)}]")
+            if g.stride[last] == 1 and g.window[last] <= UNROLL:
+                ranges = window_loops(code, stack, g, last)
+                _taps(code, g)
+                rows = position_loops(code, stack, g, ranges)
+                outer = "".join(f"q{axis}, " for axis in range(last))
+                d, (p, _) = g.dilation[last], g.pads[last]
+                _tap_sums(code, g, f"dx[n, ci, {rows}{', ' if rows else ''}{{}}]",
+                          f"dy[n, o, {outer}{{}}]", f"i{last}", g.sizes[last],
+                          [p - t * d for t in range(g.window[last])], 1, g.out[last])
+            else:
+                ranges = window_loops(code, stack, g)
+                code.line(f"v = w[o, c, {weight_index(g)}]")
+                at = position_loops(code, stack, g, ranges)
+                code.line(f"dx[n, ci, {at}] += v * dy[n, o, {names('q', rank)}]")
     code.line()
 
 
 def _weight_grad(code: Code, g: Geometry) -> None:
+    """rows[job, t, q] collects dy * x over the batch for tap t of the last axis (all taps
+    in one pass when unrolled), then each row is summed into its weight."""
     rank, last = g.rank, g.rank - 1
+    unrolled = g.window[last] <= UNROLL
+    taps, width = (g.window[last] if unrolled else 1), g.out[last]
     code.line(jit())
     with code.block("def conv_weight_grad(x, dy, dw, rows)"), \
             code.block(f"for job in prange({g.out_channels * g.cg})"):
@@ -90,24 +172,59 @@ def _weight_grad(code: Code, g: Geometry) -> None:
         code.line(f"c = job - o * {g.cg}")
         code.line(f"ci = (o // {g.og}) * {g.cg} + c")
         with ExitStack() as stack:
-            ranges = window_loops(code, stack, g)
-            with code.block(f"for t in range({g.out[last]})"):
-                code.line(f"rows[job, t] = {g.zero}")
+            ranges = window_loops(code, stack, g, last if unrolled else None)
+            with code.loops([("t", f"range({taps})"), ("q", f"range({width})")]):
+                code.line(f"rows[job, t, q] = {g.zero}")
             with ExitStack() as inner:
                 inner.enter_context(code.block(f"for n in range({g.batch})"))
                 at = position_loops(code, inner, g, ranges)
-                code.line(f"rows[job, q{last}] += dy[n, o, {names('q', rank)}] * x[n, ci, {at}]")
-            code.line(f"total = {g.zero}")
-            with code.block(f"for t in range({g.out[last]})"):
-                code.line("total += rows[job, t]")
-            code.line(f"dw[o, c, {weight_index(g)}] = total")
+                if unrolled:
+                    _tap_products(code, g, at)
+                else:
+                    code.line(f"rows[job, 0, q{last}] += dy[n, o, {names('q', rank)}] "
+                              f"* x[n, ci, {at}]")
+            with code.block(f"for t in range({taps})"):
+                code.line(f"total = {g.zero}")
+                with code.block(f"for q in range({width})"):
+                    code.line("total += rows[job, t, q]")
+                if unrolled:
+                    outer = [weight_offset(g, axis) for axis in range(last)]
+                    tap = ix(f"{g.window[last] - 1} - t") if g.flip else "t"
+                    code.line(f"dw[o, c, {', '.join([*outer, tap])}] = total")
+                else:
+                    code.line(f"dw[o, c, {weight_index(g)}] = total")
     code.line()
+
+
+def _tap_products(code: Code, g: Geometry, rows: str) -> None:
+    """rows[job, t, q] += dy[.., q] * x[.., q*s + t*d - p] for every tap t of the last
+    axis whose input position is real; branch-free where all of them are."""
+    last = g.rank - 1
+    s, d, (p, _), n = g.stride[last], g.dilation[last], g.pads[last], g.sizes[last]
+    offsets = [t * d - p for t in range(g.window[last])]
+    lo, hi = _all_inside(g.out[last], offsets, s, n)
+    var = f"q{last}"
+    grad = f"dy[n, o, {names('q', g.rank)}]"
+    source = f"x[n, ci, {rows}{', ' if rows else ''}{{}}]"
+    inside = [(t, affine([(var, s)], off)) for t, off in enumerate(offsets)]
+    for first, stop in _borders(g.out[last], lo, hi):
+        with code.block(f"for {var} in range({first}, {stop})"):
+            code.line(f"v = {grad}")
+            for t, position in inside:
+                with code.block(f"if 0 <= {position} < {n}"):
+                    code.line(f"rows[job, {t}, {var}] += v * {source.format(ix(position))}")
+    if lo < hi:
+        with code.block(f"for {var} in range({lo}, {hi})"):
+            code.line(f"v = {grad}")
+            for t, position in inside:
+                code.line(f"rows[job, {t}, {var}] += v * {source.format(ix(position))}")
 
 
 def _driver(code: Code, g: Geometry, prepared: bool) -> None:
     code.line("def workspace():")
-    code.line('    """One scratch row per weight-gradient iteration."""')
-    rows = f"np.zeros(({g.out_channels * g.cg}, {g.out[-1]}), dtype=np.{g.dtype})"
+    code.line('    """Scratch rows for the weight gradient: per iteration, one per tap."""')
+    taps = g.window[-1] if g.window[-1] <= UNROLL else 1
+    rows = f"np.zeros(({g.out_channels * g.cg}, {taps}, {g.out[-1]}), dtype=np.{g.dtype})"
     code.line(f"    return {{'rows': {rows}}}" if g.weight_grad else "    return {}")
     code.line()
     code.line()

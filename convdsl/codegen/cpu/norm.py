@@ -1,0 +1,184 @@
+"""Batch normalisation kernels, training and inference, any spatial rank or a flat input.
+
+The kernels see the input as (N, C, S): S positions per channel (S = 1 for a flat vector
+of C features). Every statistic is per channel, so the parallel loop runs over channels:
+each iteration reduces over its own (N, S) slice and writes only its own channel of the
+output, of the input gradient, of the running statistics and of the parameter gradients.
+Reductions accumulate in float64 (a channel may hold N*H*W values), the rest runs in the
+array's dtype.
+
+Training normalises with the batch mean and biased variance and updates the running
+statistics in place with the unbiased variance, as PyTorch does; inference uses the running
+statistics. Forward keeps the mean and 1/sqrt(var + eps) it used per channel, so backward
+recomputes xhat = (x - mean) / std from the input instead of storing it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from convdsl.codegen import cache
+from convdsl.codegen.cpu.unary import FusedAct, apply_act, gradient_lines
+from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
+from convdsl.codegen.source import PRELUDE, Code, jit
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import BatchNormAttrs, Op
+
+
+@cache.template("batchnorm")
+def _render_batchnorm(spec: KernelSpec) -> str:
+    """forward_train, forward_eval, backward_train, backward_eval over (N, C, S) arrays."""
+    ((batch, channels, positions),) = spec.shapes
+    count = batch * positions  # values per channel
+    affine = bool(spec.option("affine"))
+    eps = float(spec.option("eps"))
+    momentum = float(spec.option("momentum"))
+    keep = 1.0 - momentum
+    unbias = count / (count - 1) if count > 1 else math.nan  # the builder refuses count 1
+    scale_arg, grad_args = ("w, b, ", ", dw, db") if affine else ("", "")
+    every_value = [("n", f"range({batch})"), ("s", f"range({positions})")]
+
+    code = Code()
+    code.line(PRELUDE)
+
+    def normalise_into_y() -> None:
+        """y = act((x - mu) * r * w + b) over channel c, given mu and r."""
+        code.line("scale = r * w[c]" if affine else "scale = r")
+        code.line("shift = b[c]" if affine else "shift = 0.0")
+        with code.loops(every_value):
+            code.line("v = (x[n, c, s] - mu) * scale + shift")
+            code.line(f"y[n, c, s] = {apply_act(spec, 'v')}")
+
+    code.line(jit())
+    with code.block(f"def forward_train(x, {scale_arg}y, mean, inv, running_mean, "
+                    "running_var)"), code.block(f"for c in prange({channels})"):
+        code.line("total = 0.0")
+        with code.loops(every_value):
+            code.line("total += x[n, c, s]")
+        code.line(f"mu = total / {count}")
+        code.line("spread = 0.0")  # two passes: no cancellation in E[x^2] - E[x]^2
+        with code.loops(every_value):
+            code.line("d = x[n, c, s] - mu")
+            code.line("spread += d * d")
+        code.line(f"var = spread / {count}")  # biased: what normalises the batch
+        code.line(f"r = 1.0 / math.sqrt(var + {eps!r})")
+        code.line("mean[c] = mu")
+        code.line("inv[c] = r")
+        # PyTorch's update, with the unbiased variance
+        code.line(f"running_mean[c] = {keep!r} * running_mean[c] + {momentum!r} * mu")
+        code.line(f"running_var[c] = {keep!r} * running_var[c] + {momentum!r} * var * "
+                  f"{unbias!r}")
+        normalise_into_y()
+    code.line()
+    code.line(jit())
+    with code.block(f"def forward_eval(x, {scale_arg}y, mean, inv, running_mean, "
+                    "running_var)"), code.block(f"for c in prange({channels})"):
+        code.line("mu = running_mean[c]")
+        code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
+        code.line("mean[c] = mu")
+        code.line("inv[c] = r")
+        normalise_into_y()
+
+    def sums() -> None:
+        """sum_g = sum of g, sum_gx = sum of g * xhat over channel c."""
+        code.line("mu = mean[c]")
+        code.line("r = inv[c]")
+        code.line("sum_g = 0.0")
+        code.line("sum_gx = 0.0")
+        with code.loops(every_value):
+            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+            code.line("sum_g += g")
+            code.line("sum_gx += g * (x[n, c, s] - mu) * r")
+        if affine:
+            code.line("dw[c] = sum_gx")
+            code.line("db[c] = sum_g")
+        code.line("gain = r * w[c]" if affine else "gain = r")
+
+    w_arg = "w, " if affine else ""
+    signature = f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad)"
+    code.line()
+    code.line(jit())
+    with code.block(f"def backward_train{signature}"), \
+            code.block(f"for c in prange({channels})"):
+        sums()
+        # the batch statistics depend on x too: remove g's mean and its xhat part
+        code.line(f"mean_g = sum_g / {count}")
+        code.line(f"mean_gx = sum_gx / {count}")
+        with code.loops(every_value):
+            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+            code.line("xhat = (x[n, c, s] - mu) * r")
+            code.line("dx[n, c, s] = (g - mean_g - xhat * mean_gx) * gain")
+    code.line()
+    code.line(jit())
+    with code.block(f"def backward_eval{signature}"), \
+            code.block(f"for c in prange({channels})"):
+        sums()  # fixed statistics: a per-channel affine map
+        with code.loops(every_value):
+            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+            code.line("dx[n, c, s] = g * gain")
+    return code.text()
+
+
+class BatchNormLayer(KernelLayer):
+    def __init__(self, setup: LayerSetup) -> None:
+        super().__init__(setup)
+        attrs = setup.layer.attrs
+        assert isinstance(attrs, BatchNormAttrs)
+        self.affine = attrs.affine
+        batch, channels, *sizes = setup.batched_inputs[0]
+        self.view = (batch, channels, math.prod(sizes))  # 1 position for a flat input
+        self.count = batch * self.view[2]
+        self.act = FusedAct(attrs.act, setup.batched_output, setup.dtype)
+        self.spec = KernelSpec.make("batchnorm", setup.dtype, (self.view,), eps=attrs.eps,
+                                    momentum=attrs.momentum, affine=attrs.affine,
+                                    **self.act.options())
+        self.specs = [self.spec, *self.act.specs]
+        self._module = cache.load(self.spec)
+        self.out = setup.output_buffer()
+        self.dx = setup.input_buffer()
+        self.out_view = self.out.reshape(self.view)
+        self.dx_view = self.dx.reshape(self.view)
+        # the statistics forward used, kept as computed
+        self.mean = np.zeros(channels, dtype=np.float64)
+        self.inv = np.zeros(channels, dtype=np.float64)
+        self.x: np.ndarray | None = None
+        self.train = False
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        self.x = inputs[0].reshape(self.view)
+        self.train = mode.train
+        scale = [params["weight"], params["bias"]] if self.affine else []
+        if mode.train:
+            if self.count < 2:
+                raise ValueError(f"'{self.name}': batch norm in training needs more than "
+                                 "one value per channel")
+            self._module.forward_train(self.x, *scale, self.out_view, self.mean, self.inv,
+                                       params["running_mean"], params["running_var"])
+            tracked = params["num_batches_tracked"]
+            tracked[...] += 1
+        else:
+            self._module.forward_eval(self.x, *scale, self.out_view, self.mean, self.inv,
+                                      params["running_mean"], params["running_var"])
+        self.act.forward(self.out)
+        return self.out
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        if self.x is None:
+            raise RuntimeError(f"'{self.name}': backward before forward")
+        act_grad = self.act.backward(self.out, grad_output, skip_act)
+        weight = [params["weight"]] if self.affine else []
+        param_grads = [grads["weight"], grads["bias"]] if self.affine else []
+        run = self._module.backward_train if self.train else self._module.backward_eval
+        run(self.x, self.out_view, grad_output.reshape(self.view), *weight, self.mean,
+            self.inv, self.dx_view, *param_grads, act_grad)
+        return [self.dx]
+
+
+@builder(Op.BATCHNORM)
+def build_batchnorm(setup: LayerSetup) -> KernelLayer:
+    return BatchNormLayer(setup)

@@ -1,0 +1,350 @@
+"""Pooling kernels: max, average and soft pooling over 1, 2 or 3 spatial axes, and the
+global poolings.
+
+Every (batch, channel) plane is pooled on its own, so the kernels see the arrays as
+(N*C, *spatial) views and the parallel loop runs over planes: each iteration writes only
+its own plane of the output (forward) or of the input gradient (backward), with no races
+even where windows overlap.
+
+Window loops visit only real input positions: padding (-inf for max, 0 for average and
+soft pooling) and a ceil-mode last window's overhang never contribute, so no padded copy
+of the input is made. Max pooling stores, per output, the flat position of the first
+maximum in row-major window order (as PyTorch does) and its backward scatters the gradient
+there. Global pooling is the same kernels with one window covering the whole plane.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+
+import numpy as np
+
+from convdsl.codegen import cache
+from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
+from convdsl.codegen.source import PRELUDE, Code, index, jit
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import Op, PoolAttrs
+from convdsl.passes.shapes import Window
+
+
+def _geometry(spec: KernelSpec) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Planes (N*C), input sizes and output sizes of a pooling spec."""
+    (batch, channels, *sizes), (_, _, *outs) = spec.shapes
+    return batch * channels, tuple(sizes), tuple(outs)
+
+
+def _strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides, in elements, of a plane with these sizes."""
+    return tuple(math.prod(sizes[axis + 1:]) for axis in range(len(sizes)))
+
+
+def _flat(names: list[str], sizes: tuple[int, ...]) -> str:
+    """The flat row-major position of the multi-index `names` in a plane of `sizes`."""
+    terms = [name if stride == 1 else f"{name} * {stride}"
+             for name, stride in zip(names, _strides(sizes))]
+    return " + ".join(terms)
+
+
+def _window_starts(code: Code, spec: KernelSpec) -> None:
+    """a<axis>: where the window of output position o<axis> starts, in real coordinates."""
+    for axis, (step, (before, _)) in enumerate(zip(spec.option("stride"), spec.option("pads"))):
+        code.line(f"a{axis} = o{axis} * {step} - {before}")
+
+
+def _real_positions(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
+    """Nested loops binding i<axis> to every real input position of the current window,
+    in row-major window order; padding and overhang are skipped."""
+    _, sizes, _ = _geometry(spec)
+    for axis, (size, width, spread) in enumerate(
+            zip(sizes, spec.option("window"), spec.option("dilation"))):
+        if spread == 1:  # a contiguous window: clip its range to the input
+            stack.enter_context(code.block(
+                f"for i{axis} in range(max(a{axis}, 0), min(a{axis} + {width}, {size}))"))
+        else:  # a dilated window: step through its taps and skip those outside
+            stack.enter_context(code.block(f"for k{axis} in range({width})"))
+            code.line(f"i{axis} = a{axis} + k{axis} * {spread}")
+            with code.block(f"if i{axis} < 0 or i{axis} >= {size}"):
+                code.line("continue")
+
+
+def _clear_plane(code: Code, spec: KernelSpec) -> None:
+    """dx[p] = 0 as explicit loops: slice assignment inside prange has had Numba bugs
+    (numba #5942)."""
+    _, sizes, _ = _geometry(spec)
+    with code.loops([(f"i{axis}", f"range({size})") for axis, size in enumerate(sizes)]):
+        code.line(f"dx[{index(['p', *(f'i{axis}' for axis in range(len(sizes)))])}] = 0.0")
+
+
+def _output_loops(spec: KernelSpec) -> list[tuple[str, str]]:
+    _, _, outs = _geometry(spec)
+    return [(f"o{axis}", f"range({size})") for axis, size in enumerate(outs)]
+
+
+@cache.template("maxpool")
+def _render_maxpool(spec: KernelSpec) -> str:
+    """forward(x, y, arg) on (N*C, *spatial) views."""
+    planes, sizes, _ = _geometry(spec)
+    rank = len(sizes)
+    here = index(["p", *(f"o{axis}" for axis in range(rank))])
+    code = Code()
+    code.line(PRELUDE)
+    code.line(jit())
+    with code.block("def forward(x, y, arg)"):
+        code.line('"""y: each window\'s maximum; arg: the flat position of its first maximum')
+        code.line('in the plane (row-major window order, as PyTorch), for the backward pass."""')
+        with code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
+            _window_starts(code, spec)
+            code.line("best = -np.inf")
+            code.line("where = -1")
+            with ExitStack() as stack:
+                _real_positions(code, stack, spec)
+                code.line(f"v = x[{index(['p', *(f'i{axis}' for axis in range(rank))])}]")
+                # the first real position always counts, so that a window of -inf still
+                # routes its gradient somewhere; NaN propagates as in PyTorch
+                with code.block("if where < 0 or v > best or v != v"):
+                    code.line("best = v")
+                    code.line(f"where = {_flat([f'i{axis}' for axis in range(rank)], sizes)}")
+            code.line(f"y[{here}] = best")
+            code.line(f"arg[{here}] = where")
+    return code.text()
+
+
+@cache.template("argmax_scatter")
+def _render_argmax_scatter(spec: KernelSpec) -> str:
+    """backward(dy, arg, dx) on flat (planes, positions) views: each output's gradient
+    goes to the input position its forward pass recorded."""
+    (planes, positions), (_, outputs) = spec.shapes
+    code = Code()
+    code.line(PRELUDE)
+    code.line(jit())
+    with code.block("def backward(dy, arg, dx)"), code.block(f"for p in prange({planes})"):
+        with code.block(f"for i in range({positions})"):
+            code.line("dx[p, i] = 0.0")
+        with code.block(f"for q in range({outputs})"):
+            code.line("where = arg[p, q]")
+            with code.block("if where >= 0"):
+                code.line("dx[p, where] += dy[p, q]")  # overlapping windows add up
+    return code.text()
+
+
+def _avg_divisor(code: Code, spec: KernelSpec) -> None:
+    """PyTorch's rule (notes/semantics.md): per axis, the window clipped to the padded
+    input counts when count_pad, else only its real part. Leaves a<axis>, e<axis>: the
+    real part's range, and `div`."""
+    _, sizes, _ = _geometry(spec)
+    sides = []
+    for axis, (size, width, (_, after)) in enumerate(
+            zip(sizes, spec.option("window"), spec.option("pads"))):
+        code.line(f"e{axis} = min(a{axis} + {width}, {size + after})")
+        code.line(f"n{axis} = e{axis} - a{axis}")
+        code.line(f"a{axis} = max(a{axis}, 0)")
+        code.line(f"e{axis} = min(e{axis}, {size})")
+        sides.append(f"n{axis}" if spec.option("count_pad") else f"(e{axis} - a{axis})")
+    code.line(f"div = {' * '.join(sides)}")
+
+
+@cache.template("avgpool")
+def _render_avgpool(spec: KernelSpec) -> str:
+    """forward(x, y), backward(dy, dx) on (N*C, *spatial) views."""
+    planes, sizes, _ = _geometry(spec)
+    rank = len(sizes)
+    here = index(["p", *(f"o{axis}" for axis in range(rank))])
+    there = index(["p", *(f"i{axis}" for axis in range(rank))])
+    window_loops = [(f"i{axis}", f"range(a{axis}, e{axis})") for axis in range(rank)]
+    code = Code()
+    code.line(PRELUDE)
+    code.line(jit())
+    with code.block("def forward(x, y)"), code.block(f"for p in prange({planes})"), \
+            code.loops(_output_loops(spec)):
+        _window_starts(code, spec)
+        _avg_divisor(code, spec)
+        code.line("total = 0.0")
+        with code.loops(window_loops):
+            code.line(f"total += x[{there}]")
+        code.line(f"y[{here}] = total / div")
+    code.line()
+    code.line(jit())
+    with code.block("def backward(dy, dx)"), code.block(f"for p in prange({planes})"):
+        _clear_plane(code, spec)
+        with code.loops(_output_loops(spec)):
+            _window_starts(code, spec)
+            _avg_divisor(code, spec)
+            code.line(f"share = dy[{here}] / div")
+            with code.loops(window_loops):
+                code.line(f"dx[{there}] += share")
+    return code.text()
+
+
+@cache.template("softpool")
+def _render_softpool(spec: KernelSpec) -> str:
+    """forward(x, y, top, total), backward(x, y, dy, top, total, dx) on (N*C, *spatial)
+    views. y = sum_i w_i x_i with w = softmax of the window's real values; forward keeps
+    each window's maximum and sum of exponentials so that backward recomputes w_i in one
+    pass: dy/dx_i = w_i (1 + x_i - y)."""
+    planes, sizes, _ = _geometry(spec)
+    rank = len(sizes)
+    here = index(["p", *(f"o{axis}" for axis in range(rank))])
+    there = index(["p", *(f"i{axis}" for axis in range(rank))])
+    code = Code()
+    code.line(PRELUDE)
+    code.line(jit())
+    with code.block("def forward(x, y, top, total)"), \
+            code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
+        _window_starts(code, spec)
+        code.line("peak = -np.inf")  # subtracted before exp, for stability
+        with ExitStack() as stack:
+            _real_positions(code, stack, spec)
+            code.line(f"peak = max(peak, x[{there}])")
+        code.line("weights = 0.0")
+        code.line("weighted = 0.0")
+        with ExitStack() as stack:
+            _real_positions(code, stack, spec)
+            code.line(f"v = x[{there}]")
+            code.line("e = math.exp(v - peak)")
+            code.line("weights += e")
+            code.line("weighted += e * v")
+        code.line(f"y[{here}] = weighted / weights")
+        code.line(f"top[{here}] = peak")
+        code.line(f"total[{here}] = weights")
+    code.line()
+    code.line(jit())
+    with code.block("def backward(x, y, dy, top, total, dx)"), \
+            code.block(f"for p in prange({planes})"):
+        _clear_plane(code, spec)
+        with code.loops(_output_loops(spec)):
+            _window_starts(code, spec)
+            code.line(f"g = dy[{here}] / total[{here}]")
+            code.line(f"out = y[{here}]")
+            code.line(f"peak = top[{here}]")
+            with ExitStack() as stack:
+                _real_positions(code, stack, spec)
+                code.line(f"v = x[{there}]")
+                code.line(f"dx[{there}] += g * math.exp(v - peak) * (1.0 + v - out)")
+    return code.text()
+
+
+def _window_options(window: Window) -> dict[str, tuple[int, ...] | tuple[tuple[int, int], ...]]:
+    return {"window": window.window, "stride": window.stride, "dilation": window.dilation,
+            "pads": window.pads}
+
+
+class _Pool(KernelLayer):
+    """Shared plumbing: the plane views of input and output, and the buffers."""
+
+    def __init__(self, setup: LayerSetup, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...]) -> None:
+        """in_shape, out_shape: (N, C, *spatial) as the kernels index them (global
+        pooling passes (N, C, positions) and (N, C, 1))."""
+        super().__init__(setup)
+        planes = in_shape[0] * in_shape[1]
+        self.in_view = (planes, *in_shape[2:])
+        self.out_view = (planes, *out_shape[2:])
+        self.out = setup.output_buffer()
+        self.dx = setup.input_buffer()
+        self.out_planes = self.out.reshape(self.out_view)
+        self.dx_planes = self.dx.reshape(self.in_view)
+
+
+class MaxPoolLayer(_Pool):
+    def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
+        super().__init__(setup, spec.shapes[0], spec.shapes[1])
+        planes = self.in_view[0]
+        self.arg = np.full(self.out_view, -1, dtype=np.int64)
+        self.scatter_spec = KernelSpec.make(
+            "argmax_scatter", setup.dtype,
+            ((planes, math.prod(self.in_view[1:])), (planes, math.prod(self.out_view[1:]))))
+        self.specs = [spec, self.scatter_spec]
+        self._forward = cache.load(spec).forward
+        self._backward = cache.load(self.scatter_spec).backward
+        self.flat_view = (planes, -1)
+        self.arg_flat = self.arg.reshape(self.flat_view)
+        self.dx_flat = self.dx.reshape(self.flat_view)
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        self._forward(inputs[0].reshape(self.in_view), self.out_planes, self.arg)
+        return self.out
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        self._backward(grad_output.reshape(self.flat_view), self.arg_flat, self.dx_flat)
+        return [self.dx]
+
+
+class AvgPoolLayer(_Pool):
+    def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
+        super().__init__(setup, spec.shapes[0], spec.shapes[1])
+        self.specs = [spec]
+        self._module = cache.load(spec)
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        self._module.forward(inputs[0].reshape(self.in_view), self.out_planes)
+        return self.out
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        self._module.backward(grad_output.reshape(self.out_view), self.dx_planes)
+        return [self.dx]
+
+
+class SoftPoolLayer(_Pool):
+    def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
+        super().__init__(setup, spec.shapes[0], spec.shapes[1])
+        self.specs = [spec]
+        self._module = cache.load(spec)
+        self.top = np.zeros(self.out_view, dtype=setup.dtype)
+        self.total = np.zeros(self.out_view, dtype=setup.dtype)
+        self.x: np.ndarray | None = None  # the last forward's input planes
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        self.x = inputs[0].reshape(self.in_view)
+        self._module.forward(self.x, self.out_planes, self.top, self.total)
+        return self.out
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        if self.x is None:
+            raise RuntimeError(f"'{self.name}': backward before forward")
+        self._module.backward(self.x, self.out_planes, grad_output.reshape(self.out_view),
+                              self.top, self.total, self.dx_planes)
+        return [self.dx]
+
+
+@builder(Op.MAXPOOL, Op.AVGPOOL, Op.SOFTPOOL)
+def build_pool(setup: LayerSetup) -> KernelLayer:
+    window = setup.window
+    assert window is not None, f"'{setup.layer.name}' has no resolved window"
+    assert isinstance(setup.layer.attrs, PoolAttrs)
+    shapes = (setup.batched_inputs[0], setup.batched_output)
+    options = _window_options(window)
+    op = setup.layer.op
+    if op is Op.MAXPOOL:
+        return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes, **options))
+    if op is Op.SOFTPOOL:
+        return SoftPoolLayer(setup, KernelSpec.make("softpool", setup.dtype, shapes, **options))
+    if any(spread != 1 for spread in window.dilation):
+        raise ValueError(f"'{setup.layer.name}': average pooling has no dilation")
+    del options["dilation"]
+    return AvgPoolLayer(setup, KernelSpec.make("avgpool", setup.dtype, shapes,
+                                               count_pad=setup.layer.attrs.count_pad,
+                                               **options))
+
+
+@builder(Op.GLOBAL_MAXPOOL, Op.GLOBAL_AVGPOOL)
+def build_global_pool(setup: LayerSetup) -> KernelLayer:
+    """One window over each whole plane, seen as a flat (N, C, positions) array."""
+    batch, channels, *sizes = setup.batched_inputs[0]
+    positions = math.prod(sizes)
+    shapes = ((batch, channels, positions), (batch, channels, 1))
+    whole = {"window": (positions,), "stride": (positions,), "pads": ((0, 0),)}
+    if setup.layer.op is Op.GLOBAL_MAXPOOL:
+        return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes,
+                                                   dilation=(1,), **whole))
+    return AvgPoolLayer(setup, KernelSpec.make("avgpool", setup.dtype, shapes,
+                                               count_pad=True, **whole))

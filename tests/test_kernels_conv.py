@@ -46,6 +46,11 @@ CASES = [
                  "output c", "c", 2, "float32", id="3d-full-flip"),
     pytest.param("input x: 6x9x9\nc = conv(4, 3, stride=2, pad=2, groups=2, act=relu)\noutput c",
                  "c", 1, "float64", id="2d-pad-groups"),
+    pytest.param("input x: 3x4x6\n"
+                 "c = conv(3, 2x3, pad=[4 0 1 5], dilation=1x2, groups=3, act=sigmoid)\noutput c",
+                 "c", 2, "float64", id="2d-pad-beyond-window"),
+    pytest.param("input x: 6x9x9\nc = conv(4, 1, groups=2, act=relu6)\noutput c", "c", 3,
+                 "float32", id="2d-pointwise"),
     pytest.param("input x: 3x10x9\n"
                  "f = filter(3, kernel=[[1 2 1] [0 0 0] [-1 -2 -1]] / 4, pad=same, stride=2,"
                  " mode=convolution, act=tanh)\noutput f", "f", 2, "float64", id="filter-2d"),
@@ -113,7 +118,7 @@ def layers(draw: st.DrawFn, fixed: bool) -> tuple[str, int, str]:
     return text, draw(st.integers(1, 3)), draw(st.sampled_from(("float32", "float64")))
 
 
-SETTINGS = settings(max_examples=7, derandomize=True, deadline=None, database=None,
+SETTINGS = settings(max_examples=6, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -213,19 +218,15 @@ def test_identical_layers_share_one_kernel() -> None:
 
 
 _SECOND_PROCESS = textwrap.dedent("""
-    import sys, time
-    start = time.perf_counter()
     import numpy as np
     import convdsl
-    from convdsl.codegen.layer import LayerSetup, Mode, build_layer, layer_setups
+    from convdsl.codegen.layer import Mode, build_layer, layer_setups
     network = convdsl.loads("input x: 3x6x6\\nc = conv(5, 3, pad=[0 1], act=tanh)\\noutput c")
-    for algo in ("direct", "gemm", "fft"):
-        kernel = build_layer(layer_setups(network, 2, "float64", algo)["c"])
-        params = {"weight": np.ones((5, 3, 3, 3)), "bias": np.ones(5)}
-        grads = {key: np.zeros_like(value) for key, value in params.items()}
-        y = kernel.forward([np.ones((2, 3, 6, 6))], params, Mode())
-        kernel.backward(np.ones_like(y), params, grads)
-    print(time.perf_counter() - start)
+    kernel = build_layer(layer_setups(network, 2, "float64", "direct")["c"])
+    params = {"weight": np.ones((5, 3, 3, 3)), "bias": np.ones(5)}
+    grads = {key: np.zeros_like(value) for key, value in params.items()}
+    y = kernel.forward([np.ones((2, 3, 6, 6))], params, Mode())
+    kernel.backward(np.ones_like(y), params, grads)
 """)
 
 
@@ -243,7 +244,7 @@ def test_second_process_loads_compiled_kernels(tmp_path: Path) -> None:
 
     cold, files = run()
     sources = {path for path in files if path.suffix == ".py"}
-    assert len(sources) == 3  # one module per algorithm
+    assert len(sources) == 1
     assert {path.suffix for path in files} >= {".nbi", ".nbc"}  # Numba's index and code
     warm, files_again = run()
     assert files_again == files  # nothing written, nothing rewritten

@@ -19,10 +19,13 @@ the column order (row c*V + k~ holds offset k), so the weight is used as it is.
 
 Batches whose columns would exceed the chunk budget run in chunks of `chunk` samples;
 backward visits chunks last first, so the columns forward left behind are reused.
+A pointwise (1x1, stride 1, unpadded) convolution needs no columns at all: the input
+maps are the columns, and one product per sample and group computes it.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 
 from convdsl.codegen import cache
@@ -42,6 +45,7 @@ from convdsl.codegen.cpu.conv_common import (
 )
 from convdsl.codegen.source import PRELUDE, Code, jit
 from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import Activation, ActSpec
 
 
 def _row(g: Geometry) -> str:
@@ -59,10 +63,10 @@ def _job(code: Code, g: Geometry) -> None:
     code.line(f"c = ci - grp * {g.cg}")
 
 
-def _im2col(code: Code, g: Geometry) -> None:
+def _im2col(code: Code, g: Geometry, name: str = "im2col") -> None:
     rank, last = g.rank, g.rank - 1
     code.line(jit())
-    with code.block("def im2col(x, col, n0, m)"), \
+    with code.block(f"def {name}(x, col, n0, m)"), \
             code.block(f"for job in prange(m * {g.channels})"):
         _job(code, g)
         code.line(f"base = j * {g.positions}")
@@ -132,11 +136,11 @@ def _col2im(code: Code, g: Geometry) -> None:
     code.line()
 
 
-def _scatter_output(code: Code, g: Geometry) -> None:
+def _scatter_output(code: Code, g: Geometry, name: str = "scatter_output") -> None:
     """yt (G, O/G, mP) -> y (N, O, P): add the bias, apply the activation."""
     maps, positions = g.out_channels, g.positions
     code.line(jit())
-    with code.block(f"def scatter_output(yt, {'b, ' if g.bias else ''}y, n0, m)"), \
+    with code.block(f"def {name}(yt, {'b, ' if g.bias else ''}y, n0, m)"), \
             code.block(f"for job in prange(m * {maps})"):
         code.line(f"j = job // {maps}")
         code.line(f"o = job - j * {maps}")
@@ -164,20 +168,53 @@ def _gather_grad(code: Code, g: Geometry) -> None:
     code.line()
 
 
+def transposed(g: Geometry) -> Geometry:
+    """The input gradient of a stride-1 convolution as a convolution of dy: correlation
+    with the kernel transposed (channels swapped) and flipped, dilation kept, padded by
+    d*(K-1) - p before (so output position i reads dy[i + p - k*d])."""
+    pads = tuple((d * (k - 1) - before, d * (k - 1) - after)
+                 for k, d, (before, after) in zip(g.window, g.dilation, g.pads))
+    return Geometry(
+        dtype=g.dtype, batch=g.batch, channels=g.out_channels, out_channels=g.channels,
+        groups=g.groups, sizes=g.out, window=g.window, out=g.sizes, stride=g.stride,
+        dilation=g.dilation, pads=pads, flip=not g.flip, bias=False, weight_grad=False,
+        act=ActSpec(Activation.IDENTITY))
+
+
+def as_convolution(g: Geometry) -> bool:
+    """Backward computes dx as a convolution of dy (stride 1: one product with a long
+    reduction, O/G * prod(K)) rather than scattering W^T dy back with col2im."""
+    return all(s == 1 for s in g.stride)
+
+
 def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
-    groups, og, rows, positions = g.groups, g.og, g.cg * g.volume, g.positions
+    groups, og, cg, rows, positions = g.groups, g.og, g.cg, g.cg * g.volume, g.positions
     starts = list(range(0, g.batch, chunk))
-    width = chunk * positions
     dtype = f"np.{g.dtype}"
     maps = f"({g.batch}, {g.out_channels}, {positions})"
+    by_conv = as_convolution(g)
+    t = transposed(g)
+    in_positions = t.positions
+    shapes = {"col": (groups, rows, chunk * positions), "yt": (groups, og, chunk * positions)}
+    if by_conv:  # sharing memory with col and yt, which are free by then
+        shapes["gcol"] = (groups, og * g.volume, chunk * in_positions)
+        shapes["dxt"] = (groups, cg, chunk * in_positions)
     with code.block("def workspace()"):
-        code.line('"""col: the columns of one chunk (and, backward, their gradient);')
-        code.line('yt: the chunk\'s outputs (and, backward, its output gradients)."""')
+        code.line('"""col: the columns of one chunk (backward: also their gradient, or the')
+        code.line("columns of dy, gcol); yt: the chunk's outputs (backward: its output")
+        code.line('gradients, then the input gradient, dxt), as views of two flat buffers."""')
+        col_size = max(math.prod(shapes["col"]), math.prod(shapes.get("gcol", (0,))))
+        yt_size = max(math.prod(shapes["yt"]), math.prod(shapes.get("dxt", (0,))))
+        code.line(f"cols = np.zeros({col_size}, dtype={dtype})")
+        code.line(f"outs = np.zeros({yt_size}, dtype={dtype})")
         code.line("return {")
-        code.line(f"    'col': np.zeros(({groups}, {rows}, {width}), dtype={dtype}),")
-        code.line(f"    'yt': np.zeros(({groups}, {og}, {width}), dtype={dtype}),")
+        for name, shape in shapes.items():
+            flat = "cols" if name in ("col", "gcol") else "outs"
+            code.line(f"    {name!r}: {flat}[:{math.prod(shape)}].reshape({shape}),")
         if g.weight_grad and len(starts) > 1:
             code.line(f"    'dw': np.zeros(({groups}, {og}, {rows}), dtype={dtype}),")
+        if by_conv:
+            code.line(f"    'wt': np.zeros(({groups}, {cg}, {og * g.volume}), dtype={dtype}),")
         code.line("    'fresh': False,  # col holds the last chunk's columns of the last forward")
         code.line("}")
     code.line()
@@ -203,6 +240,11 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         code.line(f"dy3 = dy.reshape({maps})")
         if g.weight_grad:
             code.line(f"dw3 = dw.reshape(({groups}, {og}, {rows}))")
+        if by_conv:
+            code.line("# the transposed kernel: wt[g, c, o*V + k] = w[g*O/G + o, c, k]")
+            code.line(f"np.copyto(ws['wt'].reshape(({groups}, {cg}, {og}, {g.volume})), "
+                      f"w.reshape(({groups}, {og}, {cg}, {g.volume})).transpose(0, 2, 1, 3))")
+            code.line(f"dx3 = dx.reshape(({g.batch}, {g.channels}, {in_positions}))")
         with code.block(f"for n0 in {tuple(reversed(starts))!r}"):
             code.line(f"m = min({chunk}, {g.batch} - n0)")
             code.line(f"cols = m * {positions}")
@@ -219,9 +261,81 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
                     with code.block("else"):
                         code.line(product.format("ws['dw']"))
                         code.line("dw3 += ws['dw']")
-            code.line("np.matmul(w3.transpose(0, 2, 1), yt[:, :, :cols], out=col[:, :, :cols])")
-            code.line("ws['fresh'] = False  # col now holds column gradients")
-            code.line("col2im(col, dx, n0, m)")
+            code.line("ws['fresh'] = False  # col is overwritten next")
+            if by_conv:
+                code.line(f"cols = m * {in_positions}")
+                code.line("im2col_grad(dy, ws['gcol'], n0, m)")
+                code.line("np.matmul(ws['wt'], ws['gcol'][:, :, :cols], "
+                          "out=ws['dxt'][:, :, :cols])")
+                code.line("scatter_input(ws['dxt'], dx3, n0, m)")
+            else:
+                code.line("np.matmul(w3.transpose(0, 2, 1), yt[:, :, :cols], "
+                          "out=col[:, :, :cols])")
+                code.line("col2im(col, dx, n0, m)")
+
+
+def pointwise(g: Geometry) -> bool:
+    """A 1x1 window at stride 1 without padding reads each input column as it is: no
+    im2col is needed, one matrix product per sample and group does (if the maps are
+    large enough for BLAS to run well on one sample)."""
+    plain = all(s == 1 for s in g.stride) and all(p == (0, 0) for p in g.pads)
+    return g.volume == 1 and plain and g.positions >= POINTWISE_MIN_POSITIONS
+
+
+# Positions per map from which per-sample matrix products run well (else im2col gathers
+# the batch into one product).
+POINTWISE_MIN_POSITIONS = 64
+
+
+def _finish_in_place(code: Code, g: Geometry) -> bool:
+    """finish(y[, b]) on an (N, O, P) view: y = act(y + b). False if there is nothing to do."""
+    if not g.bias and not g.has_act:
+        return False
+    maps, positions = g.out_channels, g.positions
+    code.line(jit())
+    with code.block(f"def finish(y{', b' if g.bias else ''})"), \
+            code.block(f"for job in prange({g.batch * maps})"):
+        code.line(f"n = job // {maps}")
+        code.line(f"o = job - n * {maps}")
+        code.line("start = b[o]" if g.bias else f"start = {g.zero}")
+        with code.block(f"for q in range({positions})"):
+            code.line("v = y[n, o, q] + start")
+            code.line(f"y[n, o, q] = {forward_expression(g.act, 'v')}")
+    code.line()
+    return True
+
+
+def _pointwise_driver(code: Code, g: Geometry, finished: bool, prepared: bool) -> None:
+    batch, groups, og, cg, positions = g.batch, g.groups, g.og, g.cg, g.positions
+    weight = f"w.reshape((1, {groups}, {og}, {cg}))"
+    inputs = f"x.reshape(({batch}, {groups}, {cg}, {positions}))"
+    outputs = f"({batch}, {groups}, {og}, {positions})"
+    with code.block("def workspace()"):
+        code.line('"""part: the weight gradient of each sample, before the sum."""')
+        if g.weight_grad:
+            code.line(f"return {{'part': np.zeros(({batch}, {groups}, {og}, {cg}), "
+                      f"dtype=np.{g.dtype})}}")
+        else:
+            code.line("return {}")
+    code.line()
+    code.line()
+    with code.block("def forward(x, w, b, y, ws)"):
+        code.line("# y[n, g] = W_g @ x[n, g], a 1x1 convolution as a product per sample")
+        code.line(f"np.matmul({weight}, {inputs}, out=y.reshape({outputs}))")
+        if finished:
+            maps = f"({batch}, {g.out_channels}, {positions})"
+            code.line(f"finish(y.reshape({maps}){', b' if g.bias else ''})")
+    code.line()
+    code.line()
+    with code.block("def backward(x, w, y, dy, dx, dw, db, ws, apply_act)"):
+        if prepared:
+            code.line(prepare_call(g))
+        code.line(f"dyv = dy.reshape({outputs})")
+        if g.weight_grad:
+            code.line(f"np.matmul(dyv, {inputs}.transpose(0, 1, 3, 2), out=ws['part'])")
+            code.line(f"np.sum(ws['part'], axis=0, out=dw.reshape(({groups}, {og}, {cg})))")
+        code.line(f"np.matmul({weight}.transpose(0, 1, 3, 2), dyv, "
+                  f"out=dx.reshape(({batch}, {groups}, {cg}, {positions})))")
 
 
 @cache.template("conv_gemm")
@@ -229,10 +343,20 @@ def render(spec: KernelSpec) -> str:
     g = Geometry.from_spec(spec)
     code = Code()
     code.line(PRELUDE + IMPORTS)
+    if pointwise(g):
+        finished = _finish_in_place(code, g)
+        prepared = emit_prepare(code, g)
+        code.line()
+        _pointwise_driver(code, g, finished, prepared)
+        return code.text()
     _im2col(code, g)
-    _col2im(code, g)
     _scatter_output(code, g)
     _gather_grad(code, g)
+    if as_convolution(g):
+        _im2col(code, transposed(g), "im2col_grad")
+        _scatter_output(code, transposed(g), "scatter_input")
+    else:
+        _col2im(code, g)
     prepared = emit_prepare(code, g)
     code.line()
     _driver(code, g, int(spec.option("chunk")), prepared)

@@ -46,8 +46,9 @@ CASES = [
                  "output c", "c", 2, "float32", id="3d-full-flip"),
     pytest.param("input x: 6x9x9\nc = conv(4, 3, stride=2, pad=2, groups=2, act=relu)\noutput c",
                  "c", 1, "float64", id="2d-pad-groups"),
-    pytest.param("input x: 3x4x6\n"
-                 "c = conv(3, 2x3, pad=[4 0 1 5], dilation=1x2, groups=3, act=sigmoid)\noutput c",
+    pytest.param("input x: 4x4x6\n"
+                 "c = conv(2, 2x3, pad=[4 0 1 5], dilation=1x2, groups=2, mode=convolution,"
+                 " act=sigmoid)\noutput c",
                  "c", 2, "float64", id="2d-pad-beyond-window"),
     pytest.param("input x: 6x9x9\nc = conv(4, 1, groups=2, act=relu6)\noutput c", "c", 3,
                  "float32", id="2d-pointwise"),

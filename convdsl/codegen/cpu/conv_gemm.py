@@ -183,8 +183,10 @@ def transposed(g: Geometry) -> Geometry:
 
 def as_convolution(g: Geometry) -> bool:
     """Backward computes dx as a convolution of dy (stride 1: one product with a long
-    reduction, O/G * prod(K)) rather than scattering W^T dy back with col2im."""
-    return all(s == 1 for s in g.stride)
+    reduction, O/G * prod(K), and no scatter) rather than scattering W^T dy back with
+    col2im. Only where O/G <= C/G: otherwise dy's columns outgrow x's (a first layer,
+    3 -> 64 channels, would copy dy nine times over to compute a gradient of 3 maps)."""
+    return all(s == 1 for s in g.stride) and g.og <= g.cg
 
 
 def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
@@ -211,8 +213,8 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         for name, shape in shapes.items():
             flat = "cols" if name in ("col", "gcol") else "outs"
             code.line(f"    {name!r}: {flat}[:{math.prod(shape)}].reshape({shape}),")
-        if g.weight_grad and len(starts) > 1:
-            code.line(f"    'dw': np.zeros(({groups}, {og}, {rows}), dtype={dtype}),")
+        if g.weight_grad:
+            code.line(f"    'dwt': np.zeros(({groups}, {rows}, {og}), dtype={dtype}),")
         if by_conv:
             code.line(f"    'wt': np.zeros(({groups}, {cg}, {og * g.volume}), dtype={dtype}),")
         code.line("    'fresh': False,  # col holds the last chunk's columns of the last forward")
@@ -252,15 +254,17 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
             if g.weight_grad:
                 with code.block(f"if not (ws['fresh'] and n0 == {starts[-1]})"):
                     code.line("im2col(x, col, n0, m)")
-                product = "np.matmul(yt[:, :, :cols], col[:, :, :cols].transpose(0, 2, 1), out={})"
+                # dW^T = col @ dY^T: BLAS runs this orientation steadily; dY @ col^T (a
+                # 64-row result over a long reduction) can drop to a few GFLOP/s
+                code.line("np.matmul(col[:, :, :cols], yt[:, :, :cols].transpose(0, 2, 1), "
+                          "out=ws['dwt'])")
                 if len(starts) == 1:
-                    code.line(product.format("dw3"))
+                    code.line("np.copyto(dw3, ws['dwt'].transpose(0, 2, 1))")
                 else:
                     with code.block(f"if n0 == {starts[-1]}"):
-                        code.line(product.format("dw3"))
+                        code.line("np.copyto(dw3, ws['dwt'].transpose(0, 2, 1))")
                     with code.block("else"):
-                        code.line(product.format("ws['dw']"))
-                        code.line("dw3 += ws['dw']")
+                        code.line("dw3 += ws['dwt'].transpose(0, 2, 1)")
             code.line("ws['fresh'] = False  # col is overwritten next")
             if by_conv:
                 code.line(f"cols = m * {in_positions}")
@@ -313,7 +317,7 @@ def _pointwise_driver(code: Code, g: Geometry, finished: bool, prepared: bool) -
     with code.block("def workspace()"):
         code.line('"""part: the weight gradient of each sample, before the sum."""')
         if g.weight_grad:
-            code.line(f"return {{'part': np.zeros(({batch}, {groups}, {og}, {cg}), "
+            code.line(f"return {{'part': np.zeros(({batch}, {groups}, {cg}, {og}), "
                       f"dtype=np.{g.dtype})}}")
         else:
             code.line("return {}")
@@ -332,8 +336,10 @@ def _pointwise_driver(code: Code, g: Geometry, finished: bool, prepared: bool) -
             code.line(prepare_call(g))
         code.line(f"dyv = dy.reshape({outputs})")
         if g.weight_grad:
-            code.line(f"np.matmul(dyv, {inputs}.transpose(0, 1, 3, 2), out=ws['part'])")
-            code.line(f"np.sum(ws['part'], axis=0, out=dw.reshape(({groups}, {og}, {cg})))")
+            # dW_g^T = sum_n x[n, g] @ dy[n, g]^T (the orientation BLAS runs steadily)
+            code.line(f"np.matmul({inputs}, dyv.transpose(0, 1, 3, 2), out=ws['part'])")
+            code.line(f"np.sum(ws['part'], axis=0, "
+                      f"out=dw.reshape(({groups}, {og}, {cg})).transpose(0, 2, 1))")
         code.line(f"np.matmul({weight}.transpose(0, 1, 3, 2), dyv, "
                   f"out=dx.reshape(({batch}, {groups}, {cg}, {positions})))")
 

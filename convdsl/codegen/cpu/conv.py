@@ -30,7 +30,7 @@ from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
 
 # Bumped whenever the generated convolution code changes in a way its spec does not
 # show, so that kernels cached by an older convdsl are never reused.
-REVISION = 7
+REVISION = 8
 
 # The "auto" rule's thresholds (see choose_algorithm).
 FFT_MIN_WINDOW = 64  # window positions from which FFT wins at stride 1

@@ -178,9 +178,11 @@ def _setup(text: str, algo: str | None = None, name: str = "c") -> LayerSetup:
 def test_algorithm_rule() -> None:
     cases = {
         "input x: 4x256\nc = conv(4, 64)\noutput c": "fft",  # large window, stride 1
-        "input x: 4x256\nc = conv(4, 64, stride=2)\noutput c": "gemm",  # strided: not FFT
+        "input x: 4x256\nc = conv(8, 64, stride=2)\noutput c": "gemm",  # strided: not FFT
         "input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c": "gemm",  # 576 products
-        "input x: 1x28x28\nc = conv(6, 5, pad=2)\noutput c": "direct",  # 25 products
+        "input x: 1x28x28\nc = conv(6, 5, pad=2)\noutput c": "direct",  # 6 outputs
+        "input x: 3x32x32\nc = conv(64, 3, pad=1)\noutput c": "gemm",  # 27 products
+        "input x: 1x32x32\nc = conv(64, 3, pad=1)\noutput c": "direct",  # 9 products
         "input x: 32x8x8\nc = conv(32, 3, groups=32)\noutput c": "direct",  # depthwise
         "input x: 3x8x8\nc = filter(3, kernel=[1 2 1 2 4 2 1 2 1])\noutput c": "direct",
         "input x: 3x64\nc = filter(64, kernel=[" + " 1" * 64 + "])\noutput c": "fft",

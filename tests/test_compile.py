@@ -35,7 +35,7 @@ def _inputs(net: convdsl.CompiledNetwork, rng: np.random.Generator) -> dict[str,
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
     net = convdsl.compile(ROOT / path, batch=3, dtype="float64", seed=5, warm=False)
-    ref = ReferenceNetwork(net.network, params=net.state_dict())
+    ref = ReferenceNetwork(net.network, params=net.state_dict(), seed=5)  # same dropout
     rng = np.random.default_rng(1)
     x = _inputs(net, rng)
     targets = random_targets(net, rng)
@@ -50,10 +50,10 @@ def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
     got_input = net.backward()
     want_input = ref.backward()
     assert isinstance(got_input, np.ndarray) and isinstance(want_input, np.ndarray)
-    assert_close(got_input, want_input, 1e-9, "input gradient")
+    assert_close(got_input, want_input, 1e-9, "input gradient", atol=1e-13)
     assert set(net.grads) == set(ref.grads)
     for name, grad in ref.grads.items():
-        assert_close(net.grads[name], grad, 1e-9, f"gradient of {name}")
+        assert_close(net.grads[name], grad, 1e-9, f"gradient of {name}", atol=1e-13)
     for name, value in ref.params.items():  # running statistics after a training step
         assert_close(net.params[name].astype(np.float64), value.astype(np.float64), 1e-10, name)
 
@@ -119,19 +119,19 @@ def test_load_state_dict_refuses_a_mismatch_and_changes_nothing() -> None:
 
 
 def test_dropout_masks_follow_seed_and_step() -> None:
-    text = "input x: 50\nd = dropout(0.5)\nfc = dense(3)\noutput fc\n"
+    text = "input x: 2x25\nflatten\nd = dropout(0.5)\nfc = dense(3)\noutput fc\n"
     net = convdsl.compile(text, batch=2, warm=False)
-    x = np.ones((2, 50), np.float32)
+    x = np.ones((2, 2, 25), np.float32)
     first, again = net.forward(x, train=True, step=1), net.forward(x, train=True, step=1)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, net.forward(x, train=True, step=2))
     net.forward(x, train=False)
-    np.testing.assert_array_equal(net.activation("d"), x)
+    np.testing.assert_array_equal(net.activation("d"), x.reshape(2, 50))
 
 
 @pytest.mark.parametrize(("value", "message"), [
     (np.ones((2, 2, 6), np.float32), r"has 3 axes \(2, 2, 6\) but this network takes 4"),
-    (np.ones((2, 6, 6), np.float32), r"add the channel axis"),
+    (np.ones((2, 6, 6), np.float32), r"add the batch axis: x\[None\] for one example"),
     (np.ones((3, 2, 6, 6), np.float32), r"holds a batch of 3 but the network was compiled "
                                          r"for batch 2"),
     (np.ones((2, 3, 6, 6), np.float32), r"has shape \(2, 3, 6, 6\) but this network takes"),
@@ -144,6 +144,13 @@ def test_bad_input_gets_a_clear_error(value: object, message: str) -> None:
     net = convdsl.compile(TINY, batch=2, warm=False)
     with pytest.raises(RunError, match=message):
         net.forward(value)  # type: ignore[arg-type]
+
+
+def test_a_missing_channel_axis_is_named() -> None:
+    net = convdsl.compile("input x: 1x6x6\nflatten\nfc = dense(2)\noutput fc\n", batch=4,
+                          warm=False)
+    with pytest.raises(RunError, match=r"add the channel axis: x\[:, None\]"):
+        net.forward(np.ones((4, 6, 6), np.float32))
 
 
 def test_nan_checks_name_the_input_and_the_first_layer() -> None:

@@ -757,7 +757,7 @@ def test_arithmetic_evaluation():
         block b(planes, expansion=4) {
             x = conv(planes * expansion, 1)
             y = conv(planes * expansion / 2, 1)
-            z = conv((planes + 2) / 2 - 1, 1) -> leaky_relu(-planes / 8)
+            z = conv((planes + 2) / 2 - 1, 1) -> leaky_relu(-(-planes / 8))
         }
         input 1x8
         out = b(4)
@@ -766,7 +766,7 @@ def test_arithmetic_evaluation():
     assert net.shapes["out.x"] == (16, 8)
     assert net.shapes["out.y"] == (8, 8)
     assert net.shapes["out.z.0"] == (2, 8)
-    assert net.graph.layer("out.z.1").attrs.act.slope == -0.5
+    assert net.graph.layer("out.z.1").attrs.act.slope == 0.5
 
 
 @pytest.mark.parametrize(("call", "fragments"), [

@@ -31,14 +31,14 @@ def forward_expression(act: ActSpec | None, v: str) -> str:
     if kind is Activation.IDENTITY:
         return v
     if kind is Activation.RELU:
-        return f"({v} if {v} > 0.0 else 0.0)"
+        return f"(0.0 if {v} <= 0.0 else {v})"  # NaN stays NaN, as in PyTorch
     if kind is Activation.RELU6:
         return f"min(max({v}, 0.0), 6.0)"
     assert act is not None
     if kind is Activation.LEAKY_RELU:
-        return f"({v} if {v} > 0.0 else {act.slope!r} * {v})"
+        return f"({act.slope!r} * {v} if {v} <= 0.0 else {v})"
     if kind is Activation.ELU:
-        return f"({v} if {v} > 0.0 else {act.alpha!r} * math.expm1({v}))"
+        return f"({act.alpha!r} * math.expm1({v}) if {v} <= 0.0 else {v})"
     if kind is Activation.SIGMOID:
         return f"(1.0 / (1.0 + math.exp(-{v})))"
     if kind is Activation.TANH:

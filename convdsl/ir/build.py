@@ -618,11 +618,7 @@ def _shape_problem(dims: tuple[int, ...]) -> str | None:
 
 
 def _loss_weight(option: str, value: sig.Evaluated, span: Span | None) -> float:
-    weight = sig.number(option, value, span)
-    if weight < 0:
-        raise ConvDslError.single(f"invalid value '{value}' for 'weight': expected a number "
-                                  "of at least 0", span)
-    return weight
+    return sig.non_negative_number(option, value, span)
 
 
 def _declared_name(statement: ast.Statement) -> tuple[str | None, Span | None]:

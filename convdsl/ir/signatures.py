@@ -87,9 +87,11 @@ def positive_number(option: str, value: Evaluated, span: Span | None) -> float:
     return float(value)
 
 
-def number(option: str, value: Evaluated, span: Span | None) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(option, value, "a number", span)
+def non_negative_number(option: str, value: Evaluated, span: Span | None) -> float:
+    # A negative leaky slope would make the activation non-monotonic, and its
+    # derivative could no longer be read off its output, which the kernels do.
+    if not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+        raise _fail(option, value, "a number of at least 0", span)
     return float(value)
 
 
@@ -243,7 +245,7 @@ for _act in Activation:
     _options: dict[str, Converter] = {}
     _positional: tuple[str, ...] = ()
     if _act is Activation.LEAKY_RELU:
-        _options, _positional = {"slope": number}, ("slope",)
+        _options, _positional = {"slope": non_negative_number}, ("slope",)
     elif _act is Activation.ELU:
         _options, _positional = {"alpha": positive_number}, ("alpha",)
     SIGNATURES[_act.value] = Signature(Op.ACTIVATION, _positional, _options)

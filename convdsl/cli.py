@@ -90,6 +90,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import time
 
+    from convdsl.codegen import cache
     from convdsl.report.kernels import DUMPS, emit, kernel_sources, plan_lines
     from convdsl.runtime.executor import CompiledNetwork
 
@@ -119,7 +120,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if "plan" in dumps:
         for name, kernel in compiled.kernels.items():
             for spec in kernel.specs:
-                print(f"{name}: k_{spec.key} {spec.canonical()}")
+                print(f"{name}: {cache.source_path(spec).name} {spec.canonical()}")
     kernels = kernel_sources(compiled)
     print(f"{net.name}: {len(compiled.kernels)} layers, {len(kernels)} distinct kernels, "
           f"batch {args.batch}, {args.dtype}")

@@ -2,7 +2,7 @@
 
 Numba can cache machine code only for functions defined in a real file (not
 for `exec` of a string), so each rendered kernel is written to
-`<cache>/kernels/k_<hash>.py` and imported; `@njit(cache=True)` then keeps the
+`<cache>/kernels/k_<hash of its source>.py` and imported; `@njit(cache=True)` then keeps the
 machine code in `__pycache__` beside it. A file is written once, atomically
 (temporary file, then rename), so concurrent processes never read half a
 kernel and the file's timestamp, which Numba checks, stays put.
@@ -10,6 +10,7 @@ kernel and the file's timestamp, which Numba checks, stays put.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -55,7 +56,10 @@ def render(spec: KernelSpec) -> str:
 
 
 def source_path(spec: KernelSpec) -> Path:
-    return cache_dir() / "kernels" / f"k_{spec.key}.py"
+    """The file of the kernel, named by a hash of its source: a change to a template
+    gives new files, so a stale kernel is never loaded."""
+    digest = hashlib.sha256(render(spec).encode()).hexdigest()[:24]
+    return cache_dir() / "kernels" / f"k_{digest}.py"
 
 
 def load(spec: KernelSpec) -> ModuleType:
@@ -65,7 +69,7 @@ def load(spec: KernelSpec) -> ModuleType:
     path = source_path(spec)
     if not path.exists():
         _write_atomically(path, render(spec))
-    name = f"convdsl_kernels.k_{spec.key}"
+    name = f"convdsl_kernels.{path.stem}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)

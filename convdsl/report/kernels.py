@@ -26,11 +26,12 @@ def plan_lines(net: CompiledNetwork) -> list[str]:
 
 
 def kernel_sources(net: CompiledNetwork) -> dict[str, Path]:
-    """Every distinct kernel's source file in the cache, by spec hash."""
+    """Every distinct kernel's source file in the cache, by file name."""
     files: dict[str, Path] = {}
     for kernel in net.kernels.values():
         for spec in kernel.specs:
-            files[spec.key] = cache.source_path(spec)
+            path = cache.source_path(spec)
+            files[path.name] = path
     return files
 
 
@@ -38,12 +39,12 @@ def emit(net: CompiledNetwork, directory: Path) -> list[Path]:
     """Copy the generated source into `directory`, with an index of which layer uses which."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for key, path in kernel_sources(net).items():
-        target = directory / f"k_{key}.py"
+    for file_name, path in kernel_sources(net).items():
+        target = directory / file_name
         shutil.copyfile(path, target)
         written.append(target)
     index = directory / "kernels.txt"
-    lines = [f"{name}: {' '.join(f'k_{spec.key}.py' for spec in kernel.specs)}"
+    lines = [f"{name}: {' '.join(cache.source_path(spec).name for spec in kernel.specs)}"
              for name, kernel in net.kernels.items()]
     index.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [*written, index]

@@ -12,11 +12,12 @@ this file only picks the algorithm, describes the layer as a spec, allocates buf
 calls the driver. A filter layer is a depthwise convolution (groups = channels) with
 its fixed kernel as weight and no weight or bias gradient.
 
-Threads: the jitted kernels run on Numba's OpenMP threads, the matrix products on
-OpenBLAS's, and both pools spin for a while after their work. On 2 cores the kernels
-between two matrix products (im2col, epilogues) then ran 1.5x slower, and a GEMM layer's
-forward took 48 ms instead of 33 ms, unless the process sets OMP_WAIT_POLICY=passive
-before Numba starts its threads (measured on a ResNet 64->64 3x3 layer, batch 32).
+Threads: the jitted kernels run on Numba's thread pool, the matrix products on
+OpenBLAS's, the FFTs on a small pool of Python threads (conv_fft.in_threads). A pool
+that spins after its work steals the cores from the next one: with Numba's OpenMP
+layer, a GEMM layer's forward took 48 ms instead of 33 ms (ResNet 64->64 3x3, batch
+32, 2 cores) unless OMP_WAIT_POLICY=passive; convdsl.codegen.cache now selects Numba's
+workqueue pool, which sleeps.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
 
 # Bumped whenever the generated convolution code changes in a way its spec does not
 # show, so that kernels cached by an older convdsl are never reused.
-REVISION = 8
+REVISION = 9
 
 # The "auto" rule's thresholds (see choose_algorithm), set from float32 timings of the
 # three algorithms on 2 cores (LeNet, ResNet-CIFAR and 1-D layers, batch 16-64).

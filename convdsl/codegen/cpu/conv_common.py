@@ -158,6 +158,10 @@ def valid_range(code: Code, g: Geometry, axis: int, k: str = "k") -> str:
         return f"range({g.out[axis]})"
     s, d, (p, _) = g.stride[axis], g.dilation[axis], g.pads[axis]
     n, q_count = g.sizes[axis], g.out[axis]
+    if s == 1:  # p - k*d <= q < n + p - k*d
+        code.line(f"lo{axis} = max(0, {affine([(str(p), 1), (f'{k}{axis}', -d)])})")
+        code.line(f"hi{axis} = min({q_count}, {affine([(str(n + p), 1), (f'{k}{axis}', -d)])})")
+        return f"range(lo{axis}, hi{axis})"
     # q >= ceil((p - k*d) / s) and q <= floor((n - 1 + p - k*d) / s)
     code.line(f"lo{axis} = max(0, -(({affine([(f'{k}{axis}', d)], -p)}) // {s}))")
     code.line(f"hi{axis} = min({q_count}, ({affine([(str(n - 1 + p), 1), (f'{k}{axis}', -d)])})"

@@ -57,7 +57,8 @@ def in_threads(transform: Callable[..., Any], a: np.ndarray, out: np.ndarray,
                **options: Any) -> None:
     """transform(a, out=out, **options), the leading axis (batch or output channels)
     split across Numba's thread count: numpy's FFTs run on one thread each and release
-    the GIL, so the parts run side by side (measured: 1.6x on 2 busy cores)."""
+    the GIL, so the parts run side by side (measured: 1.6x on 2 busy cores). Only numpy
+    runs on these threads: Numba's workqueue pool must not be entered from two threads."""
     parts = min(numba.get_num_threads(), a.shape[0])
     if parts <= 1:
         transform(a, out=out, **options)

@@ -35,10 +35,6 @@ from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, bui
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
 
-# Bumped whenever the generated convolution code changes in a way its spec does not
-# show, so that kernels cached by an older convdsl are never reused.
-REVISION = 9
-
 # The "auto" rule's thresholds (see choose_algorithm), set from float32 timings of the
 # three algorithms on 2 cores (LeNet, ResNet-CIFAR and 1-D layers, batch 16-64).
 FFT_MIN_WINDOW = 64  # window positions from which FFT wins at stride 1
@@ -118,7 +114,7 @@ def conv_spec(setup: LayerSetup, algorithm: str) -> KernelSpec:
         f"conv_{algorithm}", setup.dtype, (setup.batched_inputs[0], weight,
                                            setup.batched_output),
         groups=groups, stride=window.stride, dilation=window.dilation, pads=window.pads,
-        flip=attrs.flip, bias=bias, weight_grad=weight_grad, revision=REVISION,
+        flip=attrs.flip, bias=bias, weight_grad=weight_grad,
         **act_options(act), **extra)
 
 

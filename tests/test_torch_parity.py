@@ -131,7 +131,7 @@ def as_float32_values(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32).astype(np.float64)
 
 
-def test_arrays(network: Network, seed: int) -> dict[str, np.ndarray]:
+def seeded_arrays(network: Network, seed: int) -> dict[str, np.ndarray]:
     """Seeded weights, with every batch-norm array randomised (never 0 or 1)."""
     rng = np.random.default_rng(seed)
     arrays = init_params(network, seed=seed)
@@ -178,7 +178,7 @@ def problem(case: Case) -> Problem:
     network = case.load()
     rng = np.random.default_rng(sum(map(ord, case.id)))
     x = random_array(rng, (case.batch, *network.input_shape), 2.0)
-    return Problem(case, network, test_arrays(network, seed=int(rng.integers(1 << 30))), x,
+    return Problem(case, network, seeded_arrays(network, seed=int(rng.integers(1 << 30))), x,
                    random_targets(network, rng, case.batch))
 
 
@@ -334,7 +334,7 @@ def bridge_run(network: Network, x: np.ndarray, grad: np.ndarray | None = None,
                train: bool = False) -> tuple[np.ndarray, np.ndarray | None, TorchNetwork]:
     """y and, given the output gradient, the input gradient, from the bridge (float64)."""
     net = TorchNetwork(network)
-    net.load_arrays(test_arrays(network, seed=1))
+    net.load_arrays(seeded_arrays(network, seed=1))
     inputs = torch.from_numpy(x).requires_grad_()
     y = net(inputs, train=train, seed=SEED, step=STEP)["y"]
     if grad is None:
@@ -521,7 +521,7 @@ def test_bridge_batch_norm_follows_the_contract(shape: str) -> None:
     x = feed.reshape(4, *network.shapes["y"])
     axes = (0, *range(2, x.ndim))
     y, _, net = bridge_run(network, feed, train=True)
-    start = test_arrays(network, seed=1)
+    start = seeded_arrays(network, seed=1)
     mean, var = x.mean(axis=axes), x.var(axis=axes)
     count = x.size // x.shape[1]
     view = (1, -1, *([1] * (x.ndim - 2)))
@@ -570,7 +570,7 @@ def test_bridge_loss_matches_runtime_losses(shape: str, chain: str, loss: str) -
     x = batch_of(network, rng, 3)
     targets = random_targets(network, rng, 3)
     net = TorchNetwork(network)
-    net.load_arrays(test_arrays(network, seed=1))
+    net.load_arrays(seeded_arrays(network, seed=1))
     values = net(torch.from_numpy(x))
     layer = network.graph.layer(name)
     before_softmax = values[layer.inputs[0]] if layer.op is Op.ACTIVATION else None
@@ -618,12 +618,12 @@ def test_bridge_shapes_agree_with_the_shape_pass(path: Path) -> None:
     assert shapes == network.shapes
 
 
-@pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("case", case_params(CASES))
-def test_bridge_float32_is_within_the_tolerances(case: Case, train: bool) -> None:
-    """A correct float32 computation (PyTorch's) meets the float32 tolerances used below."""
+def test_bridge_float32_is_within_the_tolerances(case: Case) -> None:
+    """A correct float32 computation (PyTorch's) meets the float32 tolerances used below
+    (in training, where batch norm's batch statistics make it hardest)."""
     p = problem(case)
-    assert_same(torch_step(p, train, torch.float32), expected_step(case, train), "float32",
+    assert_same(torch_step(p, True, torch.float32), expected_step(case, True), "float32",
                 every_layer(p.network), label=f"PyTorch float32 {case.id}")
 
 

@@ -602,7 +602,7 @@ def test_bridge_loss_weights_auxiliary_outputs() -> None:
     assert weights == {"out": 1.0, "side.2": 0.3, "spread_head.1": 0.5}
     each = {o.name: output_loss(p.network, o.name, o.loss, values[o.name],
                                 p.targets[o.name]).item() for o in p.network.outputs}
-    total = float(torch_loss(p.network, values, p.targets))
+    total = torch_loss(p.network, values, p.targets).item()
     assert total == pytest.approx(sum(weights[n] * each[n] for n in each), rel=1e-12)
 
 

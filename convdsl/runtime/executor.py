@@ -148,8 +148,12 @@ class CompiledNetwork:
                 losses.check_targets(output.loss, value, target, output.name)
             except ValueError as exc:
                 raise RunError(str(exc)) from None
-            result = losses.evaluate(output.loss, value, target, self._ends_in_softmax(
-                output.name))
+            layer = self.network.graph.layer(output.name)
+            softmax = layer.act is not None and layer.act.kind is Activation.SOFTMAX
+            # The gradient may skip the softmax only if nothing else reads its output.
+            feeds_others = bool(self.network.graph.consumers(output.name))
+            result = losses.evaluate(output.loss, value, target, softmax,
+                                     grad_at_logits=not feeds_others)
             total += output.weight * result.value
             self._loss_grads[output.name] = (output.weight * result.grad).astype(self.dtype)
             if result.through_softmax:
@@ -171,12 +175,6 @@ class CompiledNetwork:
                            f"({', '.join(with_loss)}), so one target array is ambiguous",
                            "pass a dict of targets by output name")
         return {with_loss[0]: targets}
-
-    def _ends_in_softmax(self, name: str) -> bool:
-        """Cross-entropy may skip this output's softmax (see runtime/losses.py)."""
-        act = self.network.graph.layer(name).act
-        feeds_others = bool(self.network.graph.consumers(name))
-        return act is not None and act.kind is Activation.SOFTMAX and not feeds_others
 
     # --- backward ---------------------------------------------------------
 

@@ -7,9 +7,11 @@ included with their weights.
 
 Cross-entropy reads its output as logits (log-softmax, then the negative log
 likelihood of the true class), unless the output layer ends in a softmax: then
-the output already holds probabilities and the loss is -log p[true class]. Its
-gradient is taken with respect to the logits before that softmax, which is
-exact and never divides by a vanishing probability.
+the output already holds probabilities and the loss is -log p[true class]
+(PyTorch's NLLLoss of log p, not CrossEntropyLoss of p, which would apply a
+second softmax). When no other layer reads that output, its gradient is taken
+with respect to the logits before the softmax (p - onehot), which is exact and
+never divides by a vanishing probability; otherwise with respect to p.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def check_targets(loss: Loss, output: np.ndarray, targets: np.ndarray, name: str
                          f"error needs the output's shape {output.shape}")
 
 
-def cross_entropy(output: np.ndarray, targets: np.ndarray, probabilities: bool) -> LossValue:
-    """Mean cross-entropy; `probabilities` says the output is already a softmax."""
+def cross_entropy(output: np.ndarray, targets: np.ndarray, probabilities: bool,
+                  grad_at_logits: bool = True) -> LossValue:
+    """Mean cross-entropy; `probabilities` says the output is already a softmax.
+    For such an output, `grad_at_logits=False` gives the gradient with respect to the
+    probabilities themselves (-1/(p count) at the true class), for an output that other
+    layers also read, so that its softmax's backward must run."""
     count = targets.size
     picked = np.expand_dims(targets, 1)
     if probabilities:
@@ -64,6 +70,11 @@ def cross_entropy(output: np.ndarray, targets: np.ndarray, probabilities: bool) 
     else:
         log_sum = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         value = -(np.take_along_axis(shifted, picked, axis=1) - log_sum).sum() / count
+    if probabilities and not grad_at_logits:
+        grad = np.zeros_like(p)
+        tiny = np.finfo(output.dtype).tiny
+        np.put_along_axis(grad, picked, -1 / (np.maximum(p_true, tiny) * count), axis=1)
+        return LossValue(float(value), grad.astype(output.dtype))
     grad = p.copy()
     np.put_along_axis(grad, picked, p_true - 1, axis=1)
     grad /= count
@@ -76,10 +87,10 @@ def mean_squared_error(output: np.ndarray, targets: np.ndarray) -> LossValue:
 
 
 def evaluate(loss: Loss, output: np.ndarray, targets: np.ndarray,
-             softmax_output: bool) -> LossValue:
+             softmax_output: bool, grad_at_logits: bool = True) -> LossValue:
     """The loss of one output and its gradient (zero for loss=none)."""
     if loss is Loss.CROSS_ENTROPY:
-        return cross_entropy(output, targets, probabilities=softmax_output)
+        return cross_entropy(output, targets, softmax_output, grad_at_logits)
     if loss is Loss.MSE:
         return mean_squared_error(output, targets)
     return LossValue(0.0, np.zeros_like(output))

@@ -104,8 +104,10 @@ CASES = [
     Case(SOFTMAX_FEEDS_ON, 3),
 ]
 CASE_BY_ID = {case.id: case for case in CASES}
-ALGORITHM_CASES = [CASE_BY_ID[stem] for stem in
-                   ("lenet5", "every_op_image", "every_op_signal", "every_op_volume")]
+# Every algorithm on every option is checked layer by layer against the reference
+# (tests/test_kernels_conv.py); here on whole networks, in float64, to keep CI's cold
+# compile short.
+ALGORITHM_CASES = [CASE_BY_ID[stem] for stem in ("lenet5", "every_op_image", "every_op_signal")]
 ALGORITHMS = ["direct", "gemm", "fft"]
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
 
@@ -754,7 +756,7 @@ def test_compiled_matches_torch(case: Case, train: bool, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64"])
 @pytest.mark.parametrize("case", case_params(ALGORITHM_CASES))
 def test_compiled_algorithm_matches_torch(case: Case, dtype: str, algo: str) -> None:
     p = problem(case)

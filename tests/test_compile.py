@@ -14,7 +14,9 @@ from kernel_harness import assert_close
 
 import convdsl
 from convdsl.cli import main
+from convdsl.codegen.layer import registered_ops
 from convdsl.errors import RunError
+from convdsl.ir.ops import Op
 from convdsl.runtime.gradcheck import random_targets
 from convdsl.runtime.reference import ReferenceNetwork
 
@@ -56,6 +58,11 @@ def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
         assert_close(net.grads[name], grad, 1e-9, f"gradient of {name}", atol=1e-13)
     for name, value in ref.params.items():  # running statistics after a training step
         assert_close(net.params[name].astype(np.float64), value.astype(np.float64), 1e-10, name)
+
+
+def test_every_op_but_input_has_cpu_kernels() -> None:
+    """The executor feeds inputs itself; every other op needs a registered builder."""
+    assert registered_ops() == set(Op) - {Op.INPUT}
 
 
 def test_float32_agrees_with_float64() -> None:

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class Network:
     windows: dict[str, Window]
     counts: dict[str, LayerCounts]
     warnings: tuple[Diagnostic, ...]
+    # The settings the file's `train` lines give, checked and converted; the
+    # defaults are not filled in (convdsl.ir.training.resolve does that).
+    training: dict[str, Any] = field(default_factory=dict)
 
     # --- the layers -------------------------------------------------------
 
@@ -124,6 +127,7 @@ class Network:
             "outputs": [{"name": o.name, "loss": o.loss.value, "weight": o.weight,
                          "aux": o.aux, "shape": list(self.shapes[o.name])}
                         for o in self.outputs],
+            "training": dict(self.training),
             "params": self.params,
             "params_without_aux": self.params_without_aux,
             "buffers": self.buffers,
@@ -167,7 +171,7 @@ def loads(text: str, filename: str = "<string>") -> Network:
     shapes, windows = infer_shapes(built.graph)
     counts = count_layers(built.graph, shapes, windows)
     return Network(built.graph.name, source, module, built.graph, shapes, windows, counts,
-                   tuple(built.warnings))
+                   tuple(built.warnings), dict(built.training))
 
 
 def read_source(path: str | Path) -> str:

@@ -236,6 +236,9 @@ class _ToSyntax(Transformer[Token, ast.Module]):
         aux, name, *options = children
         return ast.OutputStmt(aux, str(name), tuple(options), self._span(meta), self._tspan(name))
 
+    def train_stmt(self, meta: Any, children: list[ast.Arg]) -> ast.TrainStmt:
+        return ast.TrainStmt(tuple(children), self._span(meta))
+
     def param(self, meta: Any, children: list[Any]) -> ast.Param:
         return ast.Param(str(children[0]), children[1], self._span(meta))
 
@@ -330,6 +333,7 @@ _CLOSER_OF = {"(": ")", "[": "]", "{": "}"}
 _OPENER_OF = {")": "(", "]": "[", "}": "{"}
 _BRACKET_OR_COMMENT = re.compile(r"[()\[\]{}]|#[^\n]*")
 _KEY_BEFORE_EQUALS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f\r]*=$")
+_TRAIN_LINE = re.compile(r"[ \t\f\r]*train(?![A-Za-z0-9_])")
 
 
 def _describe_expected(names: set[str], inside_brackets: bool = False) -> str:
@@ -502,6 +506,11 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> ConvDslError:
     hint = f"expected {expected}" if expected else ""
     if text.startswith("//", start):
         hint = "comments start with '#'"
+    elif (token.type != "NAME" and {"NAME", "_NL"} <= accepts and not _in_brackets(text, open_at)
+          and _TRAIN_LINE.match(text, text.rfind("\n", 0, start) + 1)):
+        hint = ("'train' starts a line of training settings, so it cannot name a layer"
+                if token.type == "EQUAL"
+                else "write each setting as key=value, as in 'train epochs=20 lr=0.01'")
     elif token.type == "RBRACE" and "_NL" in accepts:
         hint = "put each '}' on a line of its own"
     elif token.type == "SLASH" and "RSQB" in accepts:

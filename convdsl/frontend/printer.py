@@ -85,8 +85,9 @@ def _format_statement(statement: ast.Statement, depth: int) -> list[str]:
         return _format_layer(statement, pad)
     if isinstance(statement, ast.OutputStmt):
         keyword = "aux" if statement.aux else "output"
-        options = "".join(f" {o.key}={format_value(o.value)}" for o in statement.options)
-        return [f"{pad}{keyword} {statement.name}{options}"]
+        return [f"{pad}{keyword} {statement.name}{_format_options(statement.options)}"]
+    if isinstance(statement, ast.TrainStmt):
+        return [f"{pad}train{_format_options(statement.options)}"]
     if isinstance(statement, ast.BlockDef):
         params = ", ".join(
             p.name if p.default is None else f"{p.name}={format_value(p.default)}"
@@ -98,6 +99,11 @@ def _format_statement(statement: ast.Statement, depth: int) -> list[str]:
     if statement.otherwise is not None:
         lines += [f"{pad}}} else {{", *_lines(statement.otherwise, depth + 1)]
     return [*lines, f"{pad}}}"]
+
+
+def _format_options(options: tuple[ast.Arg, ...]) -> str:
+    """` key=value` for each option of an output or train line."""
+    return "".join(f" {o.key}={format_value(o.value)}" for o in options)
 
 
 def _format_layer(statement: ast.LayerStmt, pad: str) -> list[str]:

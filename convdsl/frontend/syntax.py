@@ -137,6 +137,14 @@ class OutputStmt:
 
 
 @dataclass(frozen=True)
+class TrainStmt:
+    """Training settings (`train epochs=20 lr=0.01`), checked when the network is built."""
+
+    options: tuple[Arg, ...] = ()
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     default: Value | None = None
@@ -160,7 +168,7 @@ class IfStmt:
     condition_span: Span | None = _span()
 
 
-Statement = NetworkStmt | InputStmt | LayerStmt | OutputStmt | BlockDef | IfStmt
+Statement = NetworkStmt | InputStmt | LayerStmt | OutputStmt | TrainStmt | BlockDef | IfStmt
 
 
 @dataclass(frozen=True)

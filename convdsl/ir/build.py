@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from convdsl.errors import (
     ConvDslError,
@@ -24,6 +25,7 @@ from convdsl.errors import (
 )
 from convdsl.frontend import syntax as ast
 from convdsl.ir import signatures as sig
+from convdsl.ir import training
 from convdsl.ir.graph import Graph
 from convdsl.ir.ops import InputAttrs, Layer, Loss, Op, Output
 
@@ -78,6 +80,7 @@ class _Draft:
 class BuildResult:
     graph: Graph
     warnings: list[Diagnostic]
+    training: dict[str, Any] = field(default_factory=dict)  # the `train` lines' settings
 
 
 def build_graph(module: ast.Module, source: Source) -> BuildResult:
@@ -92,6 +95,8 @@ class _Builder:
         self.drafts: list[_Draft] = []
         self.outputs: list[tuple[ast.OutputStmt, Loss, float]] = []
         self.network_name: str | None = None
+        self.training: dict[str, Any] = {}
+        self.training_spans: dict[str, Span | None] = {}  # where each setting was given
         self.top = Scope("", {})
 
     # --- the whole module -------------------------------------------------
@@ -114,7 +119,7 @@ class _Builder:
         graph.connect()
         self._check_cycles(graph)
         graph.outputs = self._outputs(graph)
-        return BuildResult(graph, self._unused(graph))
+        return BuildResult(graph, self._unused(graph), self.training)
 
     def _collect_blocks(self) -> None:
         for statement in self.module.statements:
@@ -152,6 +157,8 @@ class _Builder:
                 current = self._input(statement, scope)
             elif isinstance(statement, ast.OutputStmt):
                 self._output(statement, scope)
+            elif isinstance(statement, ast.TrainStmt):
+                self._train(statement, scope)
             elif isinstance(statement, ast.NetworkStmt):
                 if self.network_name is not None:
                     raise ConvDslError.single("the network is named twice", statement.span)
@@ -239,6 +246,27 @@ class _Builder:
         values, _ = sig.bind(signature, keyword, arguments, statement.span)
         loss = Loss(values.get("loss", "cross_entropy"))
         self.outputs.append((statement, loss, values.get("weight", 1.0)))
+
+    def _train(self, statement: ast.TrainStmt, scope: Scope) -> None:
+        """Add one `train` line's settings. Several lines merge, but a setting may be
+        given only once, so that no line silently overrides another."""
+        if not statement.options:
+            raise ConvDslError.single(
+                "a 'train' line needs at least one setting", statement.span,
+                hint="write settings as key=value, as in 'train epochs=20 lr=0.01'")
+        for option in statement.options:
+            key = option.key or ""  # options always have a key; "" is never a setting
+            if key not in training.CONVERTERS:
+                raise _unknown_setting(key, option.span)
+            if key in self.training_spans:
+                raise ConvDslError.single(
+                    f"training setting '{key}' is given twice", option.span,
+                    notes=[_first_given_at(self.training_spans[key])],
+                    hint="give each setting once; a later 'train' line does not override "
+                    "an earlier one")
+            value = self._evaluate(option.value, scope)
+            self.training[key] = training.convert(key, value, option.span)
+            self.training_spans[key] = option.span
 
     # --- chains and calls -------------------------------------------------
 
@@ -621,6 +649,22 @@ def _loss_weight(option: str, value: sig.Evaluated, span: Span | None) -> float:
     return sig.non_negative_number(option, value, span)
 
 
+def _unknown_setting(key: str, span: Span | None) -> ConvDslError:
+    """The closest setting as the hint when there is one, and always the full list."""
+    settings = known_list("training settings", training.CONVERTERS)
+    close = did_you_mean(key, training.CONVERTERS)
+    if close is None:
+        return ConvDslError.single(f"unknown training setting '{key}'", span, hint=settings)
+    return ConvDslError.single(f"unknown training setting '{key}'", span, hint=close,
+                               notes=[settings])
+
+
+def _first_given_at(span: Span | None) -> str:
+    if span is None:
+        return "first given earlier"
+    return f"first given at {span.file}:{span.line}:{span.column}"
+
+
 def _declared_name(statement: ast.Statement) -> tuple[str | None, Span | None]:
     if isinstance(statement, ast.LayerStmt):
         return statement.name, statement.name_span
@@ -632,7 +676,8 @@ def _declared_name(statement: ast.Statement) -> tuple[str | None, Span | None]:
 def _keyword(statement: ast.Statement) -> str:
     if isinstance(statement, ast.OutputStmt):
         return "aux" if statement.aux else "output"
-    return {ast.InputStmt: "input", ast.NetworkStmt: "network"}.get(type(statement), "statement")
+    return {ast.InputStmt: "input", ast.NetworkStmt: "network",
+            ast.TrainStmt: "train"}.get(type(statement), "statement")
 
 
 def _first_at(span: Span | None) -> str:

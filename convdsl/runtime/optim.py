@@ -1,0 +1,231 @@
+"""Optimizers and learning-rate schedules for `convdsl train`, as PyTorch defines them.
+
+    optimizer = make_optimizer(settings, net.grads)      # the trained arrays only
+    schedule = Schedule(settings, steps_per_epoch)
+    for epoch in range(settings.epochs):
+        for index, batch in enumerate(batches):
+            net.forward(x[batch], train=True)
+            net.loss(y[batch])
+            net.backward()
+            optimizer.step(net.params, net.grads, schedule.lr(epoch, index))
+
+The updates are torch.optim's, operation for operation, so that a network trained
+here follows the same path as the same network trained by PyTorch:
+
+- SGD: g = grad + weight_decay * w; with momentum, b = g on the first step and
+  b = momentum * b + g after it (no dampening); Nesterov steps along g + momentum * b,
+  plain momentum along b; then w -= lr * step.
+- Adam: g = grad + weight_decay * w (L2 in the gradient); m and v are running means
+  of g and g*g; w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+- AdamW: Adam without the L2 term; instead w *= 1 - lr * weight_decay first
+  (decoupled weight decay, Loshchilov and Hutter 2019).
+
+An optimizer's state (momentum buffers, moment estimates and the step count) is a
+flat dict of arrays, "momentum/c1.weight" and "step", so a checkpoint can store it
+beside the weights as it is, and training resumed from it continues bit for bit.
+
+A schedule gives the learning rate of a step from its position alone (epoch and
+batch), so a resumed run needs no scheduler state: a linear warm-up per step, then
+a constant rate, a step decay or a cosine, per epoch (PyTorch's LinearLR, StepLR and
+CosineAnnealingLR stepped once per epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from convdsl.errors import RunError
+from convdsl.ir.training import OPTIMIZERS, SCHEDULES, TrainSettings
+
+Arrays = Mapping[str, np.ndarray]
+STEP = "step"  # the state entry holding the number of steps taken
+
+
+class Optimizer(ABC):
+    """Updates the trained parameters in place from their gradients, one step at a time.
+
+    It knows the parameters by name and shape (from the arrays it was made with) and
+    keeps, per parameter, one array for each kind of buffer the method needs."""
+
+    def __init__(self, params: Arrays, kinds: tuple[str, ...]) -> None:
+        """`kinds`: the buffers each parameter needs, e.g. ("momentum",)."""
+        self.steps = 0
+        self.names = list(params)
+        # Buffers have their parameter's dtype, so float32 training stays float32.
+        self.buffers: dict[str, dict[str, np.ndarray]] = {
+            kind: {name: np.zeros_like(params[name]) for name in self.names}
+            for kind in kinds}
+
+    def step(self, params: Mapping[str, np.ndarray], grads: Arrays, lr: float) -> None:
+        """One update of params[name], in place, for every name in grads (which must be
+        the optimizer's parameters, all of them: the step count is shared)."""
+        self._check_names(grads)
+        for name, grad in grads.items():
+            self._update(name, params[name], grad, float(lr))
+        self.steps += 1
+
+    @abstractmethod
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """Update one parameter; `self.steps` is the number of steps before this one."""
+
+    def _check_names(self, grads: Arrays) -> None:
+        unknown = [name for name in grads if name not in self.names]
+        missing = [name for name in self.names if name not in grads]
+        if unknown or missing:
+            raise RunError(
+                "the gradients do not match the optimizer's parameters"
+                + (f"; unknown: {_some(unknown)}" if unknown else "")
+                + (f"; missing: {_some(missing)}" if missing else ""),
+                "make the optimizer from the network's trained parameters (net.grads)")
+
+    # --- state, for checkpoints --------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the step count and every buffer, by flat name ("momentum/c1.weight")."""
+        state = {STEP: np.array(self.steps, dtype=np.int64)}
+        for kind, arrays in self.buffers.items():
+            for name, array in arrays.items():
+                state[f"{kind}/{name}"] = array.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from a saved state; nothing changes unless all of it fits."""
+        expected = {STEP: ()} | {f"{kind}/{name}": array.shape
+                                 for kind, arrays in self.buffers.items()
+                                 for name, array in arrays.items()}
+        missing = [key for key in expected if key not in state]
+        unknown = [key for key in state if key not in expected]
+        if missing or unknown:
+            raise RunError(
+                f"the optimizer state does not fit this {type(self).__name__} optimizer"
+                + (f"; missing: {_some(missing)}" if missing else "")
+                + (f"; unexpected: {_some(unknown)}" if unknown else ""),
+                "was it saved for another network, or with another optimizer or momentum?")
+        values = {key: np.asarray(state[key]) for key in expected}
+        for key, shape in expected.items():
+            value = values[key]
+            if value.shape != shape:
+                raise RunError(f"optimizer state '{key}' has shape {value.shape}, "
+                               f"expected {shape}", "was it saved for another network?")
+            if key != STEP and value.dtype.kind != "f":
+                raise RunError(f"optimizer state '{key}' holds {value.dtype} values, "
+                               "expected floating-point numbers")
+        steps = values[STEP]
+        if steps.dtype.kind not in "iu" or int(steps) < 0:
+            raise RunError(f"optimizer state '{STEP}' is {steps.tolist()!r}, "
+                           "expected a whole number of at least 0")
+        for kind, arrays in self.buffers.items():
+            for name, array in arrays.items():  # into the buffers: their dtype stays
+                np.copyto(array, values[f"{kind}/{name}"], casting="unsafe")
+        self.steps = int(steps)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay."""
+
+    def __init__(self, params: Arrays, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, ("momentum",) if momentum else ())
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        direction = grad + self.weight_decay * param if self.weight_decay else grad
+        if self.momentum:
+            buffer = self.buffers["momentum"][name]
+            if self.steps == 0:
+                buffer[...] = direction  # PyTorch starts the buffer at the first gradient
+            else:
+                buffer *= self.momentum
+                buffer += direction
+            direction = direction + self.momentum * buffer if self.nesterov else buffer
+        param -= lr * direction
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba 2015) with L2 weight decay, or AdamW's decoupled decay."""
+
+    def __init__(self, params: Arrays, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled: bool = False) -> None:
+        super().__init__(params, ("exp_avg", "exp_avg_sq"))  # PyTorch's names for m and v
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.decoupled = decoupled
+
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        if self.weight_decay and self.decoupled:
+            param *= 1 - lr * self.weight_decay
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * param
+        m = self.buffers["exp_avg"][name]
+        v = self.buffers["exp_avg_sq"][name]
+        m += (1 - self.beta1) * (grad - m)  # beta1 m + (1 - beta1) g, as PyTorch's lerp
+        v *= self.beta2
+        v += (1 - self.beta2) * grad * grad
+        t = self.steps + 1
+        # The bias corrections undo the zero start of m and v; the operations are in
+        # PyTorch's order, so that float64 results agree to the last few bits.
+        step_size = lr / (1 - self.beta1 ** t)
+        denominator = np.sqrt(v) / (1 - self.beta2 ** t) ** 0.5 + self.eps
+        param -= step_size * m / denominator
+
+
+def make_optimizer(settings: TrainSettings, params: Arrays) -> Optimizer:
+    """The optimizer the settings name, for these (trained) parameters."""
+    if settings.optimizer == "sgd":
+        if settings.nesterov and not settings.momentum:
+            raise RunError("Nesterov momentum needs a momentum above 0",
+                           "set momentum (0.9 is usual), or nesterov=false")
+        return SGD(params, settings.momentum, settings.nesterov, settings.weight_decay)
+    if settings.optimizer in ("adam", "adamw"):
+        return Adam(params, settings.beta1, settings.beta2, settings.eps,
+                    settings.weight_decay, decoupled=settings.optimizer == "adamw")
+    raise RunError(f"unknown optimizer '{settings.optimizer}'",
+                   f"choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Schedule:
+    """The learning rate of every step of a run, from its position alone."""
+
+    def __init__(self, settings: TrainSettings, steps_per_epoch: int) -> None:
+        if steps_per_epoch < 1:
+            raise RunError(f"a schedule needs at least 1 step per epoch, not {steps_per_epoch}")
+        if settings.schedule not in SCHEDULES:
+            raise RunError(f"unknown schedule '{settings.schedule}'",
+                           f"choose one of {', '.join(SCHEDULES)}")
+        if settings.warmup > settings.epochs:
+            raise RunError(f"the warm-up ({settings.warmup} epochs) is longer than the "
+                           f"training ({settings.epochs} epochs)",
+                           "lower warmup, or train for more epochs")
+        self.settings = settings
+        self.steps_per_epoch = steps_per_epoch
+
+    def lr(self, epoch: int, batch_index: int) -> float:
+        """The rate for batch `batch_index` (from 0) of epoch `epoch` (from 0)."""
+        s = self.settings
+        if not (0 <= epoch < s.epochs and 0 <= batch_index < self.steps_per_epoch):
+            raise RunError(f"no learning rate for epoch {epoch}, batch {batch_index}: the "
+                           f"schedule has {s.epochs} epochs of {self.steps_per_epoch} steps")
+        warmup_steps = s.warmup * self.steps_per_epoch
+        step = epoch * self.steps_per_epoch + batch_index
+        if step < warmup_steps:  # linear, from lr / warmup_steps up to lr
+            return s.lr * (step + 1) / warmup_steps
+        e, total = epoch - s.warmup, s.epochs - s.warmup  # epochs after the warm-up
+        if s.schedule == "step":
+            return s.lr * s.gamma ** (e // s.step_size)
+        if s.schedule == "cosine":
+            return s.min_lr + (s.lr - s.min_lr) * (1 + math.cos(math.pi * e / total)) / 2
+        return s.lr
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 an error in the user's input, 2 a usage error,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 from convdsl.errors import ConvDslError, Diagnostic, RunError
 from convdsl.frontend.parser import parse
 from convdsl.frontend.printer import format_module
+from convdsl.ir import training
+from convdsl.ir.training import TrainSettings
 from convdsl.network import Network, load, read_source
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -153,6 +156,93 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return EXIT_USER_ERROR if failed else EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from convdsl.runtime import runs
+
+    net = _load(args.file)
+    out = Path(args.out) if args.out else Path("runs") / net.name
+    overrides = {name: getattr(args, name) for name in SETTING_NAMES
+                 if getattr(args, name) is not None}
+    trainer = runs.prepare(net, args.file, args.data, overrides, out, args.resume, args.algo,
+                           progress=False if args.no_progress else None)
+    runs.compile_for_run(trainer)
+    from convdsl.runtime.training import Interrupted
+
+    try:
+        history = trainer.train()
+    except Interrupted:
+        print(f"interrupted: saved the run at epoch {trainer.position.epoch + 1}, batch "
+              f"{trainer.position.batch} in '{out}'; continue with --resume", file=sys.stderr)
+        return 130
+    last = history[-1] if history else None
+    if last is not None:
+        print(f"done: {len(history)} epochs in '{out}'"
+              + (f", validation accuracy {last['val_accuracy']:.2%}"
+                 if last.get("val_accuracy") is not None else ""))
+    return EXIT_OK
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from convdsl.runtime import data as datasets
+    from convdsl.runtime import runs
+    from convdsl.runtime.evaluation import classes_of, score
+
+    net = _load(args.file)
+    weights = Path(args.weights)
+    settings = runs.weights_settings(weights, net)
+    compiled = runs.load_weights(net, weights, args.batch or settings.batch, settings.dtype)
+    data = datasets.fit_to_network(datasets.load_data(args.data), net.input_shape,
+                                   classes_of(net), settings.dtype)
+    if data.x_test is not None and data.y_test is not None and not args.all:
+        x, y, part = data.x_test, data.y_test, "test split"
+    else:
+        x, y, part = data.x, data.y, "all examples"
+    scores = score(compiled, x, y)
+    if args.json:
+        print(runs.scores_json(scores))
+    else:
+        print(runs.test_report(scores, f"{net.name} on {args.data} ({part})"))
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from convdsl.runtime import runs
+    from convdsl.runtime.evaluation import main_scores, probabilities
+
+    net = _load(args.file)
+    weights = Path(args.weights)
+    settings = runs.weights_settings(weights, net)
+    x = runs.read_inputs(Path(args.input), net.input_shape, settings.dtype)
+    compiled = runs.load_weights(net, weights, args.batch or min(settings.batch, len(x)),
+                                 settings.dtype)
+    probs = probabilities(net, main_scores(compiled, x))
+    if args.output:
+        np.save(args.output, probs)
+        print(f"wrote {probs.shape[0]} x {probs.shape[1]} probabilities to {args.output}")
+        return EXIT_OK
+    for index, row in enumerate(probs):
+        best = np.argsort(row)[::-1][:args.top]
+        ranked = ", ".join(f"{c}: {row[c]:.4f}" for c in best)
+        print(f"{index}: class {best[0]}  ({ranked})")
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from convdsl.report import curves
+    from convdsl.runtime.training import RunFolder, read_metrics
+
+    folder = Path(args.folder)
+    rows = read_metrics(folder)
+    if not rows:
+        raise RunError(f"'{folder}' holds no finished epoch yet")
+    path = Path(args.output) if args.output else RunFolder(folder).curves
+    curves.draw(rows, path, title=str(folder.name))
+    print(path)
+    return EXIT_OK
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.fmt-tmp")
     with open(temporary, "w", encoding="utf-8", newline="") as handle:
@@ -210,7 +300,93 @@ def build_parser() -> argparse.ArgumentParser:
                              help="entries checked per array (default 12)")
     check_grads.add_argument("--seed", type=int, default=0)
     check_grads.set_defaults(run=cmd_gradcheck)
+
+    train = commands.add_parser(
+        "train", help="train on a data set; checkpoints, metrics and curves in --out",
+        description="Train a network. Settings come from the file's train lines, then "
+        "these options.")
+    train.add_argument("file", metavar="FILE")
+    train.add_argument("--data", metavar="SOURCE",
+                       help="digits, mnist1d, a .npz file (x, y, optional x_test, y_test), "
+                       "or MNIST-style IDX files (a folder, or the images file)")
+    train.add_argument("--out", metavar="DIR", help="the run's folder (default runs/NAME)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint")
+    train.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+                       help="convolution algorithm for every layer, overriding the file")
+    train.add_argument("--no-progress", action="store_true",
+                       help="plain log lines even on a terminal")
+    _add_setting_options(train)
+    train.set_defaults(run=cmd_train)
+
+    test = commands.add_parser("test", help="accuracy, accuracy per class and confusion matrix")
+    test.add_argument("file", metavar="FILE")
+    test.add_argument("--weights", required=True, metavar="RUN",
+                      help="a run folder, or a .npz checkpoint or weights file")
+    test.add_argument("--data", required=True, metavar="SOURCE")
+    test.add_argument("--all", action="store_true",
+                      help="score every example, not only the source's test split")
+    test.add_argument("--batch", type=_positive, metavar="N",
+                      help="batch size (default: the run's)")
+    test.add_argument("--json", action="store_true", help="one JSON object")
+    test.set_defaults(run=cmd_test)
+
+    predict = commands.add_parser("predict", help="class probabilities for inputs in a .npy")
+    predict.add_argument("file", metavar="FILE")
+    predict.add_argument("input", metavar="INPUT.npy",
+                         help="one example, or a batch of them, as the network's input")
+    predict.add_argument("--weights", required=True, metavar="RUN")
+    predict.add_argument("--top", type=_positive, default=3, metavar="K",
+                         help="classes shown per example (default 3)")
+    predict.add_argument("--output", metavar="OUT.npy", help="save every probability")
+    predict.add_argument("--batch", type=_positive, metavar="N")
+    predict.set_defaults(run=cmd_predict)
+
+    plot = commands.add_parser("plot", help="redraw a run's loss and accuracy curves")
+    plot.add_argument("folder", metavar="RUN")
+    plot.add_argument("-o", "--output", metavar="OUT.png",
+                      help="where to draw (default RUN/curves.png)")
+    plot.set_defaults(run=cmd_plot)
     return parser
+
+
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainSettings))
+
+
+def _add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """One option per training setting, checked as a train line in a file is."""
+    group = parser.add_argument_group("training settings (override the file's train lines)")
+    defaults = TrainSettings()
+    for name in SETTING_NAMES:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"(default {'yes' if default else 'no'})")
+        else:
+            group.add_argument(flag, dest=name, type=_setting(name), default=None,
+                               metavar=type(default).__name__.upper(),
+                               help=f"(default {default})")
+
+
+def _setting(name: str) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        value: int | float | str
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = text
+        try:
+            return training.convert(name, value)
+        except ConvDslError as exc:
+            diagnostic = exc.diagnostics[0]
+            hint = f" ({diagnostic.hint})" if diagnostic.hint else ""
+            raise argparse.ArgumentTypeError(diagnostic.message + hint) from None
+
+    return convert
 
 
 def _positive(text: str) -> int:

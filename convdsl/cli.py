@@ -179,6 +179,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {len(history)} epochs in '{out}'"
               + (f", validation accuracy {last['val_accuracy']:.2%}"
                  if last.get("val_accuracy") is not None else ""))
+    if trainer.x_test is not None and trainer.y_test is not None:
+        from convdsl.runtime.evaluation import score
+
+        tested = score(trainer.net, trainer.x_test, trainer.y_test)
+        source = trainer.config["data"]
+        print(f"test split: {len(tested.labels):,} examples, accuracy {tested.accuracy:.2%} "
+              f"(details: convdsl test {args.file} --weights {out} --data {source})")
     return EXIT_OK
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # statement, so a layer statement can neither be named after one nor start with
 # a call of one; elsewhere (values, option and parameter names, after "->")
 # the grammar reads them as ordinary names. `else` is special only after '}'.
-STATEMENT_KEYWORDS = ("network", "input", "block", "output", "aux", "if")
+STATEMENT_KEYWORDS = ("network", "input", "block", "output", "aux", "train", "if")
 RESERVED = (*STATEMENT_KEYWORDS, "else")
 
 

@@ -326,3 +326,15 @@ def test_unzip_of_a_checkpoint_shows_plain_arrays(tiny: Path, data: Path,
         names = archive.namelist()
     assert "meta.npy" in names and "param/c1.weight.npy" in names
     assert all(name.endswith(".npy") for name in names)
+
+
+def test_the_progress_bar_shows_loss_accuracy_and_speed(
+        tiny: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convdsl.runtime import runs
+
+    trainer = runs.prepare(convdsl.load(tiny), str(tiny), str(data), {"epochs": 1},
+                           tmp_path / "run", resume=False, algo=None, progress=True)
+    trainer._bar_options = {"mininterval": 0, "miniters": 1}  # draw every step
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss " in err and "acc " in err and "ex/s" in err

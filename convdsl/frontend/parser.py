@@ -501,7 +501,7 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> ConvDslError:
         return ConvDslError.single(
             f"a line cannot start with {_token_text(token)}", span,
             hint="a line starts with a layer name (c1 = conv(6, 5)), a layer type (relu), "
-            "input, output, aux, block, if or network")
+            "input, output, aux, train, block, if or network")
     expected = _describe_expected(accepts, _in_brackets(text, open_at))
     hint = f"expected {expected}" if expected else ""
     if text.startswith("//", start):

@@ -44,6 +44,7 @@ from convdsl.runtime.optim import Optimizer, Schedule, make_optimizer
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+REDRAW_SECONDS = 10.0
 
 Log = Callable[[str], None]
 
@@ -137,6 +138,7 @@ class Trainer:
         self.classes = classes_of(network)
         fitted = datasets.fit_to_network(data, network.input_shape, self.classes,
                                          settings.dtype)
+        self.x_test, self.y_test = fitted.x_test, fitted.y_test
         (self.x, self.y, self.x_val, self.y_val) = datasets.split_validation(
             fitted.x, fitted.y, settings.val_split, settings.seed)
         self.steps_per_epoch = len(datasets.epoch_batches(len(self.x), settings.batch,
@@ -149,6 +151,8 @@ class Trainer:
         self.fingerprint = ckpt.fingerprint(network)
         self.position = Position()
         self._stop_requested = False
+        self._drawn_at = -math.inf
+        self._bar_options: dict[str, Any] = {}
 
     # --- starting and resuming ---------------------------------------------
 
@@ -247,8 +251,12 @@ class Trainer:
         position.seconds = 0.0
         self._save()
         self.log(epoch_line(row, self.settings.epochs))
-        if self.plot:
+        # Drawing takes a fraction of a second: more than a small epoch, so the curves
+        # are redrawn at most every few seconds, and after the last epoch.
+        last = position.epoch == self.settings.epochs
+        if self.plot and (last or time.monotonic() - self._drawn_at > REDRAW_SECONDS):
             self._draw_curves()
+            self._drawn_at = time.monotonic()
 
     # --- saving ----------------------------------------------------------------
 
@@ -302,7 +310,7 @@ class Trainer:
 
         return tqdm(total=total, initial=done, leave=False, unit="batch",
                     desc=f"epoch {self.position.epoch + 1}/{self.settings.epochs}",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, **self._bar_options)
 
     def _running_text(self) -> str:
         p = self.position

@@ -185,7 +185,9 @@ class Trainer:
 
     def train(self) -> list[dict[str, Any]]:
         """Train to the last epoch; returns the metrics of every epoch."""
-        with self._stop_on_signals():
+        # Overflow is caught after each step and reported with the layer it started
+        # in, so NumPy's own warnings would only repeat it, less clearly.
+        with self._stop_on_signals(), np.errstate(over="ignore", invalid="ignore"):
             while self.position.epoch < self.settings.epochs:
                 self._train_epoch()
                 self._finish_epoch()

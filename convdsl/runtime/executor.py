@@ -40,6 +40,23 @@ Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One step of the forward pass (and, reversed, of the backward pass): a kernel
+    layer that computes `layers` (one layer, or several fused) from the outputs
+    named in `inputs`, and writes the output named `name`."""
+
+    name: str
+    kernel: KernelLayer
+    inputs: tuple[str, ...]
+    layers: tuple[Layer, ...]
+
+    @property
+    def layer(self) -> Layer:
+        """The layer whose output this stage writes."""
+        return self.layers[-1]
+
+
+@dataclass(frozen=True)
 class KernelReport:
     """One layer's compiled kernels, for `convdsl compile`."""
 
@@ -72,7 +89,9 @@ class CompiledNetwork:
         self.grads: Arrays = {name: np.zeros_like(self.params[name]) for name in trained}
         self._layer_params = _by_layer(self.params)
         self._layer_grads = _by_layer(self.grads)
-        self._order = [layer for layer in network.layers if layer.op is not Op.INPUT]
+        self.stages: list[Stage] = [
+            Stage(layer.name, self.kernels[layer.name], layer.inputs, (layer,))
+            for layer in network.layers if layer.op is not Op.INPUT]
         self._values: Arrays = {}  # every layer's output in the last forward
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
@@ -108,12 +127,12 @@ class CompiledNetwork:
             self.step += 1
         mode = Mode(train=train, seed=self.seed, step=step or 0)
         values = dict(inputs)
-        for layer in self._order:
-            sources = [values[source] for source in layer.inputs]
-            values[layer.name] = self.kernels[layer.name].forward(
-                sources, self._layer_params.get(layer.name, {}), mode)
+        for stage in self.stages:
+            sources = [values[source] for source in stage.inputs]
+            values[stage.name] = stage.kernel.forward(
+                sources, self._layer_params.get(stage.name, {}), mode)
             if self.check:
-                _check_finite(values[layer.name], layer, "output")
+                _check_finite(values[stage.name], stage.layer, "output")
         self._values = values
         self._loss_grads = {}
         return values[self.main_output].copy()
@@ -187,16 +206,16 @@ class CompiledNetwork:
             raise RunError("backward() needs a forward pass first", "call net.forward(x)")
         pending, skip = self._initial_grads(grad)
         handed: set[int] = set()
-        for layer in reversed(self._order):
-            grad_output = pending.pop(layer.name, None)
+        for stage in reversed(self.stages):
+            grad_output = pending.pop(stage.name, None)
             if grad_output is None:
-                for array in self._layer_grads.get(layer.name, {}).values():
+                for array in self._layer_grads.get(stage.name, {}).values():
                     array.fill(0)  # no gradient reaches this layer
                 continue
-            results = self.kernels[layer.name].backward(
-                grad_output, self._layer_params.get(layer.name, {}),
-                self._layer_grads.get(layer.name, {}), skip_act=layer.name in skip)
-            for source, result in zip(layer.inputs, results):
+            results = stage.kernel.backward(
+                grad_output, self._layer_params.get(stage.name, {}),
+                self._layer_grads.get(stage.name, {}), skip_act=stage.name in skip)
+            for source, result in zip(stage.inputs, results):
                 if result is None:
                     continue
                 if id(result) in handed:
@@ -288,20 +307,20 @@ class CompiledNetwork:
         values = dict(inputs)
         seconds: dict[str, float] = {}
         for train in (True, False):
-            for layer in self._order:
+            for stage in self.stages:
                 start = time.perf_counter()
-                values[layer.name] = self.kernels[layer.name].forward(
-                    [values[s] for s in layer.inputs], self._layer_params.get(layer.name, {}),
+                values[stage.name] = stage.kernel.forward(
+                    [values[s] for s in stage.inputs], self._layer_params.get(stage.name, {}),
                     Mode(train=train, seed=self.seed))
-                seconds[layer.name] = seconds.get(layer.name, 0.0) + time.perf_counter() - start
+                seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - start
             if train:
-                for layer in reversed(self._order):
+                for stage in reversed(self.stages):
                     start = time.perf_counter()
-                    grad = np.ones_like(values[layer.name])
-                    self.kernels[layer.name].backward(
-                        grad, self._layer_params.get(layer.name, {}),
-                        self._layer_grads.get(layer.name, {}))
-                    seconds[layer.name] += time.perf_counter() - start
+                    grad = np.ones_like(values[stage.name])
+                    stage.kernel.backward(
+                        grad, self._layer_params.get(stage.name, {}),
+                        self._layer_grads.get(stage.name, {}))
+                    seconds[stage.name] += time.perf_counter() - start
         self.load_state_dict(saved)
         self.step = step
         for array in self.grads.values():

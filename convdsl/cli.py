@@ -51,13 +51,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    from convdsl.report.summary import summary_dict, summary_table
+
     net = _load(args.file)
     if args.json:
-        print(json.dumps(net.to_dict(), indent=2))
+        print(json.dumps(summary_dict(net, args.batch, args.dtype), indent=2))
     else:
-        from convdsl.report.summary import summary_table
-
-        print(summary_table(net))
+        print(summary_table(net, args.batch, args.dtype))
     return EXIT_OK
 
 
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="layers, shapes, parameters and MACs")
     summary.add_argument("file", metavar="FILE")
     summary.add_argument("--json", action="store_true", help="one JSON object")
+    summary.add_argument("--batch", type=_positive, default=1, metavar="N",
+                         help="batch size of the memory plan (default 1)")
+    summary.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                         help="value type of the memory plan (default float32)")
     summary.set_defaults(run=cmd_summary)
 
     graph = commands.add_parser("graph", help="the graph as DOT (or SVG/PNG with Graphviz)")

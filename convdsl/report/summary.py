@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from convdsl.network import Network
+from convdsl.passes.memory import MemoryPlan, plan_memory
 from convdsl.passes.shapes import format_shape
 
 _COLUMNS = ("Layer (type)", "Output shape", "Params", "MACs", "Receptive field")
 _MAX_NAME = 40
 
 
-def summary_table(net: Network) -> str:
+def summary_table(net: Network, batch: int = 1, dtype: str = "float32") -> str:
+    """The table; its footer ends with the memory plan for `batch` examples of `dtype`."""
+    plans = _plans(net, batch, dtype)  # first, so that a bad batch or dtype prints nothing
     rows = [_row(net, layer.name) for layer in net.layers]
     widths = [max(len(column), *(len(row[i]) for row in rows))
               for i, column in enumerate(_COLUMNS)]
@@ -18,8 +23,35 @@ def summary_table(net: Network) -> str:
     lines.extend(_join(row, widths) for row in rows)
     lines.append("=" * width)
     lines.extend(_footer(net))
+    lines.append("-" * 20)
+    lines.extend(_memory_lines(plans))
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def summary_dict(net: Network, batch: int = 1, dtype: str = "float32") -> dict[str, Any]:
+    """What `convdsl summary --json` prints: the network's figures and the memory plan."""
+    plans = _plans(net, batch, dtype)
+    return {**net.to_dict(), "memory": {"batch": batch, "dtype": dtype,
+                                        **{mode: plan.to_dict() for mode, plan in plans.items()}}}
+
+
+def _plans(net: Network, batch: int, dtype: str) -> dict[str, MemoryPlan]:
+    return {mode: plan_memory(net, batch, dtype, training=mode == "training")
+            for mode in ("inference", "training")}
+
+
+def _memory_lines(plans: dict[str, MemoryPlan]) -> list[str]:
+    batch, dtype = plans["inference"].batch, plans["inference"].dtype
+    lines = [f"Memory plan (batch {batch}, {dtype}; buffers shared by values "
+             "whose lifetimes do not overlap):"]
+    for mode, plan in plans.items():
+        lines.append(f"  {mode.capitalize()} peak (MB): {_mb(plan.peak_bytes)}"
+                     f" (without reuse: {_mb(plan.unplanned_bytes)};"
+                     f" busiest step alone: {_mb(plan.live_bytes)})")
+    lines += ["(parameters, and in training their gradients, with no optimizer state;",
+              " kernel workspaces not included)"]
+    return lines
 
 
 def _row(net: Network, name: str) -> tuple[str, ...]:

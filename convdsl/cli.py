@@ -156,6 +156,23 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return EXIT_USER_ERROR if failed else EXIT_OK
 
 
+def cmd_time(args: argparse.Namespace) -> int:
+    from convdsl.report.timing import time_network, timing_table
+    from convdsl.runtime.executor import compile as compile_network
+
+    net = _load(args.file)
+    # By default, the batch the file trains with, since that is the step worth timing.
+    batch = args.batch or net.training.get("batch", TrainSettings().batch)
+    compiled = compile_network(net, batch=batch, dtype=args.dtype, algo=args.algo,
+                               fuse=not args.no_fuse)
+    timing = time_network(compiled, iterations=args.iterations)
+    if args.json:
+        print(json.dumps(timing.to_dict(), indent=2))
+    else:
+        print(timing_table(timing))
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from convdsl.runtime import runs
 
@@ -311,6 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
                              help="entries checked per array (default 12)")
     check_grads.add_argument("--seed", type=int, default=0)
     check_grads.set_defaults(run=cmd_gradcheck)
+
+    time_ = commands.add_parser(
+        "time", help="forward and backward time per kernel, and whole steps (like caffe time)")
+    time_.add_argument("file", metavar="FILE")
+    time_.add_argument("--batch", type=_positive, metavar="N",
+                       help="batch size (default: the file's train batch, else 32)")
+    time_.add_argument("--iterations", type=_positive, default=10, metavar="K",
+                       help="timed runs; medians are shown (default 10)")
+    time_.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    time_.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+                       help="convolution algorithm for every layer, overriding the file")
+    time_.add_argument("--no-fuse", action="store_true",
+                       help="one stage per layer, to see what fusion saves")
+    time_.add_argument("--json", action="store_true", help="one JSON object, times in ms")
+    time_.set_defaults(run=cmd_time)
 
     train = commands.add_parser(
         "train", help="train on a data set; checkpoints, metrics and curves in --out",

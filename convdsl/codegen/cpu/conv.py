@@ -23,23 +23,19 @@ workqueue pool, which sleeps.
 from __future__ import annotations
 
 import math
+import time
 from types import ModuleType
 from typing import Any
 
+import numba
 import numpy as np
 
-from convdsl.codegen import cache
+from convdsl.codegen import cache, cost
 from convdsl.codegen.activations import ActivationStep, act_options, is_elementwise
 from convdsl.codegen.cpu import conv_direct, conv_fft, conv_gemm  # noqa: F401  (templates)
 from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
-
-# The "auto" rule's thresholds (see choose_algorithm), set from float32 timings of the
-# three algorithms on 2 cores (LeNet, ResNet-CIFAR and 1-D layers, batch 16-64).
-FFT_MIN_WINDOW = 64  # window positions from which FFT wins at stride 1
-GEMM_MIN_REDUCTION = 16  # products per output from which im2col + BLAS can win...
-GEMM_MIN_OUTPUTS = 8  # ...if at least this many outputs per group reuse each column
 
 # The im2col buffer of one batch chunk stays under this many bytes; larger batches are
 # processed in chunks (the matrix products stay large enough for BLAS).
@@ -49,38 +45,78 @@ GEMM_CHUNK_BYTES = 32 << 20
 def choose_algorithm(setup: LayerSetup) -> tuple[str, str]:
     """The algorithm for a convolution or filter layer, and why.
 
-    An explicit request (the file's `algo=` or the command line) wins. Otherwise, with
-    V = prod(window), R = (in channels per group) * V the products summed per output,
-    and M = out channels per group (1 for a filter):
-      1. fft     if V >= 64 and every stride is 1: direct and GEMM cost grows with V,
-                 FFT's does not, and a stride would discard most of what FFT computes;
-      2. gemm    if R >= 16 and M >= 8: im2col copies R values per output position once
-                 and M outputs reuse each in a BLAS product near the machine's peak;
-      3. direct  otherwise (depthwise layers, filters, few outputs or a short
-                 reduction): the copy would cost more than BLAS saves.
-    One function on purpose: a measured cost model will replace it.
+    An explicit request (the file's `algo=` or the command line) wins. `auto` takes the
+    algorithm the cost model (convdsl/codegen/cost.py) expects to run forward and
+    backward fastest on this machine; `tune` times the candidates the model does not
+    rule out, once, and keeps the decision in the kernel cache.
     """
-    if setup.algo != "auto":
-        if setup.algo not in ALGORITHMS:
-            raise ValueError(f"unknown convolution algorithm {setup.algo!r}; choose auto or "
-                             f"one of {', '.join(ALGORITHMS)}")
+    if setup.algo not in cost.CHOICES:
+        raise ValueError(f"unknown convolution algorithm {setup.algo!r}; choose one of "
+                         f"{', '.join(cost.CHOICES)}")
+    if setup.algo in ALGORITHMS:
         return setup.algo, "requested"
+    rates = cost.rates()
+    estimates = {algorithm: cost.estimate(conv_spec(setup, algorithm), rates) * 1e3
+                 for algorithm in ALGORITHMS}
+    best = min(estimates, key=estimates.__getitem__)
+    if setup.algo == "tune":
+        return _tune(setup, estimates)
+    return best, f"estimated {_listing(estimates)} ms forward + backward; {_shape(setup)}"
+
+
+# Candidates the model expects to take more than this many times the best estimate
+# are not timed by `tune` (a direct 512-channel layer would take seconds).
+TUNE_WITHIN = 4.0
+
+
+def _tune(setup: LayerSetup, estimates: dict[str, float]) -> tuple[str, str]:
+    """Time each plausible candidate's forward + backward once (after a warm-up run that
+    compiles or loads its kernels), or reuse the decision cached for this layer."""
+    best = min(estimates.values())
+    candidates = [name for name in ALGORITHMS if estimates[name] <= TUNE_WITHIN * best]
+    if len(candidates) == 1:
+        return candidates[0], (f"tune: only candidate within {TUNE_WITHIN:g}x of the best "
+                               f"estimate ({_listing(estimates)} ms)")
+    # the layer's geometry, batch and dtype, and the threads the timings ran on
+    key = f"{conv_spec(setup, 'direct').key}-threads{numba.get_num_threads()}"
+    chosen, ms, cached = cost.tuned(key, candidates, lambda name: _time(setup, name))
+    how = "measured earlier" if cached else "measured"
+    return chosen, f"tune: {how} {_listing(ms)} ms forward + backward"
+
+
+def _time(setup: LayerSetup, algorithm: str) -> float:
+    """Seconds of one forward and backward pass of the layer computed by `algorithm`, on
+    random data (after one untimed pass)."""
+    layer = ConvLayer(setup, algorithm, "tuning", _fixed_weight(setup))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(setup.batched_inputs[0]).astype(setup.dtype)
+    params = {field: rng.standard_normal(shape).astype(setup.dtype)
+              for field, shape in setup.param_shapes}
+    grads = {field: np.zeros_like(value) for field, value in params.items()}
+    dy = rng.standard_normal(setup.batched_output).astype(setup.dtype)
+    seconds = math.inf
+    for _ in range(2):  # the first run compiles or loads the kernels
+        started = time.perf_counter()
+        layer.forward([x], params, Mode(train=True))
+        layer.backward(dy.copy(), params, grads)
+        seconds = time.perf_counter() - started
+    return seconds
+
+
+def _listing(ms: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3g}" for name, value in ms.items())
+
+
+def _shape(setup: LayerSetup) -> str:
+    """The layer's products per output and outputs per group, for the reason."""
     window = setup.window
     assert window is not None
-    volume = math.prod(window.window)
     if setup.layer.op is Op.FILTER:
         per_group, outputs = 1, 1
     else:
         per_group, outputs = _per_group(setup)
-    reduction = per_group * volume
-    if volume >= FFT_MIN_WINDOW and all(s == 1 for s in window.stride):
-        return "fft", f"window of {volume} positions (>= {FFT_MIN_WINDOW}) at stride 1"
-    if reduction >= GEMM_MIN_REDUCTION and outputs >= GEMM_MIN_OUTPUTS:
-        return "gemm", (f"{reduction} products per output (>= {GEMM_MIN_REDUCTION}), "
-                        f"{outputs} outputs per group (>= {GEMM_MIN_OUTPUTS}): im2col + BLAS")
-    return "direct", (f"{reduction} products per output, {outputs} outputs per group: "
-                      f"too few for im2col + BLAS (needs >= {GEMM_MIN_REDUCTION} and "
-                      f">= {GEMM_MIN_OUTPUTS})")
+    return (f"{per_group * math.prod(window.window)} products per output, "
+            f"{outputs} outputs per group")
 
 
 def _per_group(setup: LayerSetup) -> tuple[int, int]:
@@ -166,14 +202,18 @@ class ConvLayer(KernelLayer):
         return [self._dx]
 
 
+def _fixed_weight(setup: LayerSetup) -> np.ndarray | None:
+    """A filter layer's kernel as a depthwise weight; None for a convolution."""
+    attrs = setup.layer.attrs
+    if not isinstance(attrs, FilterAttrs):
+        return None
+    assert setup.window is not None
+    kernel = np.array(attrs.kernel, dtype=setup.dtype).reshape(setup.window.window)
+    channels = setup.in_shapes[0][0]
+    return np.ascontiguousarray(np.broadcast_to(kernel, (channels, 1, *kernel.shape)))
+
+
 @builder(Op.CONV, Op.FILTER)
 def build(setup: LayerSetup) -> KernelLayer:
     algorithm, reason = choose_algorithm(setup)
-    fixed = None
-    attrs = setup.layer.attrs
-    if isinstance(attrs, FilterAttrs):
-        assert setup.window is not None
-        kernel = np.array(attrs.kernel, dtype=setup.dtype).reshape(setup.window.window)
-        channels = setup.in_shapes[0][0]
-        fixed = np.ascontiguousarray(np.broadcast_to(kernel, (channels, 1, *kernel.shape)))
-    return ConvLayer(setup, algorithm, reason, fixed)
+    return ConvLayer(setup, algorithm, reason, _fixed_weight(setup))

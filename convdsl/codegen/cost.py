@@ -1,0 +1,325 @@
+"""A cost model for the three convolution algorithms, and tuning by measurement.
+
+`estimate(spec, rates)` says how many seconds one forward plus one backward pass of a
+convolution kernel spec (conv_direct, conv_gemm or conv_fft) should take, from what
+the kernels do (see their module docstrings) and from what this machine does per
+second (`Rates`):
+
+    direct  multiply-adds along rows, in generated loops: every pass (forward, input
+            gradient, weight gradient) does all MACs, plus a cost per row (short rows,
+            as in 1-D maps of a few positions, run far from the loop's peak);
+    gemm    the im2col copies (bytes), and BLAS products whose rate falls with the
+            smallest side of the matrices (6 outputs per group use BLAS badly);
+    fft     2.5 L log2 L flops per real transform of L points, for every input, output
+            and kernel map, plus the per-frequency complex products and the copies
+            that reorder the spectra.
+
+The rates are measured once per machine by tiny micro-benchmarks (a few seconds,
+most of it compiling one small Numba kernel) and kept as JSON in the kernel cache
+(`calibration.json`). With CONVDSL_NO_CALIBRATE=1 the built-in rates of the 2-core
+machine the model was fitted on are used instead, so that choices are deterministic.
+
+The algorithm `tune` refines the model by measurement: the builder times each
+candidate's forward and backward once, and `tuned` keeps the decision in
+`tuning.json` in the same cache, keyed by the layer's kernel spec, so that the next
+compile does not time again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convdsl.codegen import cache
+from convdsl.codegen.cpu import conv_fft, conv_gemm
+from convdsl.codegen.cpu.conv_common import Geometry
+from convdsl.codegen.cpu.conv_direct import UNROLL
+from convdsl.codegen.spec import KernelSpec
+
+CHOICES = ("auto", "tune", "direct", "gemm", "fft")
+NO_CALIBRATE = "CONVDSL_NO_CALIBRATE"
+CALIBRATION_FILE = "calibration.json"
+TUNING_FILE = "tuning.json"
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What this machine does per second, in float32 on all of Numba's threads."""
+
+    blas: float  # flop/s of a large matrix product
+    loops: float  # flop/s of a generated multiply-add loop along rows
+    fft: float  # flop/s of real FFTs, counted as 2.5 L log2 L per transform
+    copy: float  # bytes/s (read + written) of a strided copy, as in im2col
+    call: float  # seconds per kernel call: Python, and waking the thread pools
+
+
+# Measured by `calibrate` on the 2-core development machine (best of 5 runs each; the
+# machine was shared, the best runs are the least disturbed).
+DEFAULT_RATES = Rates(blas=200e9, loops=25e9, fft=7e9, copy=68e9, call=30e-6)
+
+# Shape of the model, set by hand against timings of the three algorithms on 30 layers
+# (LeNet-5, ResNet-20/18 CIFAR, NiN, MNIST-1D, digits, long 1-D windows, 3-D; fastest of
+# 3-25 runs on a loaded 2-core machine): a least-squares fit was no better, the data
+# being too noisy for eleven constants.
+ROW_FLOPS = 115.0  # a loop over one row costs as much as this many flops besides its work
+LONG_WINDOW = 1.3  # loops over taps one by one (more than UNROLL): this many times slower
+STRIDED = 2.0  # loops along a strided row: this many times slower
+BLAS_HALF = (12.0, 16.0, 16.0)  # sides (m, k, n) at which a product runs at half speed
+IM2COL_PASSES = 2.0  # bytes moved per column byte (read of x, write of the column)
+SPECTRUM_PASSES = 2.0  # complex bytes moved per spectrum entry and reordering
+SMALL_PRODUCT = 0.2e-6  # seconds per (group, frequency) matrix product of the FFT path
+FFT_ROW = 0.1e-6  # seconds per 1-D transform that a transform of a map is made of
+# What the kernels reach of the micro-benchmarks' rates: their products are smaller and
+# their copies less regular; numpy's transforms of many maps at once beat the benchmark's.
+EFFICIENCY = {"loops": 1.0, "blas": 0.3, "fft": 1.5, "copy": 0.15}
+
+
+def _effective(rates: Rates) -> Rates:
+    """The rates the kernels reach: the measured ones times EFFICIENCY."""
+    return Rates(blas=rates.blas * EFFICIENCY["blas"], loops=rates.loops * EFFICIENCY["loops"],
+                 fft=rates.fft * EFFICIENCY["fft"], copy=rates.copy * EFFICIENCY["copy"],
+                 call=rates.call)
+
+
+def _scale(spec: KernelSpec) -> float:
+    """Compute rates are for float32; float64 halves the SIMD lanes."""
+    return np.dtype(spec.dtype).itemsize / 4
+
+
+def _blas_seconds(flops: float, m: int, k: int, n: int, rates: Rates) -> float:
+    """A product of (m x k) by (k x n): its rate drops when any side is small."""
+    slowdown = 1 + sum(half / max(side, 1) for half, side in zip(BLAS_HALF, (m, k, n)))
+    return flops * slowdown / rates.blas
+
+
+def estimate_direct(g: Geometry, rates: Rates, scale: float = 1.0) -> float:
+    """Forward, input gradient and (unless fixed) weight gradient: each does every MAC,
+    in one loop per row of the last axis, or per row and tap (conv_direct.py)."""
+    macs = g.batch * g.out_channels * g.positions * g.cg * g.volume
+    taps, width = g.window[-1], g.out[-1]
+    rows = g.batch * g.out_channels * g.cg * (g.volume // taps) * (g.positions // width)
+    unrolled, strided = taps <= UNROLL, g.stride[-1] > 1
+    slow = 1.0 if unrolled else LONG_WINDOW
+    per_tap = rows if unrolled else rows * taps
+
+    def loops(slowdown: float, row_count: int) -> float:
+        return (2 * macs * slowdown + row_count * ROW_FLOPS) * scale / rates.loops
+
+    forward = loops(slow * (STRIDED if strided else 1.0), per_tap)
+    # along a strided row the input gradient scatters dy tap by tap
+    input_grad = loops(LONG_WINDOW * STRIDED, rows * taps) if strided else forward
+    weight_grad = loops(slow, per_tap) if g.weight_grad else 0.0
+    epilogue = 2 * g.batch * g.out_channels * g.positions * 4 * scale / rates.copy
+    return forward + input_grad + weight_grad + epilogue + 4 * rates.call
+
+
+def estimate_gemm(g: Geometry, chunk: int, rates: Rates, scale: float = 1.0) -> float:
+    """im2col + one product per group and chunk, forward; backward the weight gradient's
+    product and the input gradient, as a convolution of dy or through col2im
+    (conv_gemm.py). A pointwise layer multiplies the maps as they are."""
+    item = 4 * scale
+    macs = g.batch * g.out_channels * g.positions * g.cg * g.volume
+    out_bytes = g.batch * g.out_channels * g.positions * item
+    chunks = -(-g.batch // chunk)
+    calls = 8 * rates.call * chunks
+    if conv_gemm.pointwise(g):
+        samples = g.batch * g.groups  # one product per sample and group
+        products = _blas_seconds(2 * macs * scale, g.og, g.cg, g.positions, rates)
+        grads = 2 if g.weight_grad else 1
+        return products * (1 + grads) + 2 * out_bytes / rates.copy \
+            + samples * 3 * SMALL_PRODUCT + calls
+    rows, columns = g.cg * g.volume, chunk * g.positions
+    col_bytes = g.batch * g.channels * g.volume * g.positions * item
+    copies = col_bytes * IM2COL_PASSES * (1 if chunks == 1 else 2) + 4 * out_bytes
+    seconds = _blas_seconds(2 * macs * scale, g.og, rows, columns, rates)  # forward
+    if g.weight_grad:
+        seconds += _blas_seconds(2 * macs * scale, rows, columns, g.og, rates)
+    if conv_gemm.as_convolution(g):
+        t = conv_gemm.transposed(g)
+        copies += (g.batch * g.out_channels * g.volume * t.positions * item * IM2COL_PASSES
+                   + 2 * g.batch * g.channels * t.positions * item)
+        seconds += _blas_seconds(2 * macs * scale * t.positions / g.positions, g.cg,
+                                 g.og * g.volume, chunk * t.positions, rates)
+    else:
+        copies += col_bytes * IM2COL_PASSES
+        seconds += _blas_seconds(2 * macs * scale, rows, g.og, columns, rates)
+    return seconds + copies / rates.copy + calls
+
+
+def estimate_fft(g: Geometry, rates: Rates, scale: float = 1.0) -> float:
+    """Transforms of every input, output and kernel map, forward and backward, the
+    complex products per frequency, and the reordering copies (conv_fft.py)."""
+    sizes = conv_fft.transform_sizes(g)
+    points = math.prod(sizes)
+    freqs = math.prod((*sizes[:-1], sizes[-1] // 2 + 1))
+    n, c, o, kernels = g.batch, g.channels, g.out_channels, g.out_channels * g.cg
+    transforms = 2 * n * c + 2 * n * o + kernels * (2 if g.weight_grad else 1)
+    # a map's transform runs one 1-D transform per row along each axis: many small maps
+    # (the kernels of a 256-channel 3x3 layer) cost more than their flops say
+    rows = sum(points // size for size in sizes)
+    transform = transforms * (2.5 * points * math.log2(max(points, 2)) * scale / rates.fft
+                              + rows * FFT_ROW)
+    products = 3 if g.weight_grad else 2
+    flops = 8 * n * g.cg * g.og * g.groups * freqs * scale  # one complex product
+    multiply = products * (_blas_seconds(flops, n, g.cg, g.og, rates)
+                           + g.groups * freqs * SMALL_PRODUCT)
+    spectra = (2 * n * c + 2 * n * o + 2 * kernels) * freqs * 8 * scale * SPECTRUM_PASSES
+    real = (2 * n * c + 3 * n * o + 2 * kernels) * points * 4 * scale
+    return transform + multiply + (spectra + real) / rates.copy + 12 * rates.call
+
+
+def estimate(spec: KernelSpec, rates: Rates) -> float:
+    """Seconds of one forward and one backward pass of a convolution kernel spec."""
+    g, scale, rates = Geometry.from_spec(spec), _scale(spec), _effective(rates)
+    if spec.template == "conv_direct":
+        return estimate_direct(g, rates, scale)
+    if spec.template == "conv_gemm":
+        return estimate_gemm(g, int(spec.option("chunk")), rates, scale)
+    if spec.template == "conv_fft":
+        return estimate_fft(g, rates, scale)
+    raise ValueError(f"no cost model for kernel template {spec.template!r}")
+
+
+# --- the machine's rates ------------------------------------------------------------
+
+_RATES: Rates | None = None  # this process's, once read or measured
+
+
+def rates() -> Rates:
+    """This machine's rates: built in with CONVDSL_NO_CALIBRATE=1, else read from the
+    cache, else measured (about a second, once per machine) and written there."""
+    global _RATES
+    if os.environ.get(NO_CALIBRATE, "") not in ("", "0"):
+        return DEFAULT_RATES
+    if _RATES is None:
+        _RATES = _read_calibration() or _write_calibration(calibrate())
+    return _RATES
+
+
+def _machine() -> dict[str, object]:
+    """What the rates depend on: a change (more threads, a new NumPy) measures again."""
+    import numba
+
+    return {"cpus": os.cpu_count(), "threads": numba.get_num_threads(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "numpy": np.__version__, "numba": numba.__version__}
+
+
+def _read_calibration() -> Rates | None:
+    path = cache.cache_dir() / CALIBRATION_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("machine") == _machine():
+            return Rates(**stored["rates"])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # missing, unreadable or stale: measure again
+    return None
+
+
+def _write_calibration(measured: Rates) -> Rates:
+    _write_json(cache.cache_dir() / CALIBRATION_FILE,
+                {"machine": _machine(), "rates": asdict(measured)})
+    return measured
+
+
+def _best_seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    """The fastest of a few runs: other jobs only ever make a run slower."""
+    run()  # warm up: caches, thread pools
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return max(best, 1e-9)
+
+
+def calibrate() -> Rates:
+    """Measure the rates with a few tiny benchmarks (float32)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((384, 384), dtype=np.float32)
+    product = np.empty_like(a)
+    blas = 2 * 384**3 / _best_seconds(lambda: np.matmul(a, a, out=product))
+
+    signals = rng.standard_normal((64, 2048), dtype=np.float32)
+    spectra = np.empty((64, 1025), dtype=np.complex64)
+    fft = 64 * 2.5 * 2048 * 11 / _best_seconds(
+        lambda: conv_fft.in_threads(np.fft.rfftn, signals, spectra, axes=(1,)))
+
+    source = rng.standard_normal((64, 64, 256), dtype=np.float32)
+    target = np.empty((64, 64, 256), dtype=np.float32)
+    copy = 2 * source.nbytes / _best_seconds(
+        lambda: np.copyto(target, source.transpose(1, 0, 2)))
+
+    rows, taps = _row_kernel()
+    x = rng.standard_normal((256, 1024 + 4), dtype=np.float32)
+    y = np.zeros((256, 1024), dtype=np.float32)
+    loops = 2 * 5 * 256 * 1024 / _best_seconds(lambda: rows(x, y, taps))
+    tiny_x, tiny_y = x[:2, :12], y[:2, :8]
+    call = _best_seconds(lambda: rows(tiny_x, tiny_y, taps), repeats=20)
+    return Rates(blas=blas, loops=loops, fft=fft, copy=copy, call=call)
+
+
+def _row_kernel() -> tuple[Callable[..., None], np.ndarray]:
+    """A 5-tap correlation along rows, parallel over rows, written like the direct
+    kernels' inner loops (compiled here, once per machine)."""
+    import numba
+
+    @numba.njit(parallel=True, nogil=True)
+    def rows(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:  # pragma: no cover
+        for r in numba.prange(y.shape[0]):
+            w0, w1, w2, w3, w4 = w[0], w[1], w[2], w[3], w[4]
+            for q in range(y.shape[1]):
+                y[r, q] += (w0 * x[r, q] + w1 * x[r, q + 1] + w2 * x[r, q + 2]
+                            + w3 * x[r, q + 3] + w4 * x[r, q + 4])
+
+    return rows, np.array([0.1, 0.2, 0.4, 0.2, 0.1], dtype=np.float32)
+
+
+# --- tuning by measurement ----------------------------------------------------------
+
+
+def tuned(key: str, candidates: Sequence[str], measure: Callable[[str], float]
+          ) -> tuple[str, dict[str, float], bool]:
+    """The fastest of `candidates`, its measured milliseconds per candidate, and whether
+    the decision came from the cache (then nothing was timed). `measure(name)` returns
+    the seconds of one forward and backward; `key` names the layer."""
+    path = cache.cache_dir() / TUNING_FILE
+    stored = _read_json(path).get(key)
+    if isinstance(stored, dict) and stored.get("algorithm") in candidates:
+        return str(stored["algorithm"]), {k: float(v) for k, v in stored["ms"].items()}, True
+    ms = {name: measure(name) * 1e3 for name in candidates}
+    best = min(ms, key=ms.__getitem__)
+    decisions = _read_json(path)  # again: another process may have added some
+    decisions[key] = {"algorithm": best, "ms": ms}
+    _write_json(path, decisions)
+    return best, ms, False
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    """Write atomically (temporary file, then rename): readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

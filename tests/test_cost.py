@@ -1,0 +1,140 @@
+"""The cost model that picks a convolution algorithm, its calibration and tuning.
+
+Everything here runs with CONVDSL_NO_CALIBRATE=1 (the built-in rates), so choices do
+not depend on the machine or on its load; no test checks a timing. Only the tuning
+test compiles kernels (one small layer, three algorithms)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import convdsl
+from convdsl.codegen import cost
+from convdsl.codegen.cpu import conv
+from convdsl.codegen.layer import ALGORITHMS, LayerSetup, layer_setups
+
+
+@pytest.fixture(autouse=True)
+def built_in_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cost.NO_CALIBRATE, "1")
+
+
+def _setup(text: str, batch: int = 32, algo: str | None = None) -> LayerSetup:
+    return layer_setups(convdsl.loads(text + "\noutput c"), batch, "float32", algo)["c"]
+
+
+def _estimates(setup: LayerSetup) -> dict[str, float]:
+    return {name: cost.estimate(conv.conv_spec(setup, name), cost.rates())
+            for name in ALGORITHMS}
+
+
+LAYERS = {
+    "long window": "input x: 16x1024\nc = conv(16, 65, pad=same)",
+    "long window, one channel": "input x: 1x4096\nc = conv(16, 128)",
+    "depthwise": "input x: 32x16x16\nc = conv(32, 3, pad=1, groups=32)",
+    "filter": "input x: 3x32x32\nc = filter(3, kernel=[1 2 1 2 4 2 1 2 1] / 16, pad=same)",
+    "lenet c1": "input x: 1x28x28\nc = conv(6, 5, pad=2)",
+    "resnet 3x3": "input x: 64x32x32\nc = conv(64, 3, pad=1, bias=no)",
+    "resnet 3x3 deep": "input x: 256x8x8\nc = conv(256, 3, pad=1, bias=no)",
+    "3-d": "input x: 16x16x16x16\nc = conv(32, 3x3x3, pad=1, bias=no)",
+}
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    ("long window", "fft"), ("long window, one channel", "fft"), ("depthwise", "direct"),
+    ("filter", "direct"), ("lenet c1", "direct"), ("resnet 3x3", "gemm"),
+    ("resnet 3x3 deep", "gemm"),
+])
+def test_the_model_picks(layer: str, expected: str) -> None:
+    algorithm, reason = conv.choose_algorithm(_setup(LAYERS[layer]))
+    assert algorithm == expected, reason
+    for name in ALGORITHMS:  # the reason lists every candidate's estimate
+        assert f"{name} " in reason
+    assert "ms forward + backward" in reason
+
+
+def test_choices_without_calibration_are_deterministic() -> None:
+    first = {name: conv.choose_algorithm(_setup(text)) for name, text in LAYERS.items()}
+    second = {name: conv.choose_algorithm(_setup(text)) for name, text in LAYERS.items()}
+    assert first == second
+    assert cost.rates() == cost.DEFAULT_RATES
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_estimates_are_positive_and_grow_with_the_batch(layer: str) -> None:
+    small, large = _estimates(_setup(LAYERS[layer], 8)), _estimates(_setup(LAYERS[layer], 64))
+    for name in ALGORITHMS:
+        assert 0 < small[name] < large[name], name
+
+
+def test_float64_costs_more() -> None:
+    text = LAYERS["resnet 3x3"] + "\noutput c"
+    single = layer_setups(convdsl.loads(text), 8, "float32")["c"]
+    double = layer_setups(convdsl.loads(text), 8, "float64")["c"]
+    for name in ALGORITHMS:
+        assert (cost.estimate(conv.conv_spec(single, name), cost.DEFAULT_RATES)
+                < cost.estimate(conv.conv_spec(double, name), cost.DEFAULT_RATES))
+
+
+def test_explicit_requests_win() -> None:
+    for name in ALGORITHMS:
+        assert conv.choose_algorithm(_setup(LAYERS["depthwise"], algo=name)) == (
+            name, "requested")
+    with pytest.raises(ValueError, match="unknown convolution algorithm"):
+        conv.choose_algorithm(_setup(LAYERS["depthwise"], algo="winograd"))
+    assert ("auto", "tune", *ALGORITHMS) == cost.CHOICES
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measuring is replaced by a stub here: the test checks the caching, not the rates."""
+    monkeypatch.delenv(cost.NO_CALIBRATE)
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "_RATES", None)
+    measured = cost.Rates(blas=1e11, loops=1e10, fft=5e9, copy=1e10, call=1e-5)
+    calls: list[int] = []
+
+    def fake() -> cost.Rates:
+        calls.append(1)
+        return measured
+
+    monkeypatch.setattr(cost, "calibrate", fake)
+    assert cost.rates() == measured
+    stored = json.loads((tmp_path / cost.CALIBRATION_FILE).read_text())
+    assert stored["rates"]["blas"] == 1e11
+    monkeypatch.setattr(cost, "_RATES", None)  # a new process reads the file
+    assert cost.rates() == measured
+    assert len(calls) == 1
+
+
+def test_tuning_times_once_and_reuses_the_decision(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    setup = _setup("input x: 4x64\nc = conv(4, 3)", batch=2, algo="tune")
+    algorithm, reason = conv.choose_algorithm(setup)
+    assert algorithm in ALGORITHMS
+    assert reason.startswith("tune: measured ")
+    decisions = json.loads((tmp_path / cost.TUNING_FILE).read_text())
+    (decision,) = decisions.values()
+    assert decision["algorithm"] == algorithm
+
+    def no_timing(*_: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(conv, "_time", no_timing)
+    again, reason = conv.choose_algorithm(setup)
+    assert again == algorithm
+    assert reason.startswith("tune: measured earlier ")
+
+
+def test_tuned_keeps_the_fastest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    seconds = {"direct": 0.003, "fft": 0.001}
+    chosen, ms, cached = cost.tuned("layer", ("direct", "fft"), seconds.__getitem__)
+    assert (chosen, cached) == ("fft", False)
+    assert ms == pytest.approx({"direct": 3.0, "fft": 1.0})
+    seconds = {"direct": 0.0, "fft": 1.0}  # not timed again: the cached decision holds
+    assert cost.tuned("layer", ("direct", "fft"), seconds.__getitem__) == ("fft", ms, True)

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from convdsl.codegen.cost import CHOICES as ALGORITHM_CHOICES
 from convdsl.errors import ConvDslError, Diagnostic, RunError
 from convdsl.frontend.parser import parse
 from convdsl.frontend.printer import format_module
@@ -111,7 +112,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         print(summary_table(net))
     start = time.perf_counter()
-    compiled = CompiledNetwork(net, args.batch, args.dtype, args.algo)
+    compiled = CompiledNetwork(net, args.batch, args.dtype, args.algo, fuse=not args.no_fuse)
     generated = time.perf_counter() - start
     first_run = compiled.warm_up()  # Numba compiles, or loads from its cache, here
     cold = time.perf_counter() - start
@@ -125,7 +126,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             for spec in kernel.specs:
                 print(f"{name}: {cache.source_path(spec).name} {spec.canonical()}")
     kernels = kernel_sources(compiled)
-    print(f"{net.name}: {len(compiled.kernels)} layers, {len(kernels)} distinct kernels, "
+    fused = [stage.description for stage in compiled.stages if stage.description]
+    if fused:
+        print(f"fused groups ({len(fused)}): " + "; ".join(fused))
+    print(f"{net.name}: {len(compiled.network.layers) - len(net.input_shapes)} layers in "
+          f"{len(compiled.stages)} stages, {len(kernels)} distinct kernels, "
           f"batch {args.batch}, {args.dtype}")
     print(f"cold: {cold:.2f} s (generate {generated:.2f} s, then compile or load from the "
           f"cache and run once); warm: {warm:.3f} s (a training step and an inference)")
@@ -144,7 +149,7 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from convdsl.runtime.gradcheck import TOLERANCE, gradcheck
 
     net = _load(args.file)
-    compiled = CompiledNetwork(net, args.batch, "float64", args.algo)
+    compiled = CompiledNetwork(net, args.batch, "float64", args.algo, fuse=not args.no_fuse)
     results = gradcheck(compiled, samples=args.samples, seed=args.seed)
     width = max(len(r.name) for r in results)
     for result in results:
@@ -181,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in SETTING_NAMES
                  if getattr(args, name) is not None}
     trainer = runs.prepare(net, args.file, args.data, overrides, out, args.resume, args.algo,
-                           progress=False if args.no_progress else None)
+                           progress=False if args.no_progress else None,
+                           fuse=not args.no_fuse)
     runs.compile_for_run(trainer)
     from convdsl.runtime.training import Interrupted
 
@@ -337,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     time_.add_argument("--iterations", type=_positive, default=10, metavar="K",
                        help="timed runs; medians are shown (default 10)")
     time_.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    time_.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+    time_.add_argument("--algo", choices=ALGORITHM_CHOICES,
                        help="convolution algorithm for every layer, overriding the file")
     time_.add_argument("--no-fuse", action="store_true",
                        help="one stage per layer, to see what fusion saves")
@@ -355,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="the run's folder (default runs/NAME)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
-    train.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+    train.add_argument("--algo", choices=ALGORITHM_CHOICES,
                        help="convolution algorithm for every layer, overriding the file")
+    train.add_argument("--no-fuse", action="store_true",
+                       help="one stage per layer (the same results, without fusion)")
     train.add_argument("--no-progress", action="store_true",
                        help="plain log lines even on a terminal")
     _add_setting_options(train)
@@ -445,8 +453,10 @@ def _positive(text: str) -> int:
 def _add_compile_options(parser: argparse.ArgumentParser, batch: int = 1) -> None:
     parser.add_argument("--batch", type=_positive, default=batch, metavar="N",
                         help=f"batch size the kernels are specialised for (default {batch})")
-    parser.add_argument("--algo", choices=("auto", "direct", "gemm", "fft"),
+    parser.add_argument("--algo", choices=ALGORITHM_CHOICES,
                         help="convolution algorithm for every layer, overriding the file")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="one stage per layer (the same results, without fusion)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

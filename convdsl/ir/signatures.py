@@ -219,7 +219,8 @@ SIGNATURES: dict[str, Signature] = {
     "conv": Signature(Op.CONV, ("channels", "window"), {
         "channels": positive_int, "window": sizes(1), **_CONV_OPTIONS,
         "groups": positive_int, "bias": boolean,
-        "algo": choice("auto", "direct", "gemm", "fft"),
+        # convdsl.codegen.cost.CHOICES (the language does not import the code generator)
+        "algo": choice("auto", "tune", "direct", "gemm", "fft"),
     }, required=("channels", "window")),
     "filter": Signature(Op.FILTER, ("window",), {
         "window": sizes(1), "kernel": kernel_values, **_CONV_OPTIONS,

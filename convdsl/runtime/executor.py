@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convdsl.codegen.layer import (
-    ALGORITHMS,
-    KernelLayer,
-    LayerSetup,
-    Mode,
-    build_layer,
-    layer_setups,
-)
+from convdsl.codegen.cost import CHOICES as ALGORITHM_CHOICES
+from convdsl.codegen.fused import build_stage, stage_arrays
+from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, layer_setups
 from convdsl.errors import RunError
-from convdsl.ir.ops import Activation, Layer, Loss, Op
+from convdsl.ir.ops import Activation, Layer, Loss
 from convdsl.network import Network, load, loads
+from convdsl.passes.fusion import fusion_groups
+from convdsl.passes.fusion import kind as _kind
 from convdsl.runtime import losses
 from convdsl.runtime.params import INITS, init_params, network_params
 
@@ -49,6 +46,9 @@ class Stage:
     kernel: KernelLayer
     inputs: tuple[str, ...]
     layers: tuple[Layer, ...]
+    params: Arrays = field(default_factory=dict, compare=False)  # what the kernel reads
+    grads: Arrays = field(default_factory=dict, compare=False)  # and writes, going back
+    description: str = ""  # "c1 + bn1 + relu1 (conv+bn+relu)" for a fused group
 
     @property
     def layer(self) -> Layer:
@@ -73,7 +73,7 @@ class CompiledNetwork:
 
     def __init__(self, network: Network, batch: int = 1, dtype: str = "float32",
                  algo: str | None = None, seed: int = 0, init: str = "pytorch",
-                 check: bool = False) -> None:
+                 check: bool = False, fuse: bool = True) -> None:
         _check_options(batch, dtype, algo, init)
         self.network = network
         self.batch = batch
@@ -81,17 +81,23 @@ class CompiledNetwork:
         self.seed = seed
         self.check = check  # look for NaN and infinity after every layer
         self.step = 0  # training forwards so far: decides dropout masks
+        self.fuse = fuse
         self.setups: dict[str, LayerSetup] = layer_setups(network, batch, dtype, algo)
-        self.kernels: dict[str, KernelLayer] = {
-            name: build_layer(setup) for name, setup in self.setups.items()}
         self.params: Arrays = init_params(network, seed, init, dtype)
         trained = [info.name for info in network_params(network) if info.trained]
         self.grads: Arrays = {name: np.zeros_like(self.params[name]) for name in trained}
         self._layer_params = _by_layer(self.params)
         self._layer_grads = _by_layer(self.grads)
         self.stages: list[Stage] = [
-            Stage(layer.name, self.kernels[layer.name], layer.inputs, (layer,))
-            for layer in network.layers if layer.op is not Op.INPUT]
+            Stage(group.name, build_stage(group, self.setups), group.inputs, group.layers,
+                  stage_arrays(group, self._layer_params),
+                  stage_arrays(group, self._layer_grads),
+                  group.describe() if group.fused else "")
+            for group in fusion_groups(network, fuse)]
+        # stage name -> its kernel layer (a fused stage is named by its last layer)
+        self.kernels: dict[str, KernelLayer] = {s.name: s.kernel for s in self.stages}
+        self._fused_into = {layer.name: stage.name for stage in self.stages
+                            for layer in stage.layers[:-1]}
         self._values: Arrays = {}  # every layer's output in the last forward
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
@@ -129,8 +135,7 @@ class CompiledNetwork:
         values = dict(inputs)
         for stage in self.stages:
             sources = [values[source] for source in stage.inputs]
-            values[stage.name] = stage.kernel.forward(
-                sources, self._layer_params.get(stage.name, {}), mode)
+            values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
             if self.check:
                 _check_finite(values[stage.name], stage.layer, "output")
         self._values = values
@@ -145,6 +150,13 @@ class CompiledNetwork:
 
     def activation(self, layer: str) -> np.ndarray:
         """A copy of one layer's output in the last forward."""
+        if layer in self._fused_into:
+            raise RunError(f"layer '{layer}' is fused into stage '{self._fused_into[layer]}', "
+                           "so its output is never stored",
+                           "compile with fuse=False (or --no-fuse) to read every layer")
+        if layer not in self._values:
+            raise RunError(f"no output of '{layer}' from the last forward",
+                           "run forward first, and name a layer of this network")
         return self._values[layer].copy()
 
     # --- loss -------------------------------------------------------------
@@ -209,12 +221,11 @@ class CompiledNetwork:
         for stage in reversed(self.stages):
             grad_output = pending.pop(stage.name, None)
             if grad_output is None:
-                for array in self._layer_grads.get(stage.name, {}).values():
-                    array.fill(0)  # no gradient reaches this layer
+                for array in stage.grads.values():
+                    array.fill(0)  # no gradient reaches this stage
                 continue
-            results = stage.kernel.backward(
-                grad_output, self._layer_params.get(stage.name, {}),
-                self._layer_grads.get(stage.name, {}), skip_act=stage.name in skip)
+            results = stage.kernel.backward(grad_output, stage.params, stage.grads,
+                                            skip_act=stage.name in skip)
             for source, result in zip(stage.inputs, results):
                 if result is None:
                     continue
@@ -310,16 +321,14 @@ class CompiledNetwork:
             for stage in self.stages:
                 start = time.perf_counter()
                 values[stage.name] = stage.kernel.forward(
-                    [values[s] for s in stage.inputs], self._layer_params.get(stage.name, {}),
+                    [values[s] for s in stage.inputs], stage.params,
                     Mode(train=train, seed=self.seed))
                 seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - start
             if train:
                 for stage in reversed(self.stages):
                     start = time.perf_counter()
                     grad = np.ones_like(values[stage.name])
-                    stage.kernel.backward(
-                        grad, self._layer_params.get(stage.name, {}),
-                        self._layer_grads.get(stage.name, {}))
+                    stage.kernel.backward(grad, stage.params, stage.grads)
                     seconds[stage.name] += time.perf_counter() - start
         self.load_state_dict(saved)
         self.step = step
@@ -330,10 +339,11 @@ class CompiledNetwork:
 
     def report(self) -> list[KernelReport]:
         """One line per layer: its kernels, algorithm, and first-run seconds."""
-        return [KernelReport(name, self.setups[name].layer.op.value, kernel.algorithm,
-                             kernel.reason, tuple(spec.key for spec in kernel.specs),
-                             self.compile_seconds.get(name, 0.0))
-                for name, kernel in self.kernels.items()]
+        return [KernelReport(stage.name, "+".join(_kind(layer) for layer in stage.layers),
+                             stage.kernel.algorithm, stage.kernel.reason,
+                             tuple(spec.key for spec in stage.kernel.specs),
+                             self.compile_seconds.get(stage.name, 0.0))
+                for stage in self.stages]
 
     # --- input checks -----------------------------------------------------
 
@@ -383,16 +393,17 @@ class CompiledNetwork:
 
 def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32",
             algo: str | None = None, seed: int = 0, init: str = "pytorch",
-            check: bool = False, warm: bool = True) -> CompiledNetwork:
+            check: bool = False, warm: bool = True, fuse: bool = True) -> CompiledNetwork:
     """Compile a `.cnn` file (a path), `.cnn` text, or a loaded Network.
 
     batch: the batch size the kernels are specialised for. dtype: float32 or
     float64. algo: direct, gemm or fft for every convolution, overriding the
     file. seed/init: the parameters' initialisation (see runtime/params.py).
     check: stop with an error at the first NaN or infinity. warm: compile every
-    kernel now (otherwise at first use)."""
+    kernel now (otherwise at first use). fuse: run fusable layers as one stage
+    (convdsl/passes/fusion.py); False gives one stage per layer."""
     network = _as_network(source)
-    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check)
+    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse)
     if warm:
         compiled.warm_up()
     return compiled
@@ -412,9 +423,9 @@ def _check_options(batch: int, dtype: str, algo: str | None, init: str) -> None:
         raise RunError(f"batch must be a whole number of at least 1, not {batch!r}")
     if dtype not in DTYPES:
         raise RunError(f"dtype must be float32 or float64, not {dtype!r}")
-    if algo is not None and algo not in ("auto", *ALGORITHMS):
+    if algo is not None and algo not in ALGORITHM_CHOICES:
         raise RunError(f"unknown convolution algorithm {algo!r}",
-                       f"choose one of auto, {', '.join(ALGORITHMS)}")
+                       f"choose one of {', '.join(ALGORITHM_CHOICES)}")
     if init not in INITS:
         raise RunError(f"unknown initialisation {init!r}", f"choose one of {', '.join(INITS)}")
 

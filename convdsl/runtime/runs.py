@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = ("epochs",)
 
 def prepare(network: Network, network_path: str, data_source: str | None,
             overrides: Mapping[str, Any], out: Path, resume: bool, algo: str | None,
-            log: Log = print, progress: bool | None = None) -> Trainer:
+            log: Log = print, progress: bool | None = None, fuse: bool = True) -> Trainer:
     """A trainer for a new run in `out`, or for the run there when resuming."""
     if resume:
         settings, data_source = _resumed_recipe(out, data_source, overrides)
@@ -43,7 +43,7 @@ def prepare(network: Network, network_path: str, data_source: str | None,
     data = datasets.load_data(data_source)
     config = {"network": str(network_path), "data": data_source, "algo": algo}
     trainer = Trainer(network, data, settings, out, algo, log=log, progress=progress,
-                      config=config)
+                      config=config, fuse=fuse)
     if resume:
         trainer.resume()
     else:

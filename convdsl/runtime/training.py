@@ -127,7 +127,7 @@ class Trainer:
     def __init__(self, network: Network, data: datasets.Dataset, settings: TrainSettings,
                  folder: Path, algo: str | None = None, log: Log = print,
                  progress: bool | None = None, plot: bool = True,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, fuse: bool = True) -> None:
         self.network = network
         self.settings = settings
         self.run = RunFolder(folder)
@@ -144,7 +144,7 @@ class Trainer:
         self.steps_per_epoch = len(datasets.epoch_batches(len(self.x), settings.batch,
                                                           settings.seed, 0))
         self.net = CompiledNetwork(network, settings.batch, settings.dtype, algo,
-                                   settings.seed, settings.init)
+                                   settings.seed, settings.init, fuse=fuse)
         self.trained = {name: self.net.params[name] for name in self.net.grads}
         self.optimizer: Optimizer = make_optimizer(settings, self.trained)
         self.schedule = Schedule(settings, self.steps_per_epoch)

@@ -1,0 +1,137 @@
+"""Kernels for fused groups (convdsl/passes/fusion.py): one stage, several layers.
+
+- product/norm/merge + activation: the host layer is built with the activation as
+  its epilogue (its `act` option), so the generated kernel applies it before the
+  value leaves cache, and its backward starts from the activation's derivative.
+- convolution or dense + batch norm (+ activation): in training the product runs,
+  then batch norm with the activation as its epilogue (batch statistics need the
+  whole product first). In inference the normalisation is folded into the weights,
+  w' = w * gamma / sqrt(var + eps) and b' = (b - mean) * gamma / sqrt(var + eps) + beta,
+  and one product kernel with bias and activation computes the whole group.
+
+A stage receives one dictionary of arrays: the host's own fields (`weight`,
+`bias`), and the batch norm's under `bn.` (`bn.weight`, `bn.running_mean`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
+from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
+from convdsl.passes.fusion import FusionGroup
+
+NORM_PREFIX = "bn."
+Arrays = dict[str, np.ndarray]
+
+
+def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelLayer:
+    """The kernel layer that computes a whole group."""
+    head = setups[group.head.name]
+    if not group.fused:
+        return build_layer(head)
+    act = group.activation.act if group.activation is not None else None
+    if group.norm is None:
+        return build_layer(dataclasses.replace(head, layer=_with_act(head.layer, act),
+                                               out_shape=setups[group.name].out_shape))
+    return ProductNormLayer(head, setups[group.norm.name], act)
+
+
+def stage_arrays(group: FusionGroup, by_layer: Mapping[str, Arrays]) -> Arrays:
+    """The arrays a group's stage reads (or, for gradients, writes), by the names
+    build_stage's kernels use; the same array objects as `by_layer` holds."""
+    arrays = dict(by_layer.get(group.head.name, {}))
+    if group.norm is not None:
+        arrays.update({NORM_PREFIX + field: array
+                       for field, array in by_layer.get(group.norm.name, {}).items()})
+    return arrays
+
+
+def _with_act(layer: Layer, act: ActSpec | None) -> Layer:
+    if act is None:
+        return layer
+    attrs: Any = layer.attrs  # an op with an `act` option (see fusion.EPILOGUE_HOSTS)
+    return dataclasses.replace(layer, attrs=dataclasses.replace(attrs, act=act))
+
+
+def _split(arrays: Mapping[str, np.ndarray]) -> tuple[Arrays, Arrays]:
+    own = {k: v for k, v in arrays.items() if not k.startswith(NORM_PREFIX)}
+    norm = {k[len(NORM_PREFIX):]: v for k, v in arrays.items() if k.startswith(NORM_PREFIX)}
+    return own, norm
+
+
+class ProductNormLayer(KernelLayer):
+    """A convolution or dense layer followed by batch norm (and an activation)."""
+
+    def __init__(self, product: LayerSetup, norm: LayerSetup, act: ActSpec | None) -> None:
+        super().__init__(product)
+        attrs = norm.layer.attrs
+        assert isinstance(attrs, BatchNormAttrs)
+        self.eps = attrs.eps
+        self.affine = attrs.affine
+        act = act if act is not None else attrs.act
+        self.product = build_layer(product)
+        self.norm = build_layer(dataclasses.replace(norm, layer=_with_act(norm.layer, act)))
+        weight_shape = dict(product.param_shapes)["weight"]
+        channels = weight_shape[0]
+        product_attrs = product.layer.attrs
+        assert isinstance(product_attrs, (ConvAttrs, DenseAttrs))
+        folded_layer = dataclasses.replace(
+            product.layer, attrs=dataclasses.replace(product_attrs, bias=True, act=act))
+        self.folded = build_layer(dataclasses.replace(
+            product, layer=folded_layer,
+            param_shapes=(("weight", weight_shape), ("bias", (channels,)))))
+        self.folded_params = {"weight": np.empty(weight_shape, dtype=product.dtype),
+                              "bias": np.empty(channels, dtype=product.dtype)}
+        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs]
+        self.algorithm = self.product.algorithm
+        self.reason = (self.product.reason + "; batch norm folded into the weights for "
+                       "inference" if self.product.reason else
+                       "batch norm folded into the weights for inference")
+        self._inputs: list[np.ndarray] = []
+        self._folded_last = False
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        own, norm = _split(params)
+        self._inputs = inputs
+        if mode.train:
+            self._folded_last = False
+            product = self.product.forward(inputs, own, mode)
+            return self.norm.forward([product], norm, mode)
+        self._fold(own, norm)
+        self._folded_last = True
+        return self.folded.forward(inputs, self.folded_params, mode)
+
+    def _fold(self, own: Arrays, norm: Arrays) -> None:
+        """Batch norm's inference affine map, moved into the weights (in float64)."""
+        scale = 1.0 / np.sqrt(norm["running_var"].astype(np.float64) + self.eps)
+        shift = -norm["running_mean"].astype(np.float64) * scale
+        if self.affine:
+            scale = scale * norm["weight"]
+            shift = shift * norm["weight"] + norm["bias"]
+        weight = own["weight"].astype(np.float64)
+        per_output = scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        np.copyto(self.folded_params["weight"], weight * per_output, casting="unsafe")
+        bias = shift + (own["bias"] * scale if "bias" in own else 0.0)
+        np.copyto(self.folded_params["bias"], bias, casting="unsafe")
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        own, norm = _split(params)
+        own_grads, norm_grads = _split(grads)
+        if self._folded_last:
+            # The folded kernel kept no batch norm values: compute them the unfused
+            # way (inference mode, as the forward was) before going back.
+            evaluate = Mode(train=False)
+            product = self.product.forward(self._inputs, own, evaluate)
+            self.norm.forward([product], norm, evaluate)
+            self._folded_last = False
+        (grad_product,) = self.norm.backward(grad_output, norm, norm_grads, skip_act)
+        assert grad_product is not None
+        return self.product.backward(grad_product, own, own_grads)

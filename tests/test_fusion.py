@@ -1,0 +1,177 @@
+"""Fusion: which layers join a stage, and that fused stages compute what the layers
+compute one by one, on every network of the zoo (forward, loss, every gradient and
+the running statistics, in training and in inference)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convdsl
+from convdsl.errors import ConvDslError, RunError
+from convdsl.passes.fusion import fusion_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = sorted([*ROOT.glob("networks/*.cnn"), *ROOT.glob("examples/*.cnn")])
+
+# Every fusion pattern in one small network: conv+bn+relu, conv+relu, add+relu,
+# dense+bn+relu, and a softmax folded into the output layer.
+PATTERNS = """network patterns
+input 3x10x10
+c1 = conv(8, 3, pad=1, bias=no) -> bn -> relu
+c2 = conv(8, 3, pad=1) -> relu
+d = add(c1, c2) -> relu
+p = maxpool(2)
+flatten
+fc = dense(6) -> bn -> relu
+out = dense(4) -> softmax
+output out
+"""
+
+# Each network is compiled at the batch its PyTorch parity test uses, so that the
+# fused kernels come from the shared cache and only the unfused ones compile here.
+# Cold compiles dominate this test, so CI runs the networks whose kernels it shares
+# plus one network per remaining ImageNet pattern (AlexNet: conv+relu; VGG-16-BN:
+# conv+bn+relu); CONVDSL_FUSION_ZOO=all runs every network with a fused group.
+PARITY_BATCH = {"resnet20_cifar": 2, "voxel3d": 2, "inception_module": 1,
+                "every_op_image": 3, "every_op_signal": 4, "every_op_volume": 3}
+IMAGENET_PATTERNS = ("alexnet", "vgg16_bn")
+
+
+def groups(text: str) -> list[list[str]]:
+    return [[layer.name for layer in group.layers]
+            for group in fusion_groups(convdsl.loads(text))]
+
+
+def test_a_product_swallows_batch_norm_and_an_activation() -> None:
+    assert groups("input 3x8x8\nc = conv(4, 3) -> bn -> relu\nflatten\nfc = dense(2)\n"
+                  "output fc") == [["c.0", "c.1", "c.2"], ["flatten_1"], ["fc"]]
+
+
+def test_layers_with_other_readers_or_outputs_are_not_swallowed() -> None:
+    text = """input 3x8x8
+    c = conv(4, 3)
+    r = c -> relu
+    side = c -> global_avgpool -> flatten -> dense(2)
+    top = r -> global_avgpool -> flatten -> dense(2)
+    output top
+    aux side"""
+    assert ["c"] in groups(text)  # c has two readers: the relu keeps its own stage
+    out = "input 3x8x8\nc = conv(4, 3)\nr = relu\nf = flatten\nfc = dense(2)\noutput fc\naux c"
+    assert ["c"] in groups(out)  # c is an output: someone reads its own value
+
+
+def test_fusion_stops_where_the_rules_say() -> None:
+    # bn after a convolution with its own activation cannot fold (relu is in between);
+    # an activation cannot join a layer that already has one; pooling keeps its stage.
+    text = """input 3x8x8
+    a = conv(4, 3, act=relu) -> bn
+    b = conv(4, 3, act=relu) -> tanh
+    p = maxpool(2) -> relu
+    flatten
+    fc = dense(2)
+    output fc"""
+    assert groups(text)[:5] == [["a.0"], ["a.1"], ["b.0"], ["b.1"], ["p.0"]]
+
+
+def test_no_fuse_gives_one_stage_per_layer() -> None:
+    net = convdsl.loads("input 3x8x8\nc = conv(4, 3) -> bn -> relu\nflatten\nfc = dense(2)\n"
+                        "output fc")
+    assert [len(g.layers) for g in fusion_groups(net, fuse=False)] == [1] * 5
+
+
+def test_a_fused_layer_cannot_be_read_and_says_why() -> None:
+    net = convdsl.compile("input 3x8x8\nc = conv(4, 3) -> bn -> relu\nflatten\n"
+                          "fc = dense(2)\noutput fc", batch=2, warm=False)
+    net.forward(np.ones((2, 3, 8, 8), np.float32))
+    with pytest.raises(RunError, match=r"fused into stage 'c\.2'"):
+        net.activation("c.1")
+    assert net.activation("c.2").shape == (2, 4, 6, 6)
+
+
+# --- fused and unfused agree on the whole zoo ------------------------------------------
+
+def smaller(path: Path) -> convdsl.Network:
+    """The network with its image input shrunk (the zoo's ImageNet networks run at
+    224x224), to the smallest size it still checks at: fusion does not depend on it."""
+    text = path.read_text()
+    match = re.search(r"^input (?:\w+: )?(\d+)x(\d+)x(\d+)\s*$", text, re.M)
+    if match is None or int(match.group(2)) <= 64:
+        return convdsl.load(path)
+    for size in (64, 96, 128, 160, 192):
+        try:
+            return convdsl.loads(text.replace(match.group(0), match.group(0).replace(
+                f"{match.group(2)}x{match.group(3)}", f"{size}x{size}")), str(path))
+        except ConvDslError:
+            continue
+    return convdsl.load(path)
+
+
+def random_targets(net: convdsl.CompiledNetwork, rng: np.random.Generator) -> dict:
+    targets = {}
+    for output in net.network.outputs:
+        shape = net.network.shapes[output.name]
+        if output.loss.value == "cross_entropy":
+            targets[output.name] = rng.integers(0, shape[0], (net.batch, *shape[1:]))
+        elif output.loss.value == "mse":
+            targets[output.name] = rng.standard_normal((net.batch, *shape))
+    return targets
+
+
+def fused_networks() -> list[Path]:
+    fusable = [p for p in ZOO if any(g.fused for g in fusion_groups(convdsl.load(p)))]
+    if os.environ.get("CONVDSL_FUSION_ZOO") == "all":
+        return fusable
+    return [p for p in fusable if p.stem in PARITY_BATCH or p.stem in IMAGENET_PATTERNS]
+
+
+def test_the_ci_selection_covers_every_pattern_of_the_zoo() -> None:
+    def patterns(paths: list[Path]) -> set[str]:
+        return {group.describe().split(" (")[-1] for path in paths
+                for group in fusion_groups(convdsl.load(path)) if group.fused}
+
+    everything = [p for p in ZOO if any(g.fused for g in fusion_groups(convdsl.load(p)))]
+    assert patterns(fused_networks()) == patterns(everything)
+
+
+def test_every_pattern_computes_what_its_layers_compute() -> None:
+    assert_fusion_changes_nothing(convdsl.loads(PATTERNS), batch=3)
+
+
+@pytest.mark.parametrize("path", fused_networks(), ids=lambda p: p.stem)
+def test_fused_stages_compute_what_the_layers_compute(path: Path) -> None:
+    assert_fusion_changes_nothing(smaller(path), PARITY_BATCH.get(path.stem, 2))
+
+
+def assert_fusion_changes_nothing(network: convdsl.Network, batch: int) -> None:
+    fused = convdsl.compile(network, batch=batch, dtype="float64", warm=False)
+    plain = convdsl.compile(network, batch=batch, dtype="float64", warm=False, fuse=False)
+    assert len(fused.stages) < len(plain.stages)
+    plain.load_state_dict(fused.state_dict())
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal((batch, *shape))
+              for name, shape in network.input_shapes.items()}
+    targets = random_targets(fused, rng)
+    for train in (True, False):
+        results = []
+        for net in (fused, plain):
+            outputs = net.forward(inputs, train=train, step=1)
+            loss = net.loss(targets)
+            grad = net.backward()
+            results.append((outputs, loss, grad, {k: v.copy() for k, v in net.grads.items()}))
+        (y1, l1, g1, w1), (y2, l2, g2, w2) = results
+        np.testing.assert_allclose(y1, y2, rtol=1e-9, atol=1e-12)
+        assert l1 == pytest.approx(l2, rel=1e-9)
+        grads1 = g1 if isinstance(g1, dict) else {"input": g1}
+        grads2 = g2 if isinstance(g2, dict) else {"input": g2}
+        for name in grads1:
+            np.testing.assert_allclose(grads1[name], grads2[name], rtol=1e-8, atol=1e-12)
+        for name in w1:
+            np.testing.assert_allclose(w1[name], w2[name], rtol=1e-8, atol=1e-11,
+                                       err_msg=f"{name} ({'train' if train else 'eval'})")
+    for name, value in fused.params.items():  # running statistics moved the same way
+        np.testing.assert_allclose(value, plain.params[name], rtol=1e-12, err_msg=name)

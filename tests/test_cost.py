@@ -138,3 +138,11 @@ def test_tuned_keeps_the_fastest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert ms == pytest.approx({"direct": 3.0, "fft": 1.0})
     seconds = {"direct": 0.0, "fft": 1.0}  # not timed again: the cached decision holds
     assert cost.tuned("layer", ("direct", "fft"), seconds.__getitem__) == ("fft", ms, True)
+
+
+def test_rates_measured_on_a_busy_machine_are_not_kept() -> None:
+    # Measured while other jobs ran: BLAS at 4.7 GFLOP/s, below the loops' 19.8.
+    busy = cost.Rates(blas=4.7e9, loops=19.8e9, fft=8.8e9, copy=64e9, call=5.6e-5)
+    idle = cost.Rates(blas=203e9, loops=21.9e9, fft=7.6e9, copy=67e9, call=5.4e-5)
+    assert not cost.plausible(busy)
+    assert cost.plausible(idle)

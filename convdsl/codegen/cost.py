@@ -201,8 +201,20 @@ def rates() -> Rates:
     if os.environ.get(NO_CALIBRATE, "") not in ("", "0"):
         return DEFAULT_RATES
     if _RATES is None:
-        _RATES = _read_calibration() or _write_calibration(calibrate())
+        _RATES = _read_calibration()
+    if _RATES is None:
+        measured = calibrate()
+        # On a busy machine BLAS threads lose their turns and a product can measure
+        # 40x slower than idle (seen here: 4.7 against 203 GFLOP/s), which would
+        # steer every layer away from GEMM for good. A BLAS product slower than the
+        # generated loops is such a measurement: use the built-in rates, keep nothing.
+        _RATES = _write_calibration(measured) if plausible(measured) else DEFAULT_RATES
     return _RATES
+
+
+def plausible(measured: Rates) -> bool:
+    """Whether measured rates look like an idle machine's (BLAS beats plain loops)."""
+    return measured.blas >= measured.loops
 
 
 def _machine() -> dict[str, object]:

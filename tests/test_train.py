@@ -259,6 +259,7 @@ def test_nan_stops_training_naming_the_layer_and_keeps_the_last_checkpoint(
     assert run_cli("train", tiny, "--data", data, "--out", run, "--epochs", "1") == 0
     good = (run / "checkpoint.npz").read_bytes()
     assert run_cli("train", tiny, "--out", run, "--resume", "--epochs", "2") == 0
+    assert json.loads((run / "config.json").read_text())["settings"]["epochs"] == 2
     blown = tmp_path / "blown"
     # A learning rate of 1e30 overflows the weights within a few steps.
     assert run_cli("train", tiny, "--data", data, "--out", blown, "--lr", "1e30",

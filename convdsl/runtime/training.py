@@ -180,6 +180,10 @@ class Trainer:
         self.optimizer.load_state_dict(saved.optimizer)
         self.position = Position(**saved.meta["position"])
         self.net.step = self.position.step
+        config = read_config(self.run.path)
+        if config["settings"] != self.settings.to_dict():  # --epochs changed: keep it
+            config["settings"] = self.settings.to_dict()
+            ckpt.write_text(self.run.config, json.dumps(config, indent=2) + "\n")
 
     # --- the loop ------------------------------------------------------------
 

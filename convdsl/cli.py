@@ -22,6 +22,7 @@ from convdsl.frontend.printer import format_module
 from convdsl.ir import training
 from convdsl.ir.training import TrainSettings
 from convdsl.network import Network, load, read_source
+from convdsl.runtime.checkpoint import write_text
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -86,7 +87,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         elif args.stdout:
             sys.stdout.write(formatted)
         else:
-            _write_atomically(Path(path), formatted)
+            write_text(path, formatted)
             print(f"{path}: reformatted")
     return status
 
@@ -271,15 +272,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     curves.draw(rows, path, title=str(folder.name))
     print(path)
     return EXIT_OK
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.fmt-tmp")
-    with open(temporary, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,9 +103,8 @@ def _sync_folder(folder: Path) -> None:
     except OSError:  # some systems cannot open a folder; the rename is still atomic
         return
     try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 

@@ -26,13 +26,13 @@ from convdsl.codegen.fused import build_stage, stage_arrays
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, layer_setups
 from convdsl.errors import RunError
 from convdsl.ir.ops import Activation, Layer, Loss
+from convdsl.ir.training import DTYPES, INITS
 from convdsl.network import Network, load, loads
 from convdsl.passes.fusion import fusion_groups
 from convdsl.passes.fusion import kind as _kind
 from convdsl.runtime import losses
-from convdsl.runtime.params import INITS, init_params, network_params
+from convdsl.runtime.params import init_params, network_params
 
-DTYPES = ("float32", "float64")
 Arrays = dict[str, np.ndarray]
 
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from convdsl.ir.ops import BatchNormAttrs, ConvAttrs, DenseAttrs, Layer, Op
+from convdsl.ir.training import INITS
 from convdsl.network import Network
-
-INITS = ("pytorch", "he", "glorot")
 
 
 @dataclass(frozen=True)

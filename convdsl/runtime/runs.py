@@ -33,15 +33,14 @@ def prepare(network: Network, network_path: str, data_source: str | None,
             log: Log = print, progress: bool | None = None, fuse: bool = True) -> Trainer:
     """A trainer for a new run in `out`, or for the run there when resuming."""
     if resume:
-        settings, data_source = _resumed_recipe(out, data_source, overrides)
+        settings, source = _resumed_recipe(out, data_source, overrides)
+    elif data_source is None:
+        raise RunError("no data to train on", "pass --data digits, mnist1d, a .npz file "
+                       "or a folder of IDX files")
     else:
-        if data_source is None:
-            raise RunError("no data to train on", "pass --data digits, mnist1d, a .npz file "
-                           "or a folder of IDX files")
-        settings = resolve(network.training, overrides)
-    assert data_source is not None
-    data = datasets.load_data(data_source)
-    config = {"network": str(network_path), "data": data_source, "algo": algo}
+        settings, source = resolve(network.training, overrides), data_source
+    data = datasets.load_data(source)
+    config = {"network": str(network_path), "data": source, "algo": algo}
     trainer = Trainer(network, data, settings, out, algo, log=log, progress=progress,
                       config=config, fuse=fuse)
     if resume:

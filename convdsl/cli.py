@@ -23,6 +23,7 @@ from convdsl.ir import training
 from convdsl.ir.training import TrainSettings
 from convdsl.network import Network, load, read_source
 from convdsl.runtime.checkpoint import write_text
+from convdsl.runtime.devices import DEVICES
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -113,7 +114,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         print(summary_table(net))
     start = time.perf_counter()
-    compiled = CompiledNetwork(net, args.batch, args.dtype, args.algo, fuse=not args.no_fuse)
+    compiled = CompiledNetwork(net, args.batch, args.dtype, args.algo, fuse=not args.no_fuse,
+                               device=args.device)
     generated = time.perf_counter() - start
     first_run = compiled.warm_up()  # Numba compiles, or loads from its cache, here
     cold = time.perf_counter() - start
@@ -132,7 +134,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"fused groups ({len(fused)}): " + "; ".join(fused))
     print(f"{net.name}: {len(compiled.network.layers) - len(net.input_shapes)} layers in "
           f"{len(compiled.stages)} stages, {len(kernels)} distinct kernels, "
-          f"batch {args.batch}, {args.dtype}")
+          f"batch {args.batch}, {args.dtype}, {args.device}")
     print(f"cold: {cold:.2f} s (generate {generated:.2f} s, then compile or load from the "
           f"cache and run once); warm: {warm:.3f} s (a training step and an inference)")
     if "source" in dumps:
@@ -170,7 +172,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     # By default, the batch the file trains with, since that is the step worth timing.
     batch = args.batch or net.training.get("batch", TrainSettings().batch)
     compiled = compile_network(net, batch=batch, dtype=args.dtype, algo=args.algo,
-                               fuse=not args.no_fuse)
+                               fuse=not args.no_fuse, device=args.device)
     timing = time_network(compiled, iterations=args.iterations)
     if args.json:
         print(json.dumps(timing.to_dict(), indent=2))
@@ -188,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None}
     trainer = runs.prepare(net, args.file, args.data, overrides, out, args.resume, args.algo,
                            progress=False if args.no_progress else None,
-                           fuse=not args.no_fuse)
+                           fuse=not args.no_fuse, device=args.device)
     runs.compile_for_run(trainer)
     from convdsl.runtime.training import Interrupted
 
@@ -221,7 +223,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     net = _load(args.file)
     weights = Path(args.weights)
     settings = runs.weights_settings(weights, net)
-    compiled = runs.load_weights(net, weights, args.batch or settings.batch, settings.dtype)
+    compiled = runs.load_weights(net, weights, args.batch or settings.batch, settings.dtype,
+                                 args.device)
     data = datasets.fit_to_network(datasets.load_data(args.data), net.input_shape,
                                    classes_of(net), settings.dtype)
     if data.x_test is not None and data.y_test is not None and not args.all:
@@ -247,7 +250,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     settings = runs.weights_settings(weights, net)
     x = runs.read_inputs(Path(args.input), net.input_shape, settings.dtype)
     compiled = runs.load_weights(net, weights, args.batch or min(settings.batch, len(x)),
-                                 settings.dtype)
+                                 settings.dtype, args.device)
     probs = probabilities(net, main_scores(compiled, x))
     if args.output:
         np.save(args.output, probs)
@@ -313,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("file", metavar="FILE")
     _add_compile_options(compile_)
     compile_.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _add_device_option(compile_)
     compile_.add_argument("--emit", metavar="DIR", help="write the generated source to DIR")
     compile_.add_argument("--dump", metavar="WHAT",
                           help="print ast, graph, plan and/or source (comma-separated)")
@@ -339,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="convolution algorithm for every layer, overriding the file")
     time_.add_argument("--no-fuse", action="store_true",
                        help="one stage per layer, to see what fusion saves")
+    _add_device_option(time_)
     time_.add_argument("--json", action="store_true", help="one JSON object, times in ms")
     time_.set_defaults(run=cmd_time)
 
@@ -359,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one stage per layer (the same results, without fusion)")
     train.add_argument("--no-progress", action="store_true",
                        help="plain log lines even on a terminal")
+    _add_device_option(train)
     _add_setting_options(train)
     train.set_defaults(run=cmd_train)
 
@@ -372,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--batch", type=_positive, metavar="N",
                       help="batch size (default: the run's)")
     test.add_argument("--json", action="store_true", help="one JSON object")
+    _add_device_option(test)
     test.set_defaults(run=cmd_test)
 
     predict = commands.add_parser("predict", help="class probabilities for inputs in a .npy")
@@ -383,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="classes shown per example (default 3)")
     predict.add_argument("--output", metavar="OUT.npy", help="save every probability")
     predict.add_argument("--batch", type=_positive, metavar="N")
+    _add_device_option(predict)
     predict.set_defaults(run=cmd_predict)
 
     plot = commands.add_parser("plot", help="redraw a run's loss and accuracy curves")
@@ -449,6 +457,12 @@ def _add_compile_options(parser: argparse.ArgumentParser, batch: int = 1) -> Non
                         help="convolution algorithm for every layer, overriding the file")
     parser.add_argument("--no-fuse", action="store_true",
                         help="one stage per layer (the same results, without fusion)")
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the kernels run: cpu (default), or cuda for an NVIDIA "
+                        'GPU (pip install "convdsl[cuda]"); never falls back silently')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

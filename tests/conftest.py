@@ -11,3 +11,8 @@ os.environ.setdefault("CONVDSL_CACHE", str(Path(__file__).resolve().parent.paren
 # The convolution cost model's built-in machine rates: the same algorithm choices on
 # every machine, and no calibration run inside the tests.
 os.environ.setdefault("CONVDSL_NO_CALIBRATE", "1")
+
+# The CUDA tier (tests/test_cuda_*.py, marker `cuda`) runs in Numba's CUDA simulator
+# unless CONVDSL_TEST_GPU=1 asks for the real GPU. It must be set before numba.cuda loads.
+if os.environ.get("CONVDSL_TEST_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")

@@ -11,6 +11,8 @@ parameter gradients and (in training) the updated running statistics agree.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 import convdsl
@@ -57,12 +59,26 @@ def layer_params(network: convdsl.Network, name: str, rng: np.random.Generator
     return fields
 
 
+def to_device(array: np.ndarray, device: str) -> Any:
+    """The array where the kernels of `device` read it (a copy on the GPU for cuda)."""
+    if device == "cpu":
+        return array
+    from convdsl.codegen.cuda import arrays
+
+    return arrays.to_device(array)
+
+
+def to_host(array: Any) -> np.ndarray:
+    return array.copy_to_host() if hasattr(array, "copy_to_host") else array
+
+
 def check_layer(text: str, name: str, batch: int = 2, dtype: str = "float32",
                 algo: str | None = None, train: bool = False, seed: int = 0,
-                inputs: list[np.ndarray] | None = None) -> KernelLayer:
-    """Run layer `name` of the network `text` both ways and assert they agree."""
+                inputs: list[np.ndarray] | None = None, device: str = "cpu") -> KernelLayer:
+    """Run layer `name` of the network `text` both ways and assert they agree; `device`
+    picks the target whose kernels run (cuda: under the simulator in the tests)."""
     network = convdsl.loads(text)
-    setup = layer_setups(network, batch, dtype, algo)[name]
+    setup = layer_setups(network, batch, dtype, algo, device)[name]
     rng = np.random.default_rng(seed)
     if inputs is None:
         inputs = [random_array(rng, shape) for shape in setup.batched_inputs]
@@ -75,8 +91,11 @@ def check_layer(text: str, name: str, batch: int = 2, dtype: str = "float32",
 
     expected, saved = reference.layer_forward(
         setup.layer, [x.astype(np.float64) for x in inputs], params64, setup.window, mode)
-    actual = kernel.forward([np.ascontiguousarray(x, dtype=dtype) for x in inputs], params,
-                            Mode(train=train, seed=seed, step=3))
+    on_device = {field: to_device(array, device) for field, array in params.items()}
+    actual = to_host(kernel.forward(
+        [to_device(np.ascontiguousarray(x, dtype=dtype), device) for x in inputs],
+        on_device, Mode(train=train, seed=seed, step=3)))
+    params = {field: to_host(array) for field, array in on_device.items()}
     assert actual.dtype == np.dtype(dtype), f"output dtype {actual.dtype}"
     assert_close(actual, expected, forward_tol, f"{name} forward")
     for field in ("running_mean", "running_var"):
@@ -88,11 +107,13 @@ def check_layer(text: str, name: str, batch: int = 2, dtype: str = "float32",
     grad_output = random_array(rng, expected.shape)
     expected_inputs, expected_params = reference.layer_backward(
         setup.layer, grad_output, saved, params64)
-    grads = {field: np.zeros_like(params[field]) for field in expected_params}
-    actual_inputs = kernel.backward(grad_output.astype(dtype), params, grads)
+    grads = {field: to_device(np.full_like(params[field], np.nan), device)
+             for field in expected_params}  # NaN: a gradient never written shows
+    actual_inputs = kernel.backward(to_device(grad_output.astype(dtype), device), on_device,
+                                    grads)
     for index, (got, want) in enumerate(zip(actual_inputs, expected_inputs, strict=True)):
         assert got is not None, f"{name}: no gradient for input {index}"
-        assert_close(got, want, grad_tol, f"{name} grad of input {index}")
+        assert_close(to_host(got), want, grad_tol, f"{name} grad of input {index}")
     for field, want in expected_params.items():
-        assert_close(grads[field], want, grad_tol, f"{name} grad of {field}")
+        assert_close(to_host(grads[field]), want, grad_tol, f"{name} grad of {field}")
     return kernel

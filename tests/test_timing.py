@@ -111,7 +111,7 @@ def test_the_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> Non
     out, err = capsys.readouterr()
     assert status == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0] == "lenet5: batch 2, float32, median of 1 iteration after 1 warm-up"
+    assert lines[0] == "lenet5: batch 2, float32, cpu, median of 1 iteration after 1 warm-up"
     assert lines[1].split()[:3] == ["stage", "ops", "algorithm"]
     rows = [line for line in lines if line.split()[0] in
             ("c1", "s2", "c3", "s4", "flatten_1", "f5", "f6", "out")]

@@ -24,6 +24,7 @@ import numpy as np
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
 from convdsl.passes.fusion import FusionGroup
+from convdsl.runtime.devices import device_named
 
 NORM_PREFIX = "bn."
 Arrays = dict[str, np.ndarray]
@@ -85,8 +86,9 @@ class ProductNormLayer(KernelLayer):
         self.folded = build_layer(dataclasses.replace(
             product, layer=folded_layer,
             param_shapes=(("weight", weight_shape), ("bias", (channels,)))))
-        self.folded_params = {"weight": np.empty(weight_shape, dtype=product.dtype),
-                              "bias": np.empty(channels, dtype=product.dtype)}
+        self.device = device_named(product.device)
+        self.folded_params = {"weight": self.device.zeros(weight_shape, product.dtype),
+                              "bias": self.device.zeros((channels,), product.dtype)}
         self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs]
         self.algorithm = self.product.algorithm
         self.reason = (self.product.reason + "; batch norm folded into the weights for "
@@ -109,6 +111,12 @@ class ProductNormLayer(KernelLayer):
 
     def _fold(self, own: Arrays, norm: Arrays) -> None:
         """Batch norm's inference affine map, moved into the weights (in float64)."""
+        if self.device.name == "cuda":
+            from convdsl.codegen.cuda.arrays import fold_batch_norm
+
+            fold_batch_norm(own["weight"], own.get("bias"), norm, self.eps, self.affine,
+                            self.folded_params["weight"], self.folded_params["bias"])
+            return
         scale = 1.0 / np.sqrt(norm["running_var"].astype(np.float64) + self.eps)
         shift = -norm["running_mean"].astype(np.float64) * scale
         if self.affine:

@@ -48,6 +48,7 @@ class LayerSetup:
     window: Window | None
     algo: str  # "auto", or one of ALGORITHMS when the file or the caller asks
     param_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # field -> shape
+    device: str = "cpu"  # which target's kernels: "cpu" or "cuda"
 
     @property
     def batched_inputs(self) -> tuple[tuple[int, ...], ...]:
@@ -104,38 +105,46 @@ class KernelLayer(ABC):
 
 
 Builder = Callable[[LayerSetup], KernelLayer]
-_BUILDERS: dict[Op, Builder] = {}
+DEVICES = ("cpu", "cuda")
+_BUILDERS: dict[tuple[str, Op], Builder] = {}
 
 
-def builder(*ops: Op) -> Callable[[Builder], Builder]:
-    """Register the function that builds kernel layers for `ops`."""
+def builder(*ops: Op, device: str = "cpu") -> Callable[[Builder], Builder]:
+    """Register the function that builds kernel layers for `ops` on `device`."""
     def register(build: Builder) -> Builder:
         for op in ops:
-            if op in _BUILDERS:
-                raise ValueError(f"op {op.value} has two kernel builders")
-            _BUILDERS[op] = build
+            if (device, op) in _BUILDERS:
+                raise ValueError(f"op {op.value} has two {device} kernel builders")
+            _BUILDERS[device, op] = build
         return build
     return register
 
 
-def build_layer(setup: LayerSetup) -> KernelLayer:
-    from convdsl.codegen import cpu  # noqa: F401  (registers the builders)
+def _register_target(device: str) -> None:
+    """Import the target's package, whose modules register its builders."""
+    if device == "cuda":
+        from convdsl.codegen import cuda  # noqa: F401
+    else:
+        from convdsl.codegen import cpu  # noqa: F401
 
+
+def build_layer(setup: LayerSetup) -> KernelLayer:
+    _register_target(setup.device)
     try:
-        build = _BUILDERS[setup.layer.op]
+        build = _BUILDERS[setup.device, setup.layer.op]
     except KeyError:
-        raise NotImplementedError(f"no CPU kernels for op {setup.layer.op.value}") from None
+        raise NotImplementedError(f"no {setup.device} kernels for op "
+                                  f"{setup.layer.op.value}") from None
     return build(setup)
 
 
-def registered_ops() -> set[Op]:
-    from convdsl.codegen import cpu  # noqa: F401
+def registered_ops(device: str = "cpu") -> set[Op]:
+    _register_target(device)
+    return {op for target, op in _BUILDERS if target == device}
 
-    return set(_BUILDERS)
 
-
-def layer_setups(network: Network, batch: int, dtype: str, algo: str | None = None
-                 ) -> dict[str, LayerSetup]:
+def layer_setups(network: Network, batch: int, dtype: str, algo: str | None = None,
+                 device: str = "cpu") -> dict[str, LayerSetup]:
     """A setup for every layer but the inputs. `algo` (from the command line)
     overrides the algorithm each convolution asks for in the file."""
     setups: dict[str, LayerSetup] = {}
@@ -148,5 +157,6 @@ def layer_setups(network: Network, batch: int, dtype: str, algo: str | None = No
         setups[layer.name] = LayerSetup(
             layer=layer, batch=batch, dtype=dtype, in_shapes=in_shapes,
             out_shape=network.shapes[layer.name], window=network.windows.get(layer.name),
-            algo=asked, param_shapes=tuple((info.field, info.shape) for info in infos))
+            algo=asked, param_shapes=tuple((info.field, info.shape) for info in infos),
+            device=device)
     return setups

@@ -71,6 +71,7 @@ class Timing:
     stages: tuple[StageTime, ...]
     train_step_s: float  # forward (train=True) + loss + backward, measured whole
     inference_s: float  # forward (train=False), measured whole
+    device: str = "cpu"
 
     @property
     def stages_s(self) -> float:
@@ -101,6 +102,7 @@ class Timing:
         """Everything as plain numbers, times in milliseconds, for `--json`."""
         return {
             "network": self.network, "batch": self.batch, "dtype": self.dtype,
+            "device": self.device,
             "iterations": self.iterations,
             "stages": [{
                 "name": s.name, "ops": s.ops, "algorithm": s.algorithm,
@@ -130,17 +132,19 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
     saved, step = net.state_dict(), net.step
     try:
         forward, backward = _time_stages(net, inputs, targets, iterations, rng)
-        train_step = _median_seconds(lambda: _train_step(net, inputs, targets, rng), iterations)
-        inference = _median_seconds(lambda: net.forward(inputs, train=False), iterations)
+        train_step = _median_seconds(lambda: _train_step(net, inputs, targets, rng), iterations,
+                                     net.device.synchronize)
+        inference = _median_seconds(lambda: net.forward(inputs, train=False), iterations,
+                                    net.device.synchronize)
     finally:
         net.load_state_dict(saved)
         net.step = step
         for array in net.grads.values():
-            array.fill(0)
+            net.device.fill(array, 0.0)
     stages = tuple(_stage_time(net, stage, forward[stage.name], backward[stage.name])
                    for stage in net.stages)
     return Timing(net.network.name, net.batch, net.dtype, iterations, stages,
-                  train_step, inference)
+                  train_step, inference, net.device.name)
 
 
 # --- measuring ------------------------------------------------------------------
@@ -149,25 +153,34 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
 def _time_stages(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
                  targets: Mapping[str, np.ndarray], iterations: int,
                  rng: np.random.Generator) -> tuple[dict[str, float], dict[str, float]]:
-    """Median forward and backward seconds of each stage, kernels called one by one."""
+    """Median forward and backward seconds of each stage, kernels called one by one.
+    On a GPU, kernels run asynchronously: the device is synchronised before and after
+    each stage, so that each time is that stage's own work."""
     skip = _softmax_skipped(net, inputs, targets)
-    grads_out = {stage.name: rng.standard_normal(
-        (net.batch, *net.network.shapes[stage.name])).astype(net.dtype)
+    device = net.device
+    grads_out = {stage.name: device.put(rng.standard_normal(
+        (net.batch, *net.network.shapes[stage.name])).astype(net.dtype))
         for stage in net.stages}
+    on_device = {name: device.put(array) for name, array in inputs.items()}
     forward: dict[str, list[float]] = {stage.name: [] for stage in net.stages}
     backward: dict[str, list[float]] = {stage.name: [] for stage in net.stages}
     for run in range(WARM_UP + iterations):
         mode = Mode(train=True, seed=net.seed, step=run)
-        values: dict[str, np.ndarray] = dict(inputs)
+        values: dict[str, Any] = dict(on_device)
         for stage in net.stages:
             sources = [values[source] for source in stage.inputs]
+            device.synchronize()
             start = time.perf_counter()
             values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
+            device.synchronize()
             forward[stage.name].append(time.perf_counter() - start)
         for stage in reversed(net.stages):
-            grad = grads_out[stage.name].copy()  # a backward may overwrite its gradient
+            # a backward may overwrite its gradient
+            grad = device.duplicate(grads_out[stage.name])
+            device.synchronize()
             start = time.perf_counter()
             stage.kernel.backward(grad, stage.params, stage.grads, skip_act=stage.name in skip)
+            device.synchronize()
             backward[stage.name].append(time.perf_counter() - start)
     return ({name: statistics.median(times[WARM_UP:]) for name, times in forward.items()},
             {name: statistics.median(times[WARM_UP:]) for name, times in backward.items()})
@@ -197,13 +210,16 @@ def _train_step(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
         for output in net.network.outputs})
 
 
-def _median_seconds(run: Callable[[], object], iterations: int) -> float:
+def _median_seconds(run: Callable[[], object], iterations: int,
+                    synchronize: Callable[[], None]) -> float:
     for _ in range(WARM_UP):
         run()
     times = []
     for _ in range(iterations):
+        synchronize()
         start = time.perf_counter()
         run()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -259,7 +275,7 @@ def timing_table(timing: Timing) -> str:
                  f"{backward_sum * 1e3:.3f}", "", "", "100.0%" if timing.stages else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     left = 3  # name, ops and algorithm read left to right; numbers line up on the right
-    lines = [f"{timing.network}: batch {timing.batch}, {timing.dtype}, median of "
+    lines = [f"{timing.network}: batch {timing.batch}, {timing.dtype}, {timing.device}, median of "
              f"{timing.iterations} iteration{'s' if timing.iterations != 1 else ''} "
              f"after {WARM_UP} warm-up"]
     for index, row in enumerate(rows):

@@ -31,9 +31,10 @@ from convdsl.network import Network, load, loads
 from convdsl.passes.fusion import fusion_groups
 from convdsl.passes.fusion import kind as _kind
 from convdsl.runtime import losses
+from convdsl.runtime.devices import Array, Device, device_named
 from convdsl.runtime.params import init_params, network_params
 
-Arrays = dict[str, np.ndarray]
+Arrays = dict[str, Array]  # NumPy arrays on the CPU, device arrays on CUDA
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ class CompiledNetwork:
 
     def __init__(self, network: Network, batch: int = 1, dtype: str = "float32",
                  algo: str | None = None, seed: int = 0, init: str = "pytorch",
-                 check: bool = False, fuse: bool = True) -> None:
+                 check: bool = False, fuse: bool = True, device: str = "cpu") -> None:
         _check_options(batch, dtype, algo, init)
+        # Opened first: no GPU, or no numba-cuda, is said before anything compiles.
+        self.device: Device = device_named(device)
         self.network = network
         self.batch = batch
         self.dtype = dtype
@@ -82,10 +85,13 @@ class CompiledNetwork:
         self.check = check  # look for NaN and infinity after every layer
         self.step = 0  # training forwards so far: decides dropout masks
         self.fuse = fuse
-        self.setups: dict[str, LayerSetup] = layer_setups(network, batch, dtype, algo)
-        self.params: Arrays = init_params(network, seed, init, dtype)
+        self.setups: dict[str, LayerSetup] = layer_setups(network, batch, dtype, algo,
+                                                          device)
+        self.params: Arrays = {name: self.device.put(array) for name, array
+                               in init_params(network, seed, init, dtype).items()}
         trained = [info.name for info in network_params(network) if info.trained]
-        self.grads: Arrays = {name: np.zeros_like(self.params[name]) for name in trained}
+        self.grads: Arrays = {name: self.device.zeros(self.params[name].shape, dtype)
+                              for name in trained}
         self._layer_params = _by_layer(self.params)
         self._layer_grads = _by_layer(self.grads)
         self.stages: list[Stage] = [
@@ -102,6 +108,7 @@ class CompiledNetwork:
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
         self._accumulators: Arrays = {}
+        self._input_buffers: Arrays = {}  # where inputs land on the device
         self.compile_seconds: dict[str, float] = {}
 
     # --- shapes -----------------------------------------------------------
@@ -132,20 +139,31 @@ class CompiledNetwork:
             step = self.step
             self.step += 1
         mode = Mode(train=train, seed=self.seed, step=step or 0)
-        values = dict(inputs)
+        values = {name: self._send(name, array) for name, array in inputs.items()}
         for stage in self.stages:
             sources = [values[source] for source in stage.inputs]
             values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
             if self.check:
-                _check_finite(values[stage.name], stage.layer, "output")
+                self._check_finite(values[stage.name], stage.layer, "output")
         self._values = values
         self._loss_grads = {}
-        return values[self.main_output].copy()
+        return self.device.get(values[self.main_output])
+
+    def _send(self, name: str, array: np.ndarray) -> Array:
+        """An input batch where the kernels read it: the array itself on the CPU, a
+        preallocated device buffer on CUDA (one copy per batch)."""
+        if self.device.name == "cpu":
+            return array
+        if name not in self._input_buffers:
+            self._input_buffers[name] = self.device.zeros(array.shape, self.dtype)
+        buffer = self._input_buffers[name]
+        self.device.assign(buffer, array)
+        return buffer
 
     @property
     def outputs(self) -> Arrays:
         """Copies of every declared output (main and auxiliary) of the last forward."""
-        return {output.name: self._values[output.name].copy()
+        return {output.name: self.device.get(self._values[output.name])
                 for output in self.network.outputs if output.name in self._values}
 
     def activation(self, layer: str) -> np.ndarray:
@@ -157,7 +175,7 @@ class CompiledNetwork:
         if layer not in self._values:
             raise RunError(f"no output of '{layer}' from the last forward",
                            "run forward first, and name a layer of this network")
-        return self._values[layer].copy()
+        return self.device.get(self._values[layer])
 
     # --- loss -------------------------------------------------------------
 
@@ -173,7 +191,9 @@ class CompiledNetwork:
         for output in self.network.outputs:
             if output.loss is Loss.NONE:
                 continue
-            value = self._values[output.name]
+            # The loss runs on the host: only the output (batch x classes, for a
+            # classifier) comes back, and its gradient goes out.
+            value = self.device.get(self._values[output.name])
             target = np.asarray(by_output[output.name])
             try:
                 losses.check_targets(output.loss, value, target, output.name)
@@ -186,7 +206,8 @@ class CompiledNetwork:
             result = losses.evaluate(output.loss, value, target, softmax,
                                      grad_at_logits=not feeds_others)
             total += output.weight * result.value
-            self._loss_grads[output.name] = (output.weight * result.grad).astype(self.dtype)
+            self._loss_grads[output.name] = self.device.put(
+                (output.weight * result.grad).astype(self.dtype))
             if result.through_softmax:
                 self._through_softmax.add(output.name)
         return total
@@ -222,23 +243,24 @@ class CompiledNetwork:
             grad_output = pending.pop(stage.name, None)
             if grad_output is None:
                 for array in stage.grads.values():
-                    array.fill(0)  # no gradient reaches this stage
+                    self.device.fill(array, 0.0)  # no gradient reaches this stage
                 continue
             results = stage.kernel.backward(grad_output, stage.params, stage.grads,
                                             skip_act=stage.name in skip)
             for source, result in zip(stage.inputs, results):
                 if result is None:
                     continue
-                if id(result) in handed:
-                    result = result.copy()  # never let two layers share one gradient
+                if id(result) in handed:  # never let two layers share one gradient
+                    result = self.device.duplicate(result)
                 handed.add(id(result))
                 self._accumulate(pending, source, result)
-        grads = {layer.name: pending.get(layer.name, np.zeros(
-            (self.batch, *self.network.shapes[layer.name]), self.dtype))
-            for layer in self.network.graph.inputs()}
+        grads = {layer.name: (self.device.get(pending[layer.name]) if layer.name in pending
+                              else np.zeros((self.batch, *self.network.shapes[layer.name]),
+                                            self.dtype))
+                 for layer in self.network.graph.inputs()}
         if len(grads) == 1:
-            return next(iter(grads.values())).copy()
-        return {name: array.copy() for name, array in grads.items()}
+            return next(iter(grads.values()))
+        return grads
 
     def _initial_grads(self, grad: np.ndarray | Mapping[str, np.ndarray] | None
                        ) -> tuple[Arrays, set[str]]:
@@ -246,7 +268,7 @@ class CompiledNetwork:
             if not self._loss_grads:
                 raise RunError("backward() without a gradient needs loss() first",
                                "call net.loss(targets), or pass the output's gradient")
-            return ({name: g.copy() for name, g in self._loss_grads.items()},
+            return ({name: self.device.duplicate(g) for name, g in self._loss_grads.items()},
                     set(self._through_softmax))
         given = grad if isinstance(grad, Mapping) else {self.main_output: grad}
         pending: Arrays = {}
@@ -256,7 +278,8 @@ class CompiledNetwork:
                 raise RunError(f"'{name}' is not an output of this network",
                                f"outputs: {', '.join(o.name for o in self.network.outputs)}")
             expected = (self.batch, *self.network.shapes[name])
-            pending[name] = self._checked_array(array, expected, f"gradient of '{name}'")
+            pending[name] = self.device.put(
+                self._checked_array(array, expected, f"gradient of '{name}'").copy())
         return pending, set()
 
     def _accumulate(self, pending: Arrays, source: str, grad: np.ndarray) -> None:
@@ -265,18 +288,15 @@ class CompiledNetwork:
             return
         total = self._accumulators.get(source)
         if total is None:
-            total = self._accumulators[source] = np.empty_like(grad)
-        if pending[source] is total:
-            total += grad
-        else:
-            np.add(pending[source], grad, out=total)
-            pending[source] = total
+            total = self._accumulators[source] = self.device.zeros(grad.shape, self.dtype)
+        self.device.add(pending[source], grad, total)
+        pending[source] = total
 
     # --- parameters -------------------------------------------------------
 
     def state_dict(self) -> Arrays:
-        """Copies of every parameter and buffer, by PyTorch name."""
-        return {name: array.copy() for name, array in self.params.items()}
+        """Host copies of every parameter and buffer, by PyTorch name."""
+        return {name: self.device.get(array) for name, array in self.params.items()}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Copy arrays in (NumPy arrays, or anything np.asarray takes, such as CPU
@@ -303,7 +323,7 @@ class CompiledNetwork:
                                f"{self.params[name].shape} in network '{self.network.name}'")
             arrays[name] = value
         for name, value in arrays.items():
-            np.copyto(self.params[name], value, casting="unsafe")
+            self.device.assign(self.params[name], value)
 
     # --- compilation ------------------------------------------------------
 
@@ -313,7 +333,8 @@ class CompiledNetwork:
         buffers and the step counter are left as they were."""
         saved, step = self.state_dict(), self.step
         rng = np.random.default_rng(0)
-        inputs = {name: rng.standard_normal((self.batch, *shape)).astype(self.dtype)
+        inputs = {name: self._send(name, rng.standard_normal((self.batch, *shape))
+                                   .astype(self.dtype))
                   for name, shape in self.input_shapes.items()}
         values = dict(inputs)
         seconds: dict[str, float] = {}
@@ -327,13 +348,14 @@ class CompiledNetwork:
             if train:
                 for stage in reversed(self.stages):
                     start = time.perf_counter()
-                    grad = np.ones_like(values[stage.name])
+                    grad = self.device.put(np.ones(values[stage.name].shape, self.dtype))
                     stage.kernel.backward(grad, stage.params, stage.grads)
                     seconds[stage.name] += time.perf_counter() - start
         self.load_state_dict(saved)
         self.step = step
         for array in self.grads.values():
-            array.fill(0)
+            self.device.fill(array, 0.0)
+        self.device.synchronize()
         self.compile_seconds = seconds
         return seconds
 
@@ -364,7 +386,7 @@ class CompiledNetwork:
                 raise RunError(f"no array for input '{name}'")
             arrays[name] = self._checked_array(x[name], (self.batch, *shape), f"input '{name}'")
             if self.check:
-                _check_finite(arrays[name], self.network.graph.layer(name), "input")
+                self._check_finite(arrays[name], self.network.graph.layer(name), "input")
         return arrays
 
     def _checked_array(self, value: Any, expected: tuple[int, ...], what: str) -> np.ndarray:
@@ -390,10 +412,21 @@ class CompiledNetwork:
                            f"convert with x.astype('{self.dtype}')")
         return np.ascontiguousarray(value)
 
+    def _check_finite(self, values: Array, layer: Layer, what: str) -> None:
+        bad = (Device().count_nonfinite(values) if isinstance(values, np.ndarray)
+               else self.device.count_nonfinite(values))
+        if bad:
+            raise RunError(f"{what} of '{layer.name}' ({layer.op.value}) holds {bad} NaN or "
+                           "infinite value" + ("s" if bad > 1 else ""),
+                           "check the input data, or lower the learning rate"
+                           if what == "output" else
+                           "clean the data before it reaches the network")
+
 
 def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32",
             algo: str | None = None, seed: int = 0, init: str = "pytorch",
-            check: bool = False, warm: bool = True, fuse: bool = True) -> CompiledNetwork:
+            check: bool = False, warm: bool = True, fuse: bool = True,
+            device: str = "cpu") -> CompiledNetwork:
     """Compile a `.cnn` file (a path), `.cnn` text, or a loaded Network.
 
     batch: the batch size the kernels are specialised for. dtype: float32 or
@@ -401,9 +434,11 @@ def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32"
     file. seed/init: the parameters' initialisation (see runtime/params.py).
     check: stop with an error at the first NaN or infinity. warm: compile every
     kernel now (otherwise at first use). fuse: run fusable layers as one stage
-    (convdsl/passes/fusion.py); False gives one stage per layer."""
+    (convdsl/passes/fusion.py); False gives one stage per layer. device: "cpu", or
+    "cuda" for an NVIDIA GPU through numba.cuda (pip install "convdsl[cuda]"); there
+    `params` and `grads` are device arrays, and state_dict() gives host copies."""
     network = _as_network(source)
-    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse)
+    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse, device)
     if warm:
         compiled.warm_up()
     return compiled
@@ -437,15 +472,6 @@ def _by_layer(arrays: Arrays) -> dict[str, Arrays]:
         layer, _, field = name.rpartition(".")
         grouped.setdefault(layer, {})[field] = array
     return grouped
-
-
-def _check_finite(values: np.ndarray, layer: Layer, what: str) -> None:
-    if not np.isfinite(values).all():
-        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-        raise RunError(f"{what} of '{layer.name}' ({layer.op.value}) holds {bad} NaN or "
-                       "infinite value" + ("s" if bad > 1 else ""),
-                       "check the input data, or lower the learning rate"
-                       if what == "output" else "clean the data before it reaches the network")
 
 
 def _some(names: list[str]) -> str:

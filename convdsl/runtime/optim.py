@@ -40,6 +40,7 @@ import numpy as np
 
 from convdsl.errors import RunError
 from convdsl.ir.training import OPTIMIZERS, SCHEDULES, TrainSettings
+from convdsl.runtime.devices import Array, device_named, device_of
 
 Arrays = Mapping[str, np.ndarray]
 STEP = "step"  # the state entry holding the number of steps taken
@@ -55,9 +56,13 @@ class Optimizer(ABC):
         """`kinds`: the buffers each parameter needs, e.g. ("momentum",)."""
         self.steps = 0
         self.names = list(params)
+        # Where the parameters live (host or GPU): the buffers live there too, and on a
+        # GPU every update is a kernel, so nothing crosses to the host while training.
+        self.device = device_of(next(iter(params.values()))) if params else device_named("cpu")
         # Buffers have their parameter's dtype, so float32 training stays float32.
-        self.buffers: dict[str, dict[str, np.ndarray]] = {
-            kind: {name: np.zeros_like(params[name]) for name in self.names}
+        self.buffers: dict[str, dict[str, Array]] = {
+            kind: {name: self.device.zeros(params[name].shape, params[name].dtype)
+                   for name in self.names}
             for kind in kinds}
 
     def step(self, params: Mapping[str, np.ndarray], grads: Arrays, lr: float) -> None:
@@ -89,7 +94,7 @@ class Optimizer(ABC):
         state = {STEP: np.array(self.steps, dtype=np.int64)}
         for kind, arrays in self.buffers.items():
             for name, array in arrays.items():
-                state[f"{kind}/{name}"] = array.copy()
+                state[f"{kind}/{name}"] = self.device.get(array)
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -120,7 +125,7 @@ class Optimizer(ABC):
                            "expected a whole number of at least 0")
         for kind, arrays in self.buffers.items():
             for name, array in arrays.items():  # into the buffers: their dtype stays
-                np.copyto(array, values[f"{kind}/{name}"], casting="unsafe")
+                self.device.assign(array, values[f"{kind}/{name}"])
         self.steps = int(steps)
 
 
@@ -135,6 +140,13 @@ class SGD(Optimizer):
         self.weight_decay = weight_decay
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        if self.device.name == "cuda":
+            from convdsl.codegen.cuda import arrays
+
+            buffer = self.buffers["momentum"][name] if self.momentum else None
+            arrays.sgd_step(param, grad, buffer, lr, self.weight_decay, self.momentum,
+                            self.nesterov, self.steps == 0)
+            return
         direction = grad + self.weight_decay * param if self.weight_decay else grad
         if self.momentum:
             buffer = self.buffers["momentum"][name]
@@ -161,6 +173,13 @@ class Adam(Optimizer):
         self.decoupled = decoupled
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        if self.device.name == "cuda":
+            from convdsl.codegen.cuda import arrays
+
+            arrays.adam_step(param, grad, self.buffers["exp_avg"][name],
+                             self.buffers["exp_avg_sq"][name], lr, self.beta1, self.beta2,
+                             self.eps, self.weight_decay, self.decoupled, self.steps + 1)
+            return
         if self.weight_decay and self.decoupled:
             param *= 1 - lr * self.weight_decay
         elif self.weight_decay:

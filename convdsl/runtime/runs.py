@@ -30,7 +30,8 @@ RESUMABLE_CHANGES = ("epochs",)
 
 def prepare(network: Network, network_path: str, data_source: str | None,
             overrides: Mapping[str, Any], out: Path, resume: bool, algo: str | None,
-            log: Log = print, progress: bool | None = None, fuse: bool = True) -> Trainer:
+            log: Log = print, progress: bool | None = None, fuse: bool = True,
+            device: str = "cpu") -> Trainer:
     """A trainer for a new run in `out`, or for the run there when resuming."""
     if resume:
         settings, source = _resumed_recipe(out, data_source, overrides)
@@ -42,7 +43,7 @@ def prepare(network: Network, network_path: str, data_source: str | None,
     data = datasets.load_data(source)
     config = {"network": str(network_path), "data": source, "algo": algo}
     trainer = Trainer(network, data, settings, out, algo, log=log, progress=progress,
-                      config=config, fuse=fuse)
+                      config=config, fuse=fuse, device=device)
     if resume:
         trainer.resume()
     else:
@@ -88,7 +89,8 @@ def weights_settings(weights: Path, network: Network) -> TrainSettings:
     return resolve(network.training, {})
 
 
-def load_weights(network: Network, weights: Path, batch: int, dtype: str) -> CompiledNetwork:
+def load_weights(network: Network, weights: Path, batch: int, dtype: str,
+                 device: str = "cpu") -> CompiledNetwork:
     """A compiled network holding the weights of a run folder or a .npz file."""
     saved = ckpt.load(weights)
     if "fingerprint" in saved.meta and saved.meta["fingerprint"] != ckpt.fingerprint(network):
@@ -96,7 +98,7 @@ def load_weights(network: Network, weights: Path, batch: int, dtype: str) -> Com
             f"the weights in '{weights}' were trained on network "
             f"'{saved.meta.get('network', '?')}', which computes something else than "
             f"'{network.name}'", "test with the .cnn file the run was trained from")
-    net = CompiledNetwork(network, batch, dtype)
+    net = CompiledNetwork(network, batch, dtype, device=device)
     ckpt.check_fits(saved, network, net.params, str(weights))
     net.load_state_dict(saved.params)
     return net

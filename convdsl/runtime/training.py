@@ -127,7 +127,8 @@ class Trainer:
     def __init__(self, network: Network, data: datasets.Dataset, settings: TrainSettings,
                  folder: Path, algo: str | None = None, log: Log = print,
                  progress: bool | None = None, plot: bool = True,
-                 config: dict[str, Any] | None = None, fuse: bool = True) -> None:
+                 config: dict[str, Any] | None = None, fuse: bool = True,
+                 device: str = "cpu") -> None:
         self.network = network
         self.settings = settings
         self.run = RunFolder(folder)
@@ -144,7 +145,7 @@ class Trainer:
         self.steps_per_epoch = len(datasets.epoch_batches(len(self.x), settings.batch,
                                                           settings.seed, 0))
         self.net = CompiledNetwork(network, settings.batch, settings.dtype, algo,
-                                   settings.seed, settings.init, fuse=fuse)
+                                   settings.seed, settings.init, fuse=fuse, device=device)
         self.trained = {name: self.net.params[name] for name in self.net.grads}
         self.optimizer: Optimizer = make_optimizer(settings, self.trained)
         self.schedule = Schedule(settings, self.steps_per_epoch)
@@ -227,10 +228,9 @@ class Trainer:
         if not math.isfinite(loss):
             self._stop_on_nonfinite(x, step, f"the loss is {loss}")
         self.net.backward()
-        for name, grad in self.net.grads.items():
-            if not np.isfinite(grad).all():
-                self._stop_on_nonfinite(x, step, f"the gradient of '{name}' holds NaN or "
-                                        "infinity")
+        bad = self.net.device.first_nonfinite(self.net.grads)
+        if bad is not None:
+            self._stop_on_nonfinite(x, step, f"the gradient of '{bad}' holds NaN or infinity")
         self.optimizer.step(self.trained, self.net.grads, lr)
         position.batch += 1
         position.step = self.net.step

@@ -1,0 +1,162 @@
+"""Activations on the GPU: elementwise kernels, softmax over the channels, and
+`FusedAct`, the split every CUDA layer with an `act` option uses (as codegen/cpu/unary.py
+does on the CPU): elementwise activations go into the layer's own kernels, softmax runs
+as a step over the finished output.
+
+Every kernel here runs one thread per element (softmax: per example and position).
+"""
+
+from __future__ import annotations
+
+import math
+
+from convdsl.codegen import cache
+from convdsl.codegen.activations import (
+    act_from_spec,
+    act_options,
+    derivative_expression,
+    forward_expression,
+    is_elementwise,
+    is_identity,
+)
+from convdsl.codegen.cuda import arrays
+from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, blocks
+from convdsl.codegen.source import Code
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import ActSpec
+
+
+def apply_act(spec: KernelSpec, value: str) -> str:
+    """The spec's (elementwise) activation of the expression `value`."""
+    return forward_expression(act_from_spec(spec), value)
+
+
+def derivative(spec: KernelSpec, y: str) -> str:
+    """d act / d input of the spec's activation, from the output `y`."""
+    return derivative_expression(act_from_spec(spec), y)
+
+
+@cache.template("cuda_act")
+def _render_elementwise(spec: KernelSpec) -> str:
+    """forward(x, y): y = act(x); backward(y, dy, dx): dx = dy * act'(y); flat arrays."""
+    (size,) = spec.shapes[0]
+    code = Code()
+    code.line(PRELUDE)
+    code.line(JIT)
+    with code.block("def forward(x, y)"):
+        code.line("i = cuda.grid(1)")
+        with code.block(f"if i < {size}"):
+            code.line("v = x[i]")
+            code.line(f"y[i] = {apply_act(spec, 'v')}")
+    code.line()
+    code.line(JIT)
+    with code.block("def backward(y, dy, dx)"):
+        code.line("i = cuda.grid(1)")
+        with code.block(f"if i < {size}"):
+            code.line("v = y[i]")
+            code.line(f"dx[i] = dy[i] * {derivative(spec, 'v')}")
+    return code.text()
+
+
+@cache.template("cuda_softmax")
+def _render_softmax(spec: KernelSpec) -> str:
+    """Softmax over axis 1 of (N, C, S) arrays, one thread per (n, s)."""
+    batch, channels, positions = spec.shapes[0]
+    code = Code()
+    code.line(PRELUDE)
+    code.line(JIT)
+    with code.block("def forward(x, y)"):
+        code.line("ns = cuda.grid(1)")
+        with code.block(f"if ns < {batch * positions}"):
+            code.line(f"n = ns // {positions}")
+            code.line(f"s = ns % {positions}")
+            code.line("top = x[n, 0, s]")
+            with code.block(f"for c in range(1, {channels})"):
+                code.line("top = max(top, x[n, c, s])")
+            code.line("total = 0.0")
+            with code.block(f"for c in range({channels})"):
+                code.line("e = math.exp(x[n, c, s] - top)")
+                code.line("y[n, c, s] = e")
+                code.line("total += e")
+            with code.block(f"for c in range({channels})"):
+                code.line("y[n, c, s] = y[n, c, s] / total")
+    code.line()
+    code.line(JIT)
+    with code.block("def backward(y, dy, dx)"):
+        code.line("ns = cuda.grid(1)")
+        with code.block(f"if ns < {batch * positions}"):
+            code.line(f"n = ns // {positions}")
+            code.line(f"s = ns % {positions}")
+            code.line("dot = 0.0")
+            with code.block(f"for c in range({channels})"):
+                code.line("dot += dy[n, c, s] * y[n, c, s]")
+            with code.block(f"for c in range({channels})"):
+                code.line("dx[n, c, s] = y[n, c, s] * (dy[n, c, s] - dot)")
+    return code.text()
+
+
+class ActivationStep:
+    """An activation over a whole batched device array, forward and back; in place
+    when given the same array twice."""
+
+    def __init__(self, act: ActSpec | None, shape: tuple[int, ...], dtype: str) -> None:
+        self.act = act
+        self.identity = is_identity(act)
+        if is_elementwise(act):
+            size = math.prod(shape)
+            self.spec = KernelSpec.make("cuda_act", dtype, ((size,),), **act_options(act))
+            self._view: tuple[int, ...] = (size,)
+            self._threads = size
+        else:
+            positions = math.prod(shape[2:]) if len(shape) > 2 else 1
+            self._view = (shape[0], shape[1], positions)
+            self.spec = KernelSpec.make("cuda_softmax", dtype, (self._view,))
+            self._threads = shape[0] * positions
+        self._module = None if self.identity else cache.load(self.spec)
+
+    def forward(self, x: DeviceArray, y: DeviceArray) -> None:
+        if self._module is None:
+            if y is not x:
+                arrays.copy(x, y)
+            return
+        self._module.forward[blocks(self._threads), THREADS](
+            x.reshape(self._view), y.reshape(self._view))
+
+    def backward(self, y: DeviceArray, dy: DeviceArray, dx: DeviceArray) -> None:
+        """dx = dy * act'(y); `y` is this activation's output."""
+        if self._module is None:
+            if dx is not dy:
+                arrays.copy(dy, dx)
+            return
+        self._module.backward[blocks(self._threads), THREADS](
+            y.reshape(self._view), dy.reshape(self._view), dx.reshape(self._view))
+
+
+class FusedAct:
+    """A layer's activation, split between its kernels (elementwise) and a softmax step."""
+
+    def __init__(self, act: ActSpec | None, shape: tuple[int, ...], dtype: str) -> None:
+        """shape: the layer's batched output shape."""
+        softmax = not is_elementwise(act)
+        self.in_kernel = None if softmax else act  # what the layer's kernels bake in
+        self.softmax = ActivationStep(act, shape, dtype) if softmax else None
+        self.specs = [] if self.softmax is None else [self.softmax.spec]
+
+    def options(self) -> dict[str, str | float]:
+        """The spec options of the layer's kernels (use apply_act / derivative on them)."""
+        return act_options(self.in_kernel)
+
+    def forward(self, y: DeviceArray) -> None:
+        """After the layer's kernel: softmax over its output, in place."""
+        if self.softmax is not None:
+            self.softmax.forward(y, y)
+
+    def backward(self, y: DeviceArray, grad_output: DeviceArray, skip_act: bool) -> bool:
+        """Before the layer's backward kernel: softmax's chain rule on grad_output, in
+        place. Returns `act_grad`: whether the kernel must still multiply by act'(y)."""
+        if skip_act:
+            return False
+        if self.softmax is not None:
+            self.softmax.backward(y, grad_output, grad_output)
+            return False
+        return not is_identity(self.in_kernel)

@@ -1,0 +1,101 @@
+"""Whole-array operations on the device that the executor and the optimizers need.
+
+These kernels take their sizes as arguments (they are the same for every network),
+so they are compiled once per dtype rather than generated per spec.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from convdsl.codegen.cuda.common import THREADS, DeviceArray, blocks, cuda
+
+
+def _kernels() -> ModuleType:
+    cuda()  # the clear error first, if numba.cuda cannot run
+    from convdsl.codegen.cuda import array_kernels
+
+    return array_kernels
+
+
+def flat(x: DeviceArray) -> DeviceArray:
+    return x.reshape(x.size)
+
+
+def fill(x: DeviceArray, value: float = 0.0) -> None:
+    if x.size:
+        _kernels().fill[blocks(x.size), THREADS](flat(x), x.dtype.type(value))
+
+
+def add(a: DeviceArray, b: DeviceArray, out: DeviceArray) -> None:
+    """out = a + b, elementwise; out may be a or b."""
+    if out.size:
+        _kernels().add[blocks(out.size), THREADS](flat(a), flat(b), flat(out))
+
+
+def copy(source: DeviceArray, target: DeviceArray) -> None:
+    target.copy_to_device(source)
+
+
+def like(x: DeviceArray) -> DeviceArray:
+    """A new device array with x's shape and dtype, unset."""
+    return cuda().device_array(x.shape, dtype=x.dtype)
+
+
+def count_nonfinite(*xs: DeviceArray) -> list[int]:
+    """How many NaN or infinite values each array holds: one small copy comes back."""
+    counts = cuda().to_device(np.zeros(max(len(xs), 1), dtype=np.int32))
+    for slot, x in enumerate(xs):
+        if x.size:
+            _kernels().count_nonfinite[blocks(x.size), THREADS](flat(x), counts, slot)
+    return [int(count) for count in counts.copy_to_host()[:len(xs)]]
+
+
+def to_host(x: DeviceArray) -> np.ndarray:
+    host: np.ndarray = x.copy_to_host()
+    return host
+
+
+def to_device(x: np.ndarray) -> DeviceArray:
+    return cuda().to_device(np.ascontiguousarray(x))
+
+
+def fold_batch_norm(weight: DeviceArray, bias: DeviceArray | None,
+                    norm: dict[str, DeviceArray], eps: float, affine: bool,
+                    out_weight: DeviceArray, out_bias: DeviceArray) -> None:
+    """Batch norm's inference map folded into a product's weight and bias, on the
+    device (see codegen/fused.py): no weights cross to the host."""
+    kernels = _kernels()
+    channels = out_bias.size
+    placeholder = norm["running_var"]  # stands in for arrays a case does not read
+    gamma = norm.get("weight", placeholder)
+    beta = norm.get("bias", placeholder)
+    kernels.fold_weight[blocks(weight.size), THREADS](
+        flat(weight), weight.size // channels, gamma, norm["running_var"], float(eps),
+        affine, flat(out_weight))
+    kernels.fold_bias[blocks(channels), THREADS](
+        placeholder if bias is None else bias, bias is not None, gamma, beta,
+        norm["running_mean"], norm["running_var"], float(eps), affine, out_bias)
+
+
+def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, lr: float,
+             weight_decay: float, momentum: float, nesterov: bool, first: bool) -> None:
+    """One SGD update of one parameter in place (runtime/optim.py's SGD). The scalars
+    take the parameter's dtype, so float32 training computes in float32 as on the CPU."""
+    cast = param.dtype.type
+    _kernels().sgd_step[blocks(param.size), THREADS](
+        flat(param), flat(grad), flat(param if buffer is None else buffer), cast(lr),
+        cast(weight_decay), cast(momentum), nesterov, first)
+
+
+def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceArray,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+              decoupled: bool, t: int) -> None:
+    """One Adam (or AdamW) update of one parameter in place, step t counted from 1."""
+    cast = param.dtype.type
+    _kernels().adam_step[blocks(param.size), THREADS](
+        flat(param), flat(grad), flat(m), flat(v), cast(weight_decay), decoupled,
+        cast(1 - lr * weight_decay), cast(1 - beta1), cast(beta2), cast(1 - beta2),
+        cast(lr / (1 - beta1 ** t)), cast((1 - beta2 ** t) ** 0.5), cast(eps))

@@ -1,0 +1,127 @@
+"""Where a compiled network keeps its arrays: host memory (the CPU target) or the GPU's.
+
+The executor, the optimizers and the timing report speak to a `Device` for the few
+whole-array operations they do themselves (zeroing gradients, summing the gradients of
+a layer read twice, copies in and out); the layers' own work is in their kernels. On
+the CPU every operation is NumPy's and `put`/`get` copy nothing they need not. On CUDA
+arrays are numba.cuda device arrays: they cross to the host only through `get`, which
+the executor calls for outputs, metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from convdsl.errors import RunError
+
+Array = Any  # np.ndarray on the CPU, a numba.cuda device array on CUDA
+
+DEVICES = ("cpu", "cuda")
+
+
+class Device:
+    """NumPy arrays in host memory: the CPU target."""
+
+    name = "cpu"
+
+    def put(self, host: np.ndarray) -> Array:
+        """The values of `host` where this device's kernels read them."""
+        return host
+
+    def get(self, array: Array) -> np.ndarray:
+        """A host copy of the array."""
+        return np.array(array, copy=True)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return np.zeros(shape, dtype=dtype)
+
+    def fill(self, array: Array, value: float) -> None:
+        array.fill(value)
+
+    def add(self, a: Array, b: Array, out: Array) -> None:
+        np.add(a, b, out=out)
+
+    def duplicate(self, array: Array) -> Array:
+        return array.copy()
+
+    def assign(self, target: Array, host: np.ndarray) -> None:
+        """Host values into an existing array, converted to its dtype."""
+        np.copyto(target, host, casting="unsafe")
+
+    def count_nonfinite(self, array: Array) -> int:
+        return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+    def first_nonfinite(self, arrays: dict[str, Array]) -> str | None:
+        """The name of the first array holding NaN or infinity, if any."""
+        return next((name for name, array in arrays.items()
+                     if self.count_nonfinite(array)), None)
+
+    def synchronize(self) -> None:
+        """Wait for queued work (a no-op: the CPU's kernels return when done)."""
+
+
+class CudaDevice(Device):
+    """numba.cuda device arrays on the default GPU."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        from convdsl.codegen.cuda import arrays, common
+
+        self._cuda = common.cuda()  # the clear error, if there is no GPU or no numba-cuda
+        self._arrays = arrays
+
+    def put(self, host: np.ndarray) -> Array:
+        return self._arrays.to_device(host)
+
+    def get(self, array: Array) -> np.ndarray:
+        return self._arrays.to_host(array)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        array = self._cuda.device_array(shape, dtype=np.dtype(dtype))
+        self._arrays.fill(array, 0.0)
+        return array
+
+    def fill(self, array: Array, value: float) -> None:
+        self._arrays.fill(array, value)
+
+    def add(self, a: Array, b: Array, out: Array) -> None:
+        self._arrays.add(a, b, out)
+
+    def duplicate(self, array: Array) -> Array:
+        copy = self._arrays.like(array)
+        self._arrays.copy(array, copy)
+        return copy
+
+    def assign(self, target: Array, host: np.ndarray) -> None:
+        values = np.ascontiguousarray(np.asarray(host).astype(target.dtype, copy=False))
+        target.copy_to_device(values.reshape(target.shape))
+
+    def count_nonfinite(self, array: Array) -> int:
+        return self._arrays.count_nonfinite(array)[0]
+
+    def first_nonfinite(self, arrays: dict[str, Array]) -> str | None:
+        counts = self._arrays.count_nonfinite(*arrays.values())  # one copy back
+        return next((name for name, count in zip(arrays, counts) if count), None)
+
+    def synchronize(self) -> None:
+        self._cuda.synchronize()
+
+
+_OPENED: dict[str, Device] = {}
+
+
+def device_named(name: str) -> Device:
+    """The device named `name` ("cpu" or "cuda"), checked and opened once."""
+    if name not in DEVICES:
+        raise RunError(f"unknown device {name!r}", f"choose one of {', '.join(DEVICES)}")
+    if name not in _OPENED:
+        _OPENED[name] = CudaDevice() if name == "cuda" else Device()
+    return _OPENED[name]
+
+
+def device_of(array: Array) -> Device:
+    """The device an array lives on."""
+    return device_named("cuda" if hasattr(array, "copy_to_host") else "cpu")

@@ -1,0 +1,191 @@
+"""The CUDA target's runtime: device arrays, optimizers, batch-norm folding, whole
+networks against the CPU target, and the errors a user without a GPU sees.
+
+Runs in Numba's CUDA simulator unless CONVDSL_TEST_GPU=1 (see conftest.py), so every
+network here is tiny. The CPU target is itself checked against the NumPy reference
+and PyTorch; here the CUDA target must agree with it in float64.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from kernel_harness import assert_close, random_array
+
+import convdsl
+from convdsl.errors import RunError
+from convdsl.ir.training import TrainSettings
+from convdsl.runtime.devices import device_named
+from convdsl.runtime.optim import make_optimizer
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def gpu():  # type: ignore[no-untyped-def]
+    return device_named("cuda")
+
+
+def test_array_operations(gpu) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    a, b = random_array(rng, (3, 4)), random_array(rng, (3, 4))
+    da, db = gpu.put(a), gpu.put(b)
+    out = gpu.zeros((3, 4), "float64")
+    gpu.add(da, db, out)
+    assert_close(gpu.get(out), a + b, 1e-15, "add")
+    gpu.fill(out, 2.5)
+    assert (gpu.get(out) == 2.5).all()
+    copy = gpu.duplicate(da)
+    gpu.fill(da, 0.0)
+    assert_close(gpu.get(copy), a, 0, "duplicate")
+    gpu.assign(copy, b.astype(np.float32))
+    assert_close(gpu.get(copy), b.astype(np.float32), 0, "assign")
+    bad = np.array([1.0, np.nan, np.inf, -np.inf, 3.0])
+    assert gpu.count_nonfinite(gpu.put(bad)) == 3
+    assert gpu.first_nonfinite({"ok": da, "bad": gpu.put(bad)}) == "bad"
+    assert gpu.first_nonfinite({"ok": da}) is None
+
+
+@pytest.mark.parametrize("recipe", [
+    {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.01},
+    {"optimizer": "sgd", "momentum": 0.9, "nesterov": True},
+    {"optimizer": "sgd"},
+    {"optimizer": "adam", "weight_decay": 0.01},
+    {"optimizer": "adamw", "weight_decay": 0.05},
+], ids=["sgd-momentum", "sgd-nesterov", "sgd", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_optimizers_match_the_cpu(gpu, recipe: dict[str, object], dtype: str  # type: ignore[no-untyped-def]
+                                  ) -> None:
+    rng = np.random.default_rng(1)
+    shapes = {"c.weight": (4, 2, 3), "c.bias": (4,)}
+    host = {name: random_array(rng, shape).astype(dtype) for name, shape in shapes.items()}
+    device = {name: gpu.put(array.copy()) for name, array in host.items()}
+    settings = TrainSettings(**{"lr": 0.05, **recipe})  # type: ignore[arg-type]
+    on_cpu, on_gpu = make_optimizer(settings, host), make_optimizer(settings, device)
+    assert on_gpu.device.name == "cuda"
+    for step in range(4):
+        grads = {name: random_array(rng, shape).astype(dtype)
+                 for name, shape in shapes.items()}
+        on_cpu.step(host, grads, 0.05 / (step + 1))
+        on_gpu.step(device, {n: gpu.put(g) for n, g in grads.items()}, 0.05 / (step + 1))
+    tolerance = 1e-12 if dtype == "float64" else 2e-6
+    for name in shapes:
+        assert_close(gpu.get(device[name]), host[name], tolerance, name)
+    cpu_state, gpu_state = on_cpu.state_dict(), on_gpu.state_dict()
+    assert cpu_state.keys() == gpu_state.keys()
+    for key in cpu_state:
+        assert_close(np.asarray(gpu_state[key], dtype=np.float64),
+                     np.asarray(cpu_state[key], dtype=np.float64), tolerance, key)
+    # A state saved on the GPU loads on the CPU and back (a run may move between them).
+    on_gpu.load_state_dict(cpu_state)
+    assert int(on_gpu.state_dict()["step"]) == 4
+
+
+# A network with the main kinds of op, small enough for the simulator: convolution +
+# batch norm + relu (fused), a residual add with relu, max and average pooling, a
+# concatenation, dropout, dense with softmax and an auxiliary head.
+NETWORK = """
+input x: 2x6x6
+c1 = conv(3, 3, pad=same, bias=no)
+b1 = bn
+r1 = relu
+c2 = conv(3, 3, pad=same)
+s = add(c2, r1, act=relu)
+p = s -> maxpool(2)
+a = p -> avgpool(3, stride=1, pad=1)
+g = p -> conv(2, 1, act=tanh)
+j = concat(a, g)
+d = j -> dropout(0.25)
+f = d -> flatten
+y = f -> dense(4, act=softmax)
+h = f -> dense(3)
+output y loss=cross_entropy
+aux h loss=cross_entropy weight=0.3
+"""
+
+
+def _pair(fuse: bool = True) -> tuple[convdsl.CompiledNetwork, convdsl.CompiledNetwork]:
+    nets = tuple(convdsl.compile(NETWORK, batch=2, dtype="float64", seed=3, fuse=fuse,
+                                 device=device, warm=False) for device in ("cpu", "cuda"))
+    return nets  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_a_network_trains_on_the_gpu_as_on_the_cpu(fuse: bool) -> None:
+    cpu, gpu = _pair(fuse)
+    rng = np.random.default_rng(7)
+    x = random_array(rng, (2, 2, 6, 6))
+    targets = {"y": np.array([1, 3]), "h": np.array([0, 2])}
+    for step in range(2):  # the second step reads the running statistics the first wrote
+        out_cpu, out_gpu = cpu.forward(x, train=True), gpu.forward(x, train=True)
+        assert isinstance(out_gpu, np.ndarray)
+        assert_close(out_gpu, out_cpu, 1e-10, f"step {step} output")
+        loss_cpu, loss_gpu = cpu.loss(targets), gpu.loss(targets)
+        assert abs(loss_gpu - loss_cpu) <= 1e-10 * abs(loss_cpu)
+        assert_close(gpu.backward(), cpu.backward(), 1e-10, "input gradient")  # type: ignore[arg-type]
+        for name, grad in cpu.grads.items():
+            assert_close(gpu.device.get(gpu.grads[name]), grad, 1e-10, f"grad of {name}")
+    for name, value in cpu.state_dict().items():
+        assert_close(gpu.state_dict()[name].astype(np.float64), value.astype(np.float64),
+                     1e-10, name)
+    # Inference: batch norm folded into the convolution's weights, on the device.
+    assert_close(gpu.forward(x), cpu.forward(x), 1e-10, "inference")
+
+
+def test_weights_move_between_devices() -> None:
+    cpu, gpu = _pair()
+    gpu.load_state_dict(cpu.state_dict())
+    x = random_array(np.random.default_rng(2), (2, 2, 6, 6))
+    assert_close(gpu.forward(x), cpu.forward(x), 1e-10, "after load_state_dict")
+    with pytest.raises(RunError, match="has shape"):
+        gpu.load_state_dict({**cpu.state_dict(), "c1.weight": np.zeros((1, 1))})
+
+
+def test_nan_check_names_the_stage_on_the_gpu() -> None:
+    net = convdsl.compile(NETWORK, batch=2, dtype="float64", device="cuda", check=True,
+                          warm=False)
+    net.load_state_dict({**net.state_dict(),
+                         "c2.weight": np.full(net.state_dict()["c2.weight"].shape, np.inf)})
+    with pytest.raises(RunError, match="'c2'"):
+        net.forward(random_array(np.random.default_rng(0), (2, 2, 6, 6)), train=True)
+
+
+def test_without_a_gpu_the_error_says_so_and_how_to_fix_it() -> None:
+    # A child process without the simulator: this machine's real answer.
+    code = ("import convdsl\n"
+            "from convdsl.errors import RunError\n"
+            "try:\n"
+            "    convdsl.compile('input x: 1x4x4\\nc = conv(1, 3)\\noutput c', device='cuda')\n"
+            "except RunError as exc:\n"
+            "    print('RunError:', exc.message, '|', exc.hint)\n"
+            "else:\n"
+            "    print('compiled')\n")
+    env = {"NUMBA_ENABLE_CUDASIM": "0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120, check=False)
+    if "compiled" in result.stdout:
+        pytest.skip("this machine has a usable GPU")
+    assert "RunError: --device cuda found no usable NVIDIA GPU" in result.stdout, result
+    assert "--device cpu" in result.stdout
+
+
+def test_without_numba_cuda_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from numba import cuda
+
+    from convdsl.codegen.cuda import common
+
+    monkeypatch.setattr(common, "_CUDA", None)
+    monkeypatch.setattr(common, "_has_numba_cuda", lambda: False)
+    monkeypatch.setattr(cuda, "simulator_enabled", False, raising=False)
+    with pytest.raises(RunError) as caught:
+        common.cuda()
+    assert "numba-cuda" in caught.value.message
+    assert 'pip install "convdsl[cuda]"' in (caught.value.hint or "")
+
+
+def test_an_unknown_device_is_refused() -> None:
+    with pytest.raises(RunError, match="unknown device 'tpu'"):
+        convdsl.compile("input x: 1x4x4\nc = conv(1, 3)\noutput c", device="tpu")

@@ -160,6 +160,21 @@ class CompiledNetwork:
         self.device.assign(buffer, array)
         return buffer
 
+    def first_nonfinite(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
+                        step: int | None = None) -> Stage | None:
+        """Run a forward pass checking every stage's output; the first stage whose output
+        holds NaN or infinity, or None. With the step of a training forward, the same
+        dropout masks are drawn, so this reruns that forward exactly."""
+        inputs = self._checked_inputs(x)
+        mode = Mode(train=train, seed=self.seed, step=step if step is not None else self.step)
+        values = {name: self._send(name, array) for name, array in inputs.items()}
+        for stage in self.stages:
+            values[stage.name] = stage.kernel.forward(
+                [values[source] for source in stage.inputs], stage.params, mode)
+            if self.device.count_nonfinite(values[stage.name]):
+                return stage
+        return None
+
     @property
     def outputs(self) -> Arrays:
         """Copies of every declared output (main and auxiliary) of the last forward."""

@@ -289,14 +289,9 @@ class Trainer:
     def _stop_on_nonfinite(self, x: np.ndarray, step: int, what: str) -> None:
         """Find the first layer whose output is not finite by rerunning the same batch
         with checks on (same step, so the same dropout masks), and stop."""
-        where = "no layer's output, so the backward pass"
-        self.net.check = True
-        try:
-            self.net.forward(x, train=True, step=step)
-        except RunError as exc:
-            where = exc.message.split(" holds ")[0]
-        finally:
-            self.net.check = False
+        stage = self.net.first_nonfinite(x, train=True, step=step)
+        where = ("no layer's output, so the backward pass" if stage is None else
+                 f"output of '{stage.name}' ({stage.description or stage.layer.op.value})")
         position = self.position
         kept = (f"the last good checkpoint (after epoch {position.epoch}) is kept in "
                 f"'{self.run.checkpoint}'" if self.run.checkpoint.exists()

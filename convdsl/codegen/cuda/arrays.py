@@ -59,7 +59,8 @@ def to_host(x: DeviceArray) -> np.ndarray:
 
 
 def to_device(x: np.ndarray) -> DeviceArray:
-    return cuda().to_device(np.ascontiguousarray(x))
+    # ascontiguousarray makes a 0-d array 1-d; keep the shape (num_batches_tracked is 0-d)
+    return cuda().to_device(np.ascontiguousarray(x).reshape(np.shape(x)))
 
 
 def fold_batch_norm(weight: DeviceArray, bias: DeviceArray | None,

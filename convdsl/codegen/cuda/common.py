@@ -36,6 +36,8 @@ def cuda() -> Any:
     global _CUDA
     if _CUDA is not None:
         return _CUDA
+    if not hasattr(np, "row_stack"):  # numba-cuda 0.30 still calls it; NumPy 2.5 removed it
+        vars(np)["row_stack"] = np.vstack
     try:
         from numba import cuda as module
     except ImportError as exc:  # pragma: no cover - depends on the installation

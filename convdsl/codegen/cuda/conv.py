@@ -1,0 +1,425 @@
+"""Convolution and fixed-filter layers on the GPU: three implicit GEMMs per layer.
+
+Notation as on the CPU (codegen/cpu/conv_common.py): x (N, C, *n), w (O, C/G, *K),
+y (N, O, *Q), V = prod(K) window taps, P = prod(Q) output positions, S = prod(n); per
+group g, with kw the weight's flat tap index (the tap read is kw, or V-1-kw per axis for
+`flip`, a true convolution). Each pass is a product of conv_gemm.py, whose operands
+compute the im2col index arithmetic with every shape baked in as a constant:
+
+    forward        M = O/G (o), N = N*P (n, q), K = C/G * V (c, kw)
+                   A = w[o, c, kw],  B = x[n, c, q*s + tap*d - p] (0 in the padding);
+                   epilogue: + b[o], the elementwise activation.
+    input grad     M = C/G (c), N = N*S (n, i), K = O/G * V (o, kw): the transposed
+                   implicit GEMM, A = w[o, c, kw], B = dy[n, o, (i + p - tap*d) / s] where
+                   that is a whole output position (0 elsewhere).
+    weight grad    M = O/G (o), N = C/G * V (c, kw), K = N*P (n, q):
+                   A = dy[n, o, q], B = x[n, c, q*s + tap*d - p].
+
+A fused elementwise activation's derivative and the bias gradient run first, in
+`prepare` (one block per output channel, a shared-memory tree sum: race-free and
+deterministic), or `scale` (one thread per element) when there is no bias.
+
+Tiles are chosen from each product's shape (conv_gemm.choose_tiles: 64 x 64 tiles with
+4 x 4 register blocks for large products, smaller ones for small products). Products
+with fewer than SIMPLE_BELOW rows (depthwise layers and filters, a first layer's input
+gradient) run the simple kernel, one thread per output element; so does every pass when
+the layer asks for algo=direct.
+
+Race-free weight gradients: one thread owns each weight element (in its register block)
+for the whole reduction over batch and positions. Where that leaves too few blocks, K
+is split: each split's block writes its partial sums to its own slice of a workspace and
+`reduce_splits` sums the slices in order (conv_gemm.py). No atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from convdsl.codegen import cache
+from convdsl.codegen.activations import forward_expression
+from convdsl.codegen.cpu.conv_common import Geometry
+from convdsl.codegen.cuda import conv_gemm
+from convdsl.codegen.cuda.activation import FusedAct, derivative
+from convdsl.codegen.cuda.arrays import flat
+from convdsl.codegen.cuda.common import JIT, THREADS, DeviceArray, blocks, cuda, zeros
+from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles, flatten, unflatten
+from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
+from convdsl.codegen.source import Code
+from convdsl.codegen.spec import KernelSpec
+from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
+
+# Products with fewer rows than this run the simple kernel under algo=auto: a tile of
+# at least MIN_TILE rows would be mostly padding.
+SIMPLE_BELOW = 8
+# Threads (at most) of the per-channel reduction in `prepare`.
+REDUCE_THREADS = 256
+
+
+def reduce_threads(count: int) -> int:
+    """Threads of a block that sums `count` values: a power of two, at most REDUCE_THREADS."""
+    return min(REDUCE_THREADS, 1 << max(0, count - 1).bit_length())
+
+
+# --- operands: the im2col arithmetic of each pass ---------------------------------------
+
+def _taps(code: Code, g: Geometry, kw: str, suffix: str) -> list[str]:
+    """Emit the tap (window offset) per axis of weight tap `kw`: flipped for `flip`."""
+    names = unflatten(code, kw, g.window, f"w{suffix}_")
+    taps = []
+    for axis, name in enumerate(names):
+        if g.flip:
+            code.line(f"t{suffix}_{axis} = {g.window[axis] - 1} - {name}")
+            taps.append(f"t{suffix}_{axis}")
+        else:
+            taps.append(name)
+    return taps
+
+
+def _inside(positions: list[str], sizes: tuple[int, ...]) -> str:
+    return " and ".join(f"0 <= {p} < {n}" for p, n in zip(positions, sizes))
+
+
+def _split(code: Code, flat_index: str, size: int, outer: str, inner: str) -> None:
+    """outer, inner = divmod(flat_index, size)."""
+    code.line(f"{outer} = {flat_index} // {size}")
+    code.line(f"{inner} = {flat_index} - {outer} * {size}")
+
+
+def forward_product(g: Geometry, tiles: Tiles | None) -> Product:
+    v, rank = g.volume, g.rank
+
+    def a_setup(code: Code, s: str, m: str) -> None:
+        code.line(f"row{s} = (g * {g.og} + {m}) * {g.cg * v}")
+
+    def a_load(code: Code, s: str, k: str, target: str) -> None:
+        code.line(f"{target} = w[row{s} + {k}]")
+
+    def b_setup(code: Code, s: str, n: str) -> None:
+        _split(code, n, g.positions, f"nb{s}", f"q{s}")
+        qs = unflatten(code, f"q{s}", g.out, f"q{s}_")
+        code.line(f"base{s} = nb{s} * {g.channels} + g * {g.cg}")
+        for axis in range(rank):
+            code.line(f"h{s}_{axis} = {qs[axis]} * {g.stride[axis]} - {g.pads[axis][0]}")
+
+    def b_load(code: Code, s: str, k: str, target: str) -> None:
+        _split(code, k, v, "c", "kw")
+        taps = _taps(code, g, "kw", s)
+        positions = []
+        for axis in range(rank):
+            code.line(f"i{axis} = h{s}_{axis} + {taps[axis]} * {g.dilation[axis]}")
+            positions.append(f"i{axis}")
+        with code.block(f"if {_inside(positions, g.sizes)}"):
+            code.line(f"{target} = x[{flatten(positions, g.sizes, f'base{s} + c')}]")
+
+    def store(code: Code, m: str, n: str, value: str) -> None:
+        _split(code, n, g.positions, "nb", "q")
+        code.line(f"o = g * {g.og} + {m}")
+        code.line(f"v = {value} + b[o]" if g.bias else f"v = {value}")
+        code.line(f"y[(nb * {g.out_channels} + o) * {g.positions} + q] = {_act(g, 'v')}")
+
+    params = "x, w, b, y" if g.bias else "x, w, y"
+    return Product("forward", params, g.og, g.batch * g.positions, g.cg * v, g.groups,
+                   Operand(True, a_setup, a_load), Operand(False, b_setup, b_load), store,
+                   g.dtype, tiles)
+
+
+def input_product(g: Geometry, tiles: Tiles | None) -> Product:
+    v, rank, in_positions = g.volume, g.rank, math.prod(g.sizes)
+
+    def a_setup(code: Code, s: str, m: str) -> None:
+        code.line(f"ch{s} = {m}")
+
+    def a_load(code: Code, s: str, k: str, target: str) -> None:
+        _split(code, k, v, "o", "kw")
+        code.line(f"{target} = w[((g * {g.og} + o) * {g.cg} + ch{s}) * {v} + kw]")
+
+    def b_setup(code: Code, s: str, n: str) -> None:
+        _split(code, n, in_positions, f"nb{s}", f"i{s}")
+        at = unflatten(code, f"i{s}", g.sizes, f"i{s}_")
+        code.line(f"base{s} = nb{s} * {g.out_channels} + g * {g.og}")
+        for axis in range(rank):
+            code.line(f"e{s}_{axis} = {at[axis]} + {g.pads[axis][0]}")
+
+    def b_load(code: Code, s: str, k: str, target: str) -> None:
+        _split(code, k, v, "o", "kw")
+        taps = _taps(code, g, "kw", s)
+        checks, positions = [], []
+        for axis in range(rank):
+            stride = g.stride[axis]
+            code.line(f"u{axis} = e{s}_{axis} - {taps[axis]} * {g.dilation[axis]}")
+            if stride == 1:
+                positions.append(f"u{axis}")
+                checks.append(f"0 <= u{axis} < {g.out[axis]}")
+            else:  # a whole output position only where the stride divides
+                code.line(f"q{axis} = u{axis} // {stride}")
+                positions.append(f"q{axis}")
+                checks.append(f"0 <= u{axis} and q{axis} * {stride} == u{axis} "
+                              f"and q{axis} < {g.out[axis]}")
+        with code.block(f"if {' and '.join(checks)}"):
+            code.line(f"{target} = dy[{flatten(positions, g.out, f'base{s} + o')}]")
+
+    def store(code: Code, m: str, n: str, value: str) -> None:
+        _split(code, n, in_positions, "nb", "i")
+        code.line(f"dx[(nb * {g.channels} + g * {g.cg} + {m}) * {in_positions} + i] = {value}")
+
+    return Product("input_grad", "dy, w, dx", g.cg, g.batch * in_positions, g.og * v,
+                   g.groups, Operand(True, a_setup, a_load), Operand(False, b_setup, b_load),
+                   store, g.dtype, tiles)
+
+
+def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
+    v, rank = g.volume, g.rank
+
+    def a_setup(code: Code, s: str, m: str) -> None:
+        code.line(f"oc{s} = g * {g.og} + {m}")
+
+    def a_load(code: Code, s: str, k: str, target: str) -> None:
+        _split(code, k, g.positions, "nb", "q")
+        code.line(f"{target} = dy[(nb * {g.out_channels} + oc{s}) * {g.positions} + q]")
+
+    def b_setup(code: Code, s: str, n: str) -> None:
+        _split(code, n, v, f"c{s}", f"kw{s}")
+        taps = _taps(code, g, f"kw{s}", s)
+        code.line(f"ch{s} = g * {g.cg} + c{s}")
+        for axis in range(rank):
+            code.line(f"f{s}_{axis} = {taps[axis]} * {g.dilation[axis]} - {g.pads[axis][0]}")
+
+    def b_load(code: Code, s: str, k: str, target: str) -> None:
+        _split(code, k, g.positions, "nb", "q")
+        qs = unflatten(code, "q", g.out, "q_")
+        positions = []
+        for axis in range(rank):
+            code.line(f"i{axis} = {qs[axis]} * {g.stride[axis]} + f{s}_{axis}")
+            positions.append(f"i{axis}")
+        with code.block(f"if {_inside(positions, g.sizes)}"):
+            base = f"nb * {g.channels} + ch{s}"
+            code.line(f"{target} = x[{flatten(positions, g.sizes, base)}]")
+
+    size = g.out_channels * g.cg * v
+
+    def store(code: Code, m: str, n: str, value: str) -> None:
+        at = f"(g * {g.og} + {m}) * {g.cg * v} + {n}"
+        if splits > 1:
+            code.line(f"dw[split * {size} + {at}] = {value}")
+        else:
+            code.line(f"dw[{at}] = {value}")
+
+    return Product("weight_grad", "x, dy, dw", g.og, g.cg * v, g.batch * g.positions,
+                   g.groups, Operand(True, a_setup, a_load), Operand(True, b_setup, b_load),
+                   store, g.dtype, tiles, splits)
+
+
+def _act(g: Geometry, value: str) -> str:
+    """The layer's elementwise activation of `value` (identity when none)."""
+    return forward_expression(g.act, value)
+
+
+# --- the module of one layer -------------------------------------------------------------
+
+def _render_prepare(code: Code, g: Geometry, spec: KernelSpec) -> None:
+    """prepare(y, dy, db, act_grad): per output channel (one block), dy *= act'(y) when
+    act_grad, and db = the sum of dy; scale(y, dy): dy *= act'(y), one thread each."""
+    zero = conv_gemm.zero(g.dtype)
+    count, positions, maps = g.batch * g.positions, g.positions, g.out_channels
+    threads = reduce_threads(count)
+    if g.bias:
+        code.line(JIT)
+        with code.block("def prepare(y, dy, db, act_grad)"):
+            code.line("o = cuda.blockIdx.x")
+            code.line("tid = cuda.threadIdx.x")
+            code.line(f"part = cuda.shared.array({threads}, {g.dtype})")
+            code.line(f"total = {zero}")
+            with code.block(f"for j in range(tid, {count}, {threads})"):
+                _split(code, "j", positions, "nb", "q")
+                code.line(f"at = (nb * {maps} + o) * {positions} + q")
+                code.line("v = dy[at]")
+                if g.has_act:
+                    with code.block("if act_grad"):
+                        code.line("u = y[at]")
+                        code.line(f"v = v * {derivative(spec, 'u')}")
+                        code.line("dy[at] = v")
+                code.line("total += v")
+            code.line("part[tid] = total")
+            code.line("cuda.syncthreads()")
+            step = threads // 2
+            while step:
+                with code.block(f"if tid < {step}"):
+                    code.line(f"part[tid] += part[tid + {step}]")
+                code.line("cuda.syncthreads()")
+                step //= 2
+            with code.block("if tid == 0"):
+                code.line("db[o] = part[0]")
+        code.line()
+    if g.has_act:
+        code.line(JIT)
+        with code.block("def scale(y, dy)"):
+            code.line("e = cuda.grid(1)")
+            with code.block(f"if e < {g.batch * maps * positions}"):
+                code.line("u = y[e]")
+                code.line(f"dy[e] = dy[e] * {derivative(spec, 'u')}")
+        code.line()
+
+
+def products(spec: KernelSpec) -> tuple[Product, Product, Product | None]:
+    """The forward, input-gradient and (unless the weight is fixed) weight-gradient
+    products of a layer's spec."""
+    g = Geometry.from_spec(spec)
+    forward = forward_product(g, Tiles.from_option(spec.option("forward_tiles")))
+    backward = input_product(g, Tiles.from_option(spec.option("input_tiles")))
+    weight = None
+    if g.weight_grad:
+        weight = weight_product(g, Tiles.from_option(spec.option("weight_tiles")),
+                                int(spec.option("splits")))
+    return forward, backward, weight
+
+
+@cache.template("cuda_conv")
+def render(spec: KernelSpec) -> str:
+    g = Geometry.from_spec(spec)
+    code = Code()
+    code.line(conv_gemm.prelude())
+    for product in products(spec):
+        if product is not None:
+            conv_gemm.render(code, product)
+    splits = int(spec.option("splits"))
+    if g.weight_grad and splits > 1:
+        conv_gemm.render_reduce_splits(code, splits, g.out_channels * g.cg * g.volume)
+    _render_prepare(code, g, spec)
+    return code.text()
+
+
+def plan(setup: LayerSetup) -> tuple[dict[str, Any], str, str]:
+    """Tiles per pass and K splits of the weight gradient, as spec options, with the
+    algorithm's name and the reason for the report."""
+    attrs = setup.layer.attrs
+    window = setup.window
+    assert window is not None and isinstance(attrs, (ConvAttrs, FilterAttrs))
+    channels = setup.in_shapes[0][0]
+    groups = attrs.groups if isinstance(attrs, ConvAttrs) else channels
+    out_channels = attrs.out_channels if isinstance(attrs, ConvAttrs) else channels
+    cg, og, v = channels // groups, out_channels // groups, math.prod(window.window)
+    batch = setup.batch
+    shapes = {"forward": (og, batch * math.prod(setup.out_shape[1:]), cg * v),
+              "input": (cg, batch * math.prod(setup.in_shapes[0][1:]), og * v),
+              "weight": (og, cg * v, batch * math.prod(setup.out_shape[1:]))}
+    simple = setup.algo == "direct"
+    forced = setup.algo == "gemm"
+    options: dict[str, Any] = {}
+    kinds = []
+    for name, (m, n, k) in shapes.items():
+        tiled = forced or (not simple and m >= SIMPLE_BELOW)
+        tiles = conv_gemm.choose_tiles(m, n, k) if tiled else None
+        options[f"{name}_tiles"] = None if tiles is None else tiles.as_option()
+        kinds.append(f"{name} " + (_describe(tiles) if tiles else "simple"))
+        if name == "weight":
+            options["splits"] = conv_gemm.choose_splits(m, n, k, groups, tiles)
+    algorithm = "direct" if simple else "gemm"
+    why = ("requested" if setup.algo in ("direct", "gemm")
+           else f"{setup.algo}: implicit GEMM on the GPU")
+    reason = f"{why}; {', '.join(kinds)}; weight grad in {options['splits']} split(s) of K"
+    return options, algorithm, reason
+
+
+def _describe(tiles: Tiles) -> str:
+    return f"tiled {tiles.bm}x{tiles.bn}x{tiles.bk}"
+
+
+def conv_spec(setup: LayerSetup, options: dict[str, Any], act: FusedAct) -> KernelSpec:
+    attrs = setup.layer.attrs
+    window = setup.window
+    assert window is not None and isinstance(attrs, (ConvAttrs, FilterAttrs))
+    channels = setup.in_shapes[0][0]
+    if isinstance(attrs, ConvAttrs):
+        groups, bias, weight_grad = attrs.groups, attrs.bias, True
+        weight = (attrs.out_channels, channels // groups, *window.window)
+    else:
+        groups, bias, weight_grad = channels, False, False
+        weight = (channels, 1, *window.window)
+    return KernelSpec.make(
+        "cuda_conv", setup.dtype, (setup.batched_inputs[0], weight, setup.batched_output),
+        groups=groups, stride=window.stride, dilation=window.dilation, pads=window.pads,
+        flip=attrs.flip, bias=bias, weight_grad=weight_grad, **act.options(), **options)
+
+
+class ConvLayer(KernelLayer):
+    """A convolution (or filter) computed by one generated module of three products."""
+
+    def __init__(self, setup: LayerSetup) -> None:
+        super().__init__(setup)
+        options, self.algorithm, self.reason = plan(setup)
+        self.act = FusedAct(setup.layer.act, setup.batched_output, setup.dtype)
+        spec = conv_spec(setup, options, self.act)
+        self.specs = [spec, *self.act.specs]
+        self.g = Geometry.from_spec(spec)
+        module = cache.load(spec)
+        forward, backward, weight = products(spec)
+        self._forward = conv_gemm.configured(module, forward)
+        self._input_grad = conv_gemm.configured(module, backward)
+        self._weight_grad = None if weight is None else conv_gemm.configured(module, weight)
+        g = self.g
+        self.splits = 1 if weight is None else weight.splits
+        size = g.out_channels * g.cg * g.volume
+        self._part = zeros((self.splits * size,), setup.dtype) if self.splits > 1 else None
+        self._reduce = (module.reduce_splits[blocks(size), THREADS]
+                        if self._part is not None else None)
+        out_size = math.prod(setup.batched_output)
+        threads = reduce_threads(setup.batch * g.positions)
+        self._prepare = module.prepare[g.out_channels, threads] if g.bias else None
+        self._scale = module.scale[blocks(out_size), THREADS] if g.has_act else None
+        self.y = zeros(setup.batched_output, setup.dtype)
+        self.dx = zeros(setup.batched_inputs[0], setup.dtype)
+        self._fixed = _fixed_weight(setup)
+        self._x: DeviceArray | None = None
+
+    def _weight(self, params: dict[str, DeviceArray]) -> DeviceArray:
+        return self._fixed if self._fixed is not None else flat(params["weight"])
+
+    def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
+                mode: Mode) -> DeviceArray:
+        (x,) = inputs
+        bias = [flat(params["bias"])] if self.g.bias else []
+        self._forward(flat(x), self._weight(params), *bias, flat(self.y))
+        self.act.forward(self.y)
+        self._x = x
+        return self.y
+
+    def backward(self, grad_output: DeviceArray, params: dict[str, DeviceArray],
+                 grads: dict[str, DeviceArray], skip_act: bool = False
+                 ) -> list[DeviceArray | None]:
+        if self._x is None:
+            raise RuntimeError(f"'{self.name}': backward before forward")
+        act_grad = self.act.backward(self.y, grad_output, skip_act)
+        dy, y = flat(grad_output), flat(self.y)
+        if self._prepare is not None:
+            self._prepare(y, dy, grads["bias"], act_grad)
+        elif act_grad and self._scale is not None:
+            self._scale(y, dy)
+        self._input_grad(dy, self._weight(params), flat(self.dx))
+        if self._weight_grad is not None:
+            dw = flat(grads["weight"])
+            if self._part is not None and self._reduce is not None:
+                self._weight_grad(flat(self._x), dy, self._part)
+                self._reduce(self._part, dw)
+            else:
+                self._weight_grad(flat(self._x), dy, dw)
+        return [self.dx]
+
+
+def _fixed_weight(setup: LayerSetup) -> DeviceArray | None:
+    """A filter layer's kernel as a flat depthwise weight on the device; None for a conv."""
+    attrs = setup.layer.attrs
+    if not isinstance(attrs, FilterAttrs):
+        return None
+    assert setup.window is not None
+    kernel = np.array(attrs.kernel, dtype=setup.dtype).reshape(setup.window.window)
+    channels = setup.in_shapes[0][0]
+    weight = np.broadcast_to(kernel, (channels, 1, *kernel.shape))
+    return cuda().to_device(np.ascontiguousarray(weight).reshape(-1))
+
+
+@builder(Op.CONV, Op.FILTER, device="cuda")
+def build(setup: LayerSetup) -> KernelLayer:
+    return ConvLayer(setup)

@@ -1,0 +1,343 @@
+"""Matrix-product kernels on the GPU: the family behind convolution and dense layers.
+
+Every pass of a convolution or a dense layer is a product C (M x N) = A (M x K) @ B (K x N)
+per group, where A and B are never stored: an `Operand` is the generated code that reads
+one element of a factor straight from the layer's arrays (the im2col arithmetic of an
+implicit GEMM, baked in with constant shapes), and a `Product` adds the code that stores
+one element of C. This module turns a product into one of two kernels:
+
+    tiled   (Tiles given) one block per BM x BN tile of C (per group and per split of K).
+            Each K-slice of BK columns of A and rows of B is loaded cooperatively into
+            shared memory (zero outside the matrices), and each thread accumulates a
+            TM x TN register block, the elements (ty + i*BM/TM, tx + j*BN/TN): threads
+            next to each other read neighbouring shared-memory words (no bank conflicts)
+            and store neighbouring elements of C (coalesced). Slices whose loads run along
+            k get one extra column of shared memory, so that the stores of consecutive
+            threads fall in different banks.
+    simple  (Tiles None) one thread per element of C, looping over k with the same
+            operand code: obviously right, and the better choice for products with very
+            few rows (depthwise convolutions, filters, a first layer's input gradient).
+
+Race-free: each element of C is written by the one thread that owns it, after the whole
+reduction. A product with a long K and few tiles (a weight gradient, K = batch x
+positions) is split along K: block `split` reduces its own range of K and stores its
+partial product into its own slice of a workspace, and a second kernel (`reduce_splits`,
+one thread per element) sums the slices in a fixed order. Deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from convdsl.codegen.cuda.common import JIT, PRELUDE
+from convdsl.codegen.source import Code
+
+# (code, suffix, mn): bind the variables of one row of A (column of B) named with `suffix`
+Setup = Callable[[Code, str, str], None]
+# (code, suffix, k, target): assign the element at (mn, k) to `target`, which holds zero
+# (leave it, where the element lies in padding)
+Load = Callable[[Code, str, str, str], None]
+# (code, m, n, value): store C's element (m, n)
+Store = Callable[[Code, str, str, str], None]
+
+# Types and zeros of the generated kernels, per dtype.
+IMPORTS = "from numba import float32, float64  # noqa: F401\n"
+
+
+def zero(dtype: str) -> str:
+    """A zero of `dtype` as source, so that sums accumulate in that dtype."""
+    return "float32(0.0)" if dtype == "float32" else "float64(0.0)"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A tiled kernel's shape: BM x BN of C per block, K in slices of BK, TM x TN per thread."""
+
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+    @property
+    def rows(self) -> int:
+        """Threads along M: thread (ty, tx) owns rows ty + i*rows."""
+        return self.bm // self.tm
+
+    @property
+    def cols(self) -> int:
+        return self.bn // self.tn
+
+    @property
+    def threads(self) -> int:
+        return self.rows * self.cols
+
+    def as_option(self) -> tuple[int, ...]:
+        return (self.bm, self.bn, self.bk, self.tm, self.tn)
+
+    @staticmethod
+    def from_option(value: tuple[int, ...] | None) -> Tiles | None:
+        return None if value is None else Tiles(*(int(v) for v in value))
+
+
+# Tile edges grow with the product up to these; a 64 x 64 tile of 256 threads, each
+# with a 4 x 4 register block, is the classic choice for large products.
+MAX_TILE = 64
+MIN_TILE = 4
+THREAD_SPAN = 16  # threads along each edge of a full tile
+
+
+def _edge(size: int) -> int:
+    """The smallest power of two covering `size`, within [MIN_TILE, MAX_TILE]: small
+    products get small tiles (less work in padding, and fast in the simulator)."""
+    return min(MAX_TILE, max(MIN_TILE, 1 << max(0, size - 1).bit_length()))
+
+
+def choose_tiles(m: int, n: int, k: int) -> Tiles:
+    bm, bn = _edge(m), _edge(n)
+    bk = 16 if k >= 16 else 8
+    return Tiles(bm, bn, bk, max(1, bm // THREAD_SPAN), max(1, bn // THREAD_SPAN))
+
+
+# Split K until the product has about this many blocks (an H100 has 132 SMs), keeping
+# at least MIN_SPLIT_SLICES slices of K per split.
+TARGET_BLOCKS = 512
+MIN_SPLIT_SLICES = 8
+
+
+def choose_splits(m: int, n: int, k: int, groups: int, tiles: Tiles | None) -> int:
+    """How many parts the reduction over K runs in (1: no split)."""
+    if tiles is None:
+        return 1
+    blocks = math.ceil(m / tiles.bm) * math.ceil(n / tiles.bn) * groups
+    if 2 * blocks >= TARGET_BLOCKS:
+        return 1
+    most = max(1, k // (tiles.bk * MIN_SPLIT_SLICES))
+    splits = min(math.ceil(TARGET_BLOCKS / blocks), most)
+    return split_count(k, splits, tiles)
+
+
+def split_chunk(k: int, splits: int, tiles: Tiles) -> int:
+    """The length of K each split reduces: a multiple of BK."""
+    return math.ceil(math.ceil(k / splits) / tiles.bk) * tiles.bk
+
+
+def split_count(k: int, splits: int, tiles: Tiles) -> int:
+    """Splits actually needed once chunks are rounded to BK (none empty)."""
+    return max(1, math.ceil(k / split_chunk(k, max(1, splits), tiles)))
+
+
+@dataclass(frozen=True)
+class Operand:
+    """How a kernel reads one factor: A (rows m, columns k) or B (rows k, columns n)."""
+
+    k_fast: bool  # consecutive threads load consecutive k (else consecutive m or n)
+    setup: Setup
+    load: Load
+
+
+@dataclass(frozen=True)
+class Product:
+    """C[g] = A[g] @ B[g] for every group g (named `g` in the generated code)."""
+
+    name: str
+    params: str  # the kernel's parameters, "x, w, y"
+    m: int
+    n: int
+    k: int
+    groups: int
+    a: Operand
+    b: Operand
+    store: Store  # may use `split` (the split of K) when splits > 1
+    dtype: str
+    tiles: Tiles | None
+    splits: int = 1
+
+    def launch(self) -> tuple[tuple[int, ...], int]:
+        """(grid, threads per block) of the kernel."""
+        if self.tiles is None:
+            count = self.groups * self.m * self.n
+            return (max(1, math.ceil(count / SIMPLE_THREADS)),), SIMPLE_THREADS
+        t = self.tiles
+        grid = (math.ceil(self.n / t.bn), math.ceil(self.m / t.bm), self.groups * self.splits)
+        return grid, t.threads
+
+
+SIMPLE_THREADS = 128
+
+
+def configured(module: Any, product: Product) -> Any:
+    """The product's kernel in the generated `module`, configured with its launch size."""
+    grid, threads = product.launch()
+    return getattr(module, product.name)[grid, threads]
+
+
+def render(code: Code, product: Product) -> None:
+    """Emit the product's kernel (tiled or simple) into `code`."""
+    if product.tiles is None:
+        _render_simple(code, product)
+    else:
+        _render_tiled(code, product, product.tiles)
+    code.line()
+
+
+def prelude() -> str:
+    return PRELUDE + IMPORTS
+
+
+def _render_simple(code: Code, p: Product) -> None:
+    assert p.splits == 1
+    code.line(JIT)
+    with code.block(f"def {p.name}({p.params})"):
+        code.line("t = cuda.grid(1)")
+        with code.block(f"if t < {p.groups * p.m * p.n}"):
+            code.line(f"g = t // {p.m * p.n}")
+            code.line(f"r = t - g * {p.m * p.n}")
+            code.line(f"m = r // {p.n}")
+            code.line(f"n = r - m * {p.n}")
+            p.a.setup(code, "a", "m")
+            p.b.setup(code, "b", "n")
+            code.line(f"acc = {zero(p.dtype)}")
+            with code.block(f"for k in range({p.k})"):
+                code.line(f"av = {zero(p.dtype)}")
+                p.a.load(code, "a", "k", "av")
+                code.line(f"bv = {zero(p.dtype)}")
+                p.b.load(code, "b", "k", "bv")
+                code.line("acc += av * bv")
+            p.store(code, "m", "n", "acc")
+
+
+def _slots(code: Code, t: Tiles, operand: Operand, name: str, edge: int, size: int
+           ) -> list[tuple[str, str | None]]:
+    """Bind, for each load slot s of this thread, k-offset `<name>k<s>`, tile index
+    `<name>i<s>`, global index `<name>g<s>`, and the operand's setup. Returns per slot
+    (suffix, guard): the guard is the test that the slot lies inside the tile."""
+    per_tile = t.bk * edge
+    slots = []
+    for s in range(math.ceil(per_tile / t.threads)):
+        e = f"tid + {s * t.threads}" if s else "tid"
+        suffix = f"{name}{s}"
+        if operand.k_fast:
+            code.line(f"{name}k{s} = ({e}) % {t.bk}")
+            code.line(f"{name}i{s} = ({e}) // {t.bk}")
+        else:
+            code.line(f"{name}k{s} = ({e}) // {edge}")
+            code.line(f"{name}i{s} = ({e}) % {edge}")
+        base = "m0" if name == "a" else "n0"
+        code.line(f"{name}g{s} = {base} + {name}i{s}")
+        operand.setup(code, suffix, f"{name}g{s}")
+        inside = (s + 1) * t.threads <= per_tile
+        slots.append((suffix, None if inside else f"{e} < {per_tile}"))
+        code.line(f"{name}ok{s} = {name}g{s} < {size}")
+    return slots
+
+
+def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, str | None]],
+                shared: str, dtype: str) -> None:
+    """Every slot of this thread loads one element of the K-slice starting at k0."""
+    for s, (suffix, guard) in enumerate(slots):
+        def body(s: int = s, suffix: str = suffix) -> None:
+            code.line(f"k = k0 + {name}k{s}")
+            code.line(f"v = {zero(dtype)}")
+            with code.block(f"if {name}ok{s} and k < kstop"):
+                operand.load(code, suffix, "k", "v")
+            code.line(f"{shared}[{name}k{s}, {name}i{s}] = v")
+        if guard is None:
+            body()
+        else:
+            with code.block(f"if {guard}"):
+                body()
+
+
+def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
+    dtype = p.dtype
+    code.line(JIT)
+    with code.block(f"def {p.name}({p.params})"):
+        code.line("tid = cuda.threadIdx.x")
+        code.line(f"tx = tid % {t.cols}")
+        code.line(f"ty = tid // {t.cols}")
+        code.line(f"m0 = cuda.blockIdx.y * {t.bm}")
+        code.line(f"n0 = cuda.blockIdx.x * {t.bn}")
+        if p.splits > 1:
+            chunk = split_chunk(p.k, p.splits, t)
+            code.line(f"g = cuda.blockIdx.z // {p.splits}")
+            code.line(f"split = cuda.blockIdx.z - g * {p.splits}")
+            code.line(f"kstart = split * {chunk}")
+            code.line(f"kstop = min({p.k}, kstart + {chunk})")
+        else:
+            code.line("g = cuda.blockIdx.z")
+            code.line("kstart = 0")
+            code.line(f"kstop = {p.k}")
+        # one padding column where loads run along k: consecutive threads, other banks
+        a_width = t.bm + (1 if p.a.k_fast else 0)
+        b_width = t.bn + (1 if p.b.k_fast else 0)
+        code.line(f"sa = cuda.shared.array(({t.bk}, {a_width}), {dtype})")
+        code.line(f"sb = cuda.shared.array(({t.bk}, {b_width}), {dtype})")
+        a_slots = _slots(code, t, p.a, "a", t.bm, p.m)
+        b_slots = _slots(code, t, p.b, "b", t.bn, p.n)
+        for i in range(t.tm):
+            for j in range(t.tn):
+                code.line(f"c{i}_{j} = {zero(dtype)}")
+        with code.block(f"for k0 in range(kstart, kstop, {t.bk})"):
+            _load_slice(code, p.a, "a", a_slots, "sa", dtype)
+            _load_slice(code, p.b, "b", b_slots, "sb", dtype)
+            code.line("cuda.syncthreads()")
+            with code.block(f"for kk in range({t.bk})"):
+                for i in range(t.tm):
+                    code.line(f"a{i} = sa[kk, ty + {i * t.rows}]" if i else "a0 = sa[kk, ty]")
+                for j in range(t.tn):
+                    code.line(f"b{j} = sb[kk, tx + {j * t.cols}]" if j else "b0 = sb[kk, tx]")
+                for i in range(t.tm):
+                    for j in range(t.tn):
+                        code.line(f"c{i}_{j} += a{i} * b{j}")
+            code.line("cuda.syncthreads()")
+        for j in range(t.tn):
+            code.line(f"n = n0 + tx + {j * t.cols}")
+            with code.block(f"if n < {p.n}"):
+                for i in range(t.tm):
+                    code.line(f"m = m0 + ty + {i * t.rows}")
+                    with code.block(f"if m < {p.m}"):
+                        p.store(code, "m", "n", f"c{i}_{j}")
+
+
+def render_reduce_splits(code: Code, splits: int, size: int) -> None:
+    """reduce_splits(part, out): out[e] = the sum over s of part[s*size + e], in order."""
+    code.line(JIT)
+    with code.block("def reduce_splits(part, out)"):
+        code.line("e = cuda.grid(1)")
+        with code.block(f"if e < {size}"):
+            code.line("total = part[e]")
+            with code.block(f"for s in range(1, {splits})"):
+                code.line(f"total += part[s * {size} + e]")
+            code.line("out[e] = total")
+    code.line()
+
+
+def unflatten(code: Code, flat: str, sizes: tuple[int, ...], prefix: str) -> list[str]:
+    """Emit `<prefix>0, <prefix>1, ...`, the row-major multi-index of `flat` in an array
+    of `sizes`; return their names (`flat` itself for one axis)."""
+    if len(sizes) == 1:
+        return [flat]
+    names = [f"{prefix}{axis}" for axis in range(len(sizes))]
+    rest = flat
+    for axis in range(len(sizes) - 1):
+        stride = math.prod(sizes[axis + 1:])
+        code.line(f"{names[axis]} = {rest} // {stride}")
+        remainder = f"{prefix}r{axis}"
+        code.line(f"{remainder} = {rest} - {names[axis]} * {stride}")
+        rest = remainder
+    code.line(f"{names[-1]} = {rest}")
+    return names
+
+
+def flatten(names: list[str], sizes: tuple[int, ...], base: str | None = None) -> str:
+    """Row-major flat index of `names` in an array of `sizes`, after `base` leading
+    entries (Horner form: ((base*n0 + i0)*n1 + i1)...)."""
+    text = base
+    for name, size in zip(names, sizes):
+        text = name if text is None else f"({text}) * {size} + {name}"
+    assert text is not None
+    return text

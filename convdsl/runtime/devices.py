@@ -43,6 +43,9 @@ class Device:
     def add(self, a: Array, b: Array, out: Array) -> None:
         np.add(a, b, out=out)
 
+    def scale(self, array: Array, factor: float) -> None:
+        array *= factor
+
     def duplicate(self, array: Array) -> Array:
         return array.copy()
 
@@ -89,6 +92,9 @@ class CudaDevice(Device):
 
     def add(self, a: Array, b: Array, out: Array) -> None:
         self._arrays.add(a, b, out)
+
+    def scale(self, array: Array, factor: float) -> None:
+        self._arrays.scale(array, factor)
 
     def duplicate(self, array: Array) -> Array:
         copy = self._arrays.like(array)

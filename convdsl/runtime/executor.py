@@ -107,6 +107,7 @@ class CompiledNetwork:
         self._values: Arrays = {}  # every layer's output in the last forward
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
+        self._loss_through_softmax = False
         self._accumulators: Arrays = {}
         self._input_buffers: Arrays = {}  # where inputs land on the device
         self.compile_seconds: dict[str, float] = {}
@@ -206,9 +207,7 @@ class CompiledNetwork:
         for output in self.network.outputs:
             if output.loss is Loss.NONE:
                 continue
-            # The loss runs on the host: only the output (batch x classes, for a
-            # classifier) comes back, and its gradient goes out.
-            value = self.device.get(self._values[output.name])
+            value = self._values[output.name]
             target = np.asarray(by_output[output.name])
             try:
                 losses.check_targets(output.loss, value, target, output.name)
@@ -218,14 +217,33 @@ class CompiledNetwork:
             softmax = layer.act is not None and layer.act.kind is Activation.SOFTMAX
             # The gradient may skip the softmax only if nothing else reads its output.
             feeds_others = bool(self.network.graph.consumers(output.name))
-            result = losses.evaluate(output.loss, value, target, softmax,
-                                     grad_at_logits=not feeds_others)
-            total += output.weight * result.value
-            self._loss_grads[output.name] = self.device.put(
-                (output.weight * result.grad).astype(self.dtype))
-            if result.through_softmax:
+            result, grad = self._output_loss(output.loss, value, target, softmax,
+                                             grad_at_logits=not feeds_others)
+            total += output.weight * result
+            if output.weight != 1.0:
+                self.device.scale(grad, output.weight)
+            self._loss_grads[output.name] = grad
+            if self._loss_through_softmax:
                 self._through_softmax.add(output.name)
         return total
+
+    def _output_loss(self, loss: Loss, value: Array, target: np.ndarray, softmax: bool,
+                     grad_at_logits: bool) -> tuple[float, Array]:
+        """One output's loss and its gradient (an array where the kernels read it);
+        sets _loss_through_softmax. On CUDA the loss runs on the device: the targets go
+        out, and only a few partial sums come back."""
+        if self.device.name == "cpu":
+            result = losses.evaluate(loss, value, target, softmax, grad_at_logits)
+            self._loss_through_softmax = result.through_softmax
+            return result.value, result.grad.astype(self.dtype)
+        from convdsl.codegen.cuda import losses as device_losses
+
+        targets = self.device.put(target if loss is Loss.CROSS_ENTROPY
+                                  else target.astype(self.dtype))
+        grad = self.device.zeros(value.shape, self.dtype)
+        total, self._loss_through_softmax = device_losses.evaluate(
+            loss, value, targets, softmax, grad_at_logits, grad)
+        return total, grad
 
     def _targets_by_output(self, targets: np.ndarray | Mapping[str, np.ndarray]
                            ) -> Mapping[str, np.ndarray]:

@@ -15,6 +15,13 @@ def fill(x: Any, value: Any) -> None:
 
 
 @cuda.jit(cache=True)
+def scale(x: Any, factor: Any) -> None:
+    i = cuda.grid(1)
+    if i < x.size:
+        x[i] = x[i] * factor
+
+
+@cuda.jit(cache=True)
 def add(a: Any, b: Any, out: Any) -> None:
     i = cuda.grid(1)
     if i < out.size:

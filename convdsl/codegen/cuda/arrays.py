@@ -35,6 +35,12 @@ def add(a: DeviceArray, b: DeviceArray, out: DeviceArray) -> None:
         _kernels().add[blocks(out.size), THREADS](flat(a), flat(b), flat(out))
 
 
+def scale(x: DeviceArray, factor: float) -> None:
+    """x *= factor, in x's dtype."""
+    if x.size:
+        _kernels().scale[blocks(x.size), THREADS](flat(x), x.dtype.type(factor))
+
+
 def copy(source: DeviceArray, target: DeviceArray) -> None:
     target.copy_to_device(source)
 

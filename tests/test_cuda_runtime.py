@@ -21,7 +21,9 @@ from convdsl.ir.training import TrainSettings
 from convdsl.runtime.devices import device_named
 from convdsl.runtime.optim import make_optimizer
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda,
+              # the simulator runs kernels in NumPy, which warns where a GPU stays silent
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 @pytest.fixture(scope="module")

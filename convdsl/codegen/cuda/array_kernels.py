@@ -34,8 +34,7 @@ def count_nonfinite(x: Any, counts: Any, slot: Any) -> None:
     order of the additions cannot change a count)."""
     i = cuda.grid(1)
     if i < x.size:
-        v = x[i]
-        if v != v or v - v != 0.0:  # NaN, or plus or minus infinity
+        if not math.isfinite(x[i]):
             cuda.atomic.add(counts, slot, 1)
 
 

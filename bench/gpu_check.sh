@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, in one go on a machine with an NVIDIA GPU (bench/README.md,
+# "The GPU benchmark"). Run from the repository root; logs go to $OUT:
+#
+#   OUT=/tmp/out bash bench/gpu_check.sh
+#
+#   a  env.log          install the wheels in .whl/ (lark, mnist1d), versions, a tiny kernel
+#   b  cuda_tests.log   the CUDA test tier on the real GPU (CONVDSL_TEST_GPU=1 pytest -m cuda)
+#   c  mnist1d.log      train networks/mnist1d_cnn.cnn with its own recipe, --device cuda
+#   d  lenet5.log       train LeNet-5 on digits32 (bench/digits32.py), --device cuda
+#   e  bench.log        python3 bench/gpu.py, the report in cuda_bench.md
+#   warm.log            the kernels of steps c to e, compiled in the background during b
+#   summary.txt         every step's exit code and seconds
+#
+# Every step runs under `timeout` and a failed step never stops the next. The steps share
+# one kernel cache ($CONVDSL_CACHE), so a kernel compiled once is loaded after. Limits:
+# each step has a cap and a floor (seconds); a step gets its cap, or less so that the later
+# steps keep their floors within GPU_CHECK_TOTAL_S (default 480) in all. Overrides:
+# PY (python3), GPU_CHECK_STEPS ("a b c d e"), GPU_CHECK_TOTAL_S, GPU_CHECK_DEVICE (cuda;
+# cpu only to try the script on a machine without a GPU), CAP_<step> (e.g. CAP_c=300).
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-/tmp/gpu_check_out}
+PY=${PY:-python3}
+STEPS=${GPU_CHECK_STEPS:-a b c d e}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+WORK=/tmp/convdsl-gpu-check  # run folders and data: never under $OUT (few files come back)
+mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK/runs"
+
+export CONVDSL_CACHE=${CONVDSL_CACHE:-/tmp/convdsl-cache}
+export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export MPLBACKEND=Agg
+
+# LeNet-5 on digits32: the recipe that reached 97.5-99.2% test accuracy on the CPU (seeds 0-2)
+LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
+
+declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
+                [e]=${CAP_e:-240})
+declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150)
+declare -A RC=() TOOK=()
+ORDER="a b c d e"
+START=$(date +%s)
+
+limit_for() {  # the seconds step $1 may take: its cap, less what later steps need
+  local step=$1 later=0 seen=0 s
+  for s in $ORDER; do
+    if [ "$seen" = 1 ] && [[ " $STEPS " == *" $s "* ]]; then later=$((later + FLOOR[$s])); fi
+    if [ "$s" = "$step" ]; then seen=1; fi
+  done
+  local left=$((TOTAL_S - ($(date +%s) - START) - later))
+  local limit=${CAP[$step]}
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt "${FLOOR[$step]}" ]; then limit=${FLOOR[$step]}; fi
+  echo "$limit"
+}
+
+run_step() {  # run_step STEP LOG TITLE COMMAND: COMMAND (bash) under timeout, into $OUT/LOG
+  local step=$1 log=$OUT/$2 title=$3 command=$4
+  if [[ " $STEPS " != *" $step "* ]]; then return; fi
+  local limit
+  limit=$(limit_for "$step")
+  echo "=== $step: $title (limit ${limit} s) -> $log"
+  local began
+  began=$(date +%s)
+  { echo "\$ $command"; echo "(limit ${limit} s, started $(date -u +%FT%TZ))"; } > "$log"
+  # SIGTERM first (training saves its run and stops), SIGKILL 20 s later
+  timeout -s TERM -k 20 "$limit" bash -c "$command" >> "$log" 2>&1
+  RC[$step]=$?
+  TOOK[$step]=$(( $(date +%s) - began ))
+  if [ "${RC[$step]}" = 124 ] || [ "${RC[$step]}" = 137 ]; then
+    echo "TIMED OUT after ${limit} s" >> "$log"
+  fi
+  echo "--- $step: exit ${RC[$step]} in ${TOOK[$step]} s; last lines:"
+  tail -n 12 "$log"
+}
+
+# (a) the wheels, then what the machine has, then one kernel through numba.cuda's toolchain
+run_step a env.log "install wheels, versions, a tiny CUDA kernel" '
+set -x
+ls .whl
+'"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+nvidia-smi
+nproc; free -g | head -2
+'"$PY"' - <<"EOF"
+import platform
+from importlib.metadata import version
+import numba, numpy, torch
+print("python", platform.python_version(), "numpy", numpy.__version__, "numba",
+      numba.__version__, "numba-cuda", version("numba-cuda"), "torch", torch.__version__,
+      "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
+print("torch sees a GPU:", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import lark, mnist1d
+print("lark", lark.__version__, "mnist1d from", mnist1d.__file__)
+from numba import cuda
+cuda.detect()
+@cuda.jit
+def add_one(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] += 1
+a = cuda.to_device(numpy.zeros(100, numpy.float32))
+add_one[1, 128](a)
+print("tiny kernel:", a.copy_to_host().sum(), "(100.0 expected)")
+import convdsl.codegen.cuda
+print("convdsl CUDA kernels registered")
+EOF'
+
+# Meanwhile, compile the kernels of the later steps into the shared cache, one process per
+# network (Numba compiles on one core; the machine has many), so that steps c to e load
+# them instead of compiling them in turn.
+if [[ " $STEPS " == *" e "* ]] && [ "$DEVICE" = cuda ]; then
+  for job in "mnist1d_cnn 100" "lenet5 32" "lenet5 64" "lenet5 256" "resnet18_cifar 128"; do
+    set -- $job
+    timeout 400 $PY -m convdsl.cli compile "networks/$1.cnn" --batch "$2" --device cuda \
+        > "$WORK/warm-$1-$2.log" 2>&1 &
+  done
+fi
+
+# (b) the CUDA test tier on the real GPU (test files named explicitly: only them collected)
+TIMEOUT_FLAG=""
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_FLAG="--timeout 120"; fi
+run_step b cuda_tests.log "CUDA test tier on the GPU" "
+CONVDSL_TEST_GPU=1 $PY -m pytest -q -m cuda -x $TIMEOUT_FLAG -p no:cacheprovider \
+    tests/test_cuda_*.py"
+
+# (c) the MNIST-1D CNN with its file's recipe (150 epochs of batch 100, AdamW); if time runs
+# out, training saves its run on SIGTERM and the saved weights are tested instead
+MNIST_RUN=$WORK/runs/mnist1d
+MNIST_LIMIT=$(limit_for c)
+run_step c mnist1d.log "train the MNIST-1D CNN on the GPU" "
+timeout -s TERM -k 20 $((MNIST_LIMIT - 35)) \
+    $PY -m convdsl.cli train networks/mnist1d_cnn.cnn --data mnist1d --device $DEVICE \
+    --no-progress --out $MNIST_RUN
+status=\$?
+if [ \$status -ne 0 ] && [ -f $MNIST_RUN/checkpoint.npz ]; then
+  echo \"training stopped (exit \$status): testing the weights it saved\"
+  $PY -m convdsl.cli test networks/mnist1d_cnn.cnn --weights $MNIST_RUN --data mnist1d \
+      --device $DEVICE
+fi
+exit \$status"
+
+# (d) LeNet-5 on the digits at 1x28x28, the CPU's recipe
+LENET_RUN=$WORK/runs/lenet5
+run_step d lenet5.log "train LeNet-5 on digits32 on the GPU" "
+$PY bench/digits32.py $WORK/digits32.npz &&
+$PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits32.npz $LENET_RECIPE \
+    --device $DEVICE --no-progress --out $LENET_RUN"
+
+# (e) the benchmark against PyTorch (writes its report after every case)
+run_step e bench.log "bench/gpu.py: convdsl against PyTorch/cuDNN" "
+$PY bench/gpu.py --budget 20 --profile-iterations 5 --markdown $OUT/cuda_bench.md"
+
+# the background compiles' last lines (cold compile seconds per network)
+tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
+
+{
+  echo "gpu_check: $(date -u +%FT%TZ), $(( $(date +%s) - START )) s in all, device $DEVICE"
+  for s in $ORDER; do
+    if [[ " $STEPS " == *" $s "* ]]; then
+      echo "step $s: exit ${RC[$s]:-?} in ${TOOK[$s]:-?} s"
+    fi
+  done
+  for log in cuda_tests mnist1d lenet5; do  # each step's verdict, if it got that far
+    grep -hE " in [0-9.]+s( \(|$)|^test split:|\(test split\):|^training stopped|^interrupted|^TIMED OUT" \
+        "$OUT/$log.log" 2>/dev/null | sed "s/^/  $log: /" | tail -n 4
+  done
+  if [ -f "$OUT/cuda_bench.md" ]; then sed -n '/^| case/,/^$/p' "$OUT/cuda_bench.md"; fi
+} | tee "$OUT/summary.txt"

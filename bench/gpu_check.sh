@@ -98,6 +98,8 @@ print("torch sees a GPU:", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 import lark, mnist1d
 print("lark", lark.__version__, "mnist1d from", mnist1d.__file__)
+import convdsl.codegen.cuda  # first: it mends numba-cuda 0.30 for NumPy 2.5
+print("convdsl CUDA kernels registered")
 from numba import cuda
 cuda.detect()
 @cuda.jit
@@ -108,8 +110,6 @@ def add_one(a):
 a = cuda.to_device(numpy.zeros(100, numpy.float32))
 add_one[1, 128](a)
 print("tiny kernel:", a.copy_to_host().sum(), "(100.0 expected)")
-import convdsl.codegen.cuda
-print("convdsl CUDA kernels registered")
 EOF'
 
 # Meanwhile, compile the kernels of the later steps into the shared cache, one process per

@@ -8,6 +8,7 @@ and PyTorch; here the CUDA target must agree with it in float64.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -165,7 +166,7 @@ def test_without_a_gpu_the_error_says_so_and_how_to_fix_it() -> None:
             "    print('RunError:', exc.message, '|', exc.hint)\n"
             "else:\n"
             "    print('compiled')\n")
-    env = {"NUMBA_ENABLE_CUDASIM": "0", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=120, check=False)
     if "compiled" in result.stdout:

@@ -22,8 +22,9 @@ deterministic), or `scale` (one thread per element) when there is no bias.
 Tiles are chosen from each product's shape (conv_gemm.choose_tiles: 64 x 64 tiles with
 4 x 4 register blocks for large products, smaller ones for small products). Products
 with fewer than SIMPLE_BELOW rows (depthwise layers and filters, a first layer's input
-gradient) run the simple kernel, one thread per output element; so does every pass when
-the layer asks for algo=direct.
+gradient) run the simple kernel, one thread per output element, except the weight
+gradient, whose K (batch x positions) is too long for one thread; every pass runs simple
+when the layer asks for algo=direct.
 
 Race-free weight gradients: one thread owns each weight element (in its register block)
 for the whole reduction over batch and positions. Where that leaves too few blocks, K
@@ -310,7 +311,9 @@ def plan(setup: LayerSetup) -> tuple[dict[str, Any], str, str]:
     options: dict[str, Any] = {}
     kinds = []
     for name, (m, n, k) in shapes.items():
-        tiled = forced or (not simple and m >= SIMPLE_BELOW)
+        # The weight gradient always tiles (unless direct is asked for): its K is the
+        # batch times the positions, far too long for one thread per weight element.
+        tiled = forced or (not simple and (m >= SIMPLE_BELOW or name == "weight"))
         tiles = conv_gemm.choose_tiles(m, n, k) if tiled else None
         options[f"{name}_tiles"] = None if tiles is None else tiles.as_option()
         kinds.append(f"{name} " + (_describe(tiles) if tiles else "simple"))

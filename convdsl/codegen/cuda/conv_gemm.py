@@ -28,6 +28,7 @@ one thread per element) sums the slices in a fixed order. Deterministic, no atom
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,9 @@ class Tiles:
 
 # Tile edges grow with the product up to these; a 64 x 64 tile of 256 threads, each
 # with a 4 x 4 register block, is the classic choice for large products.
-MAX_TILE = 64
+# CONVDSL_CUDA_MAX_TILE=128 gives 128 x 128 tiles with 8 x 8 register blocks instead (the
+# tile is part of each kernel's spec, so both kinds of kernel can sit in one cache).
+MAX_TILE = int(os.environ.get("CONVDSL_CUDA_MAX_TILE", "64"))
 MIN_TILE = 4
 THREAD_SPAN = 16  # threads along each edge of a full tile
 

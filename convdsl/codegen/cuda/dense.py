@@ -139,7 +139,8 @@ def plan(setup: LayerSetup) -> tuple[dict[str, Any], str]:
     options: dict[str, Any] = {}
     kinds = []
     for name, (m, n, k) in shapes.items():
-        tiled = setup.algo == "gemm" or (setup.algo != "direct" and m >= SIMPLE_BELOW)
+        tiled = setup.algo == "gemm" or (setup.algo != "direct"
+                                         and (m >= SIMPLE_BELOW or name == "weight"))
         tiles = conv_gemm.choose_tiles(m, n, k) if tiled else None
         options[f"{name}_tiles"] = None if tiles is None else tiles.as_option()
         kinds.append(f"{name} {'tiled' if tiles else 'simple'}")

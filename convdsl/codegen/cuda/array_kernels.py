@@ -33,9 +33,8 @@ def count_nonfinite(x: Any, counts: Any, slot: Any) -> None:
     """counts[slot] += the number of NaN or infinite values in x (an atomic add: the
     order of the additions cannot change a count)."""
     i = cuda.grid(1)
-    if i < x.size:
-        if not math.isfinite(x[i]):
-            cuda.atomic.add(counts, slot, 1)
+    if i < x.size and not math.isfinite(x[i]):  # `and` short-circuits: no read past the end
+        cuda.atomic.add(counts, slot, 1)
 
 
 @cuda.jit(cache=True)

@@ -7,7 +7,7 @@
 #   a  env.log          install the wheels in .whl/ (lark, mnist1d), versions, a tiny kernel
 #   b  cuda_tests.log   the CUDA test tier on the real GPU (CONVDSL_TEST_GPU=1 pytest -m cuda)
 #   c  mnist1d.log      train networks/mnist1d_cnn.cnn with its own recipe, --device cuda
-#   d  lenet5.log       train LeNet-5 on digits32 (bench/digits32.py), --device cuda
+#   d  lenet5.log       train LeNet-5 on digits28 (bench/digits28.py), --device cuda
 #   e  bench.log        python3 bench/gpu.py, the report in cuda_bench.md
 #   warm.log            the kernels of steps c to e, compiled in the background during b
 #   summary.txt         every step's exit code and seconds
@@ -36,7 +36,7 @@ export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 
-# LeNet-5 on digits32: the recipe that reached 97.5-99.2% test accuracy on the CPU (seeds 0-2)
+# LeNet-5 on digits28: the recipe that reached 97.5-99.2% test accuracy on the CPU (seeds 0-2)
 LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
 
 declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
@@ -148,9 +148,9 @@ exit \$status"
 
 # (d) LeNet-5 on the digits at 1x28x28, the CPU's recipe
 LENET_RUN=$WORK/runs/lenet5
-run_step d lenet5.log "train LeNet-5 on digits32 on the GPU" "
-$PY bench/digits32.py $WORK/digits32.npz &&
-$PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits32.npz $LENET_RECIPE \
+run_step d lenet5.log "train LeNet-5 on digits28 on the GPU" "
+$PY bench/digits28.py $WORK/digits28.npz &&
+$PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits28.npz $LENET_RECIPE \
     --device $DEVICE --no-progress --out $LENET_RUN"
 
 # (e) the benchmark against PyTorch (writes its report after every case)

@@ -1,8 +1,8 @@
 """scikit-learn's 8x8 digits, blown up to the size LeNet-5 reads, as an .npz for `--data`.
 
-    python bench/digits32.py /tmp/digits32.npz             # 1x28x28: networks/lenet5.cnn
-    python bench/digits32.py /tmp/digits32.npz --size 32   # 1x32x32: each pixel 4x4
-    convdsl train networks/lenet5.cnn --data /tmp/digits32.npz
+    python bench/digits28.py /tmp/digits28.npz             # 1x28x28: networks/lenet5.cnn
+    python bench/digits28.py /tmp/digits28.npz --size 32   # 1x32x32: each pixel 4x4
+    convdsl train networks/lenet5.cnn --data /tmp/digits28.npz
 
 Why: the GPU check trains LeNet-5 on a real data set with no network access, and the
 machine has scikit-learn but not MNIST. The 1,797 digits are few but real handwriting.

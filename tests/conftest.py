@@ -16,3 +16,12 @@ os.environ.setdefault("CONVDSL_NO_CALIBRATE", "1")
 # unless CONVDSL_TEST_GPU=1 asks for the real GPU. It must be set before numba.cuda loads.
 if os.environ.get("CONVDSL_TEST_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+# Under pytest-xdist (`-n 2`, the README's command) the workers share the cores: BLAS and
+# PyTorch get one thread each, whose pools spin while idle and would starve the other
+# worker. Numba keeps two threads, so that parallel kernels still run in parallel (and a
+# race between their threads can show); its workqueue pool sleeps while idle.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+    os.environ.setdefault("NUMBA_NUM_THREADS", "2")

@@ -8,17 +8,22 @@ and PyTorch; here the CUDA target must agree with it in float64.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from kernel_harness import assert_close, random_array
+from test_train import TINY, write_data
 
 import convdsl
+from convdsl.cli import main
 from convdsl.errors import RunError
 from convdsl.ir.training import TrainSettings
+from convdsl.runtime import checkpoint as ckpt
 from convdsl.runtime.devices import device_named
 from convdsl.runtime.optim import make_optimizer
 
@@ -192,3 +197,35 @@ def test_without_numba_cuda_the_error_names_the_extra(monkeypatch: pytest.Monkey
 def test_an_unknown_device_is_refused() -> None:
     with pytest.raises(RunError, match="unknown device 'tpu'"):
         convdsl.compile("input x: 1x4x4\nc = conv(1, 3)\noutput c", device="tpu")
+
+
+def cli(*args: str | Path) -> int:
+    return main([str(arg) for arg in args])
+
+
+def test_train_on_the_gpu_resume_and_test_on_the_cpu(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`convdsl train --device cuda` end to end: a run stopped after one epoch resumes on
+    the GPU, ends where the same run on the CPU ends (float64), and its checkpoint is
+    scored on the CPU."""
+    network = tmp_path / "tiny.cnn"
+    network.write_text(TINY)
+    data = write_data(tmp_path / "data.npz", 24, test=8)  # 2 steps an epoch: the simulator is slow
+    recipe = ["--data", data, "--dtype", "float64", "--no-progress"]
+    on_gpu, on_cpu = tmp_path / "gpu", tmp_path / "cpu"
+    assert cli("train", network, *recipe, "--epochs", "1", "--device", "cuda",
+               "--out", on_gpu) == 0
+    assert cli("train", network, "--epochs", "2", "--device", "cuda", "--out", on_gpu,
+               "--resume", "--no-progress") == 0
+    assert cli("train", network, *recipe, "--epochs", "2", "--out", on_cpu) == 0
+    gpu_weights = ckpt.load(on_gpu / "checkpoint.npz")
+    cpu_weights = ckpt.load(on_cpu / "checkpoint.npz")
+    for name, value in cpu_weights.params.items():
+        assert_close(gpu_weights.params[name].astype(np.float64), value.astype(np.float64),
+                     1e-9, name)
+    for name, value in cpu_weights.optimizer.items():
+        assert_close(np.asarray(gpu_weights.optimizer[name], np.float64),
+                     np.asarray(value, np.float64), 1e-9, name)
+    capsys.readouterr()
+    assert cli("test", network, "--weights", on_gpu, "--data", data, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 8

@@ -115,7 +115,7 @@ def convdsl_steps(net: convdsl.CompiledNetwork, x: np.ndarray, y: np.ndarray
     def train() -> None:
         net.forward(x, train=True)
         net.loss(y)
-        net.backward()
+        net.backward(input_grad=False)
         optimizer.step(net.params, net.grads, LR)
 
     def infer() -> None:

@@ -202,12 +202,12 @@ def _train_step(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
     net.forward(dict(inputs), train=True)
     if targets:
         net.loss(dict(targets))
-        net.backward()
+        net.backward(input_grad=False)
         return
     # No output has a loss: start the backward pass from a gradient for every output.
     net.backward({output.name: rng.standard_normal(
         (net.batch, *net.network.shapes[output.name])).astype(net.dtype)
-        for output in net.network.outputs})
+        for output in net.network.outputs}, input_grad=False)
 
 
 def _median_seconds(run: Callable[[], object], iterations: int,

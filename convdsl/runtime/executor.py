@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -263,11 +263,21 @@ class CompiledNetwork:
 
     # --- backward ---------------------------------------------------------
 
-    def backward(self, grad: np.ndarray | Mapping[str, np.ndarray] | None = None
-                 ) -> np.ndarray | Arrays:
+    @overload
+    def backward(self, grad: np.ndarray | Mapping[str, np.ndarray] | None = None, *,
+                 input_grad: Literal[True] = True) -> np.ndarray | Arrays: ...
+
+    @overload
+    def backward(self, grad: np.ndarray | Mapping[str, np.ndarray] | None = None, *,
+                 input_grad: Literal[False]) -> None: ...
+
+    def backward(self, grad: np.ndarray | Mapping[str, np.ndarray] | None = None, *,
+                 input_grad: bool = True) -> np.ndarray | Arrays | None:
         """Gradients of every trained parameter into `grads`; returns the gradient of
-        the input (a dict by name when the network has several inputs). Without
-        `grad`, starts from the losses of the last `loss()` call."""
+        the input (a dict by name when the network has several inputs), or None with
+        input_grad=False, which training uses: on a GPU the input's gradient then never
+        crosses to the host. Without `grad`, starts from the losses of the last `loss()`
+        call."""
         if not self._values:
             raise RunError("backward() needs a forward pass first", "call net.forward(x)")
         pending, skip = self._initial_grads(grad)
@@ -287,6 +297,8 @@ class CompiledNetwork:
                     result = self.device.duplicate(result)
                 handed.add(id(result))
                 self._accumulate(pending, source, result)
+        if not input_grad:
+            return None
         grads = {layer.name: (self.device.get(pending[layer.name]) if layer.name in pending
                               else np.zeros((self.batch, *self.network.shapes[layer.name]),
                                             self.dtype))

@@ -227,7 +227,7 @@ class Trainer:
         loss = self.net.loss(targets_for(self.network, labels))
         if not math.isfinite(loss):
             self._stop_on_nonfinite(x, step, f"the loss is {loss}")
-        self.net.backward()
+        self.net.backward(input_grad=False)
         bad = self.net.device.first_nonfinite(self.net.grads)
         if bad is not None:
             self._stop_on_nonfinite(x, step, f"the gradient of '{bad}' holds NaN or infinity")

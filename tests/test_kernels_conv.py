@@ -148,6 +148,27 @@ def test_gemm_in_batch_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernel.specs[0].option("chunk") == 2
 
 
+def test_gemm_layers_share_one_im2col_scratch() -> None:
+    """Two GEMM convolutions of one network use one pair of scratch buffers, as large as
+    the larger layer's; interleaved forwards and backwards still agree with the same
+    network run without sharing (direct), in float64."""
+    text = ("input x: 3x9x9\na = conv(5, 3, pad=1)\nb = a -> conv(4, 3, stride=2)\n"
+            "c = b -> conv(6, 2)\noutput c")
+    shared = convdsl.compile(text, batch=3, dtype="float64", algo="gemm", seed=1, warm=False)
+    alone = convdsl.compile(text, batch=3, dtype="float64", algo="direct", seed=1, warm=False)
+    x = random_array(np.random.default_rng(4), (3, 3, 9, 9))
+    grad = random_array(np.random.default_rng(5), (3, 6, 3, 3))
+    for net in (shared, alone):
+        net.forward(x, train=True)
+        net.backward(grad.copy())
+    for name, value in alone.grads.items():
+        np.testing.assert_allclose(shared.grads[name], value, rtol=1e-10, atol=1e-12)
+    scratch = conv._scratch("float64")
+    modules = [stage.kernel._module for stage in shared.stages]  # type: ignore[attr-defined]
+    assert scratch.cols.size >= max(module.SCRATCH[0] for module in modules)
+    assert scratch.owner is not None and scratch.owner() is shared.stages[0].kernel
+
+
 def test_skip_act_passes_the_gradient_before_softmax() -> None:
     text = "input x: 3x7x8\nc = conv(4, 3x2, stride=1x2, pad=[1 0 0 2], bias=no, act=softmax)"
     network = convdsl.loads(text + "\noutput c")

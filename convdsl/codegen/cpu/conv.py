@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -164,7 +165,11 @@ class ConvLayer(KernelLayer):
         spec = conv_spec(setup, algorithm)
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
-        self._workspace: dict[str, Any] = self._module.workspace()
+        # GEMM layers borrow the im2col buffers every such layer shares (see Scratch);
+        # the others keep their own, small, workspace.
+        self._shares_scratch = hasattr(self._module, "SCRATCH")
+        self._own_workspace: dict[str, Any] = (
+            self._module.own_buffers() if self._shares_scratch else self._module.workspace())
         self._fixed_weight = fixed_weight
         self._y = setup.output_buffer()
         self._dx = setup.input_buffer()
@@ -175,6 +180,12 @@ class ConvLayer(KernelLayer):
             self._softmax = ActivationStep(act, setup.batched_output, setup.dtype)
             self.specs.append(self._softmax.spec)
 
+    def _workspace(self) -> dict[str, Any]:
+        if not self._shares_scratch:
+            return self._own_workspace
+        return _scratch(self.setup.dtype).workspace_for(self, self._module,
+                                                        self._own_workspace)
+
     def _weight(self, params: dict[str, np.ndarray]) -> np.ndarray:
         return self._fixed_weight if self._fixed_weight is not None else params["weight"]
 
@@ -182,7 +193,7 @@ class ConvLayer(KernelLayer):
                 mode: Mode) -> np.ndarray:
         (x,) = inputs
         self._module.forward(x, self._weight(params), params.get("bias"), self._y,
-                             self._workspace)
+                             self._workspace())
         if self._softmax is not None:
             self._softmax.forward(self._y, self._y)
         self._x = x
@@ -198,8 +209,50 @@ class ConvLayer(KernelLayer):
             self._softmax.backward(self._y, dy, dy)  # in place: dy becomes d/d(pre-act)
         self._module.backward(self._x, self._weight(params), self._y, dy, self._dx,
                               grads.get("weight") if self._fixed_weight is None else None,
-                              grads.get("bias"), self._workspace, not skip_act)
+                              grads.get("bias"), self._workspace(), not skip_act)
         return [self._dx]
+
+
+class Scratch:
+    """The im2col buffers of every GEMM convolution of one dtype, shared.
+
+    A layer needs its columns and product buffers only while its forward or backward
+    runs, so one pair, as large as the largest layer's, serves them all (on ResNet-18 at
+    batch 32, about 36 MB instead of about 400). The buffers' last user may keep what
+    they hold: a layer whose forward filled them and whose backward comes next (the last
+    GEMM layer) skips one im2col. Any other layer gets a new workspace, which says the
+    columns are not its own. The last user is held weakly: the buffers never keep a
+    discarded network alive."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.cols = np.zeros(0, dtype=dtype)
+        self.outs = np.zeros(0, dtype=dtype)
+        self.owner: weakref.ref[object] | None = None
+        self.workspace: dict[str, Any] = {}
+
+    def workspace_for(self, layer: object, module: ModuleType, own: dict[str, Any]
+                      ) -> dict[str, Any]:
+        """The layer's workspace over the shared buffers; `own`: its own_buffers()."""
+        if self.owner is not None and self.owner() is layer:
+            return self.workspace
+        cols, outs = module.SCRATCH
+        if self.cols.size < cols:
+            self.cols = np.zeros(cols, dtype=self.dtype)
+        if self.outs.size < outs:
+            self.outs = np.zeros(outs, dtype=self.dtype)
+        self.workspace = module.workspace(self.cols, self.outs, own)
+        self.owner = weakref.ref(layer)
+        return self.workspace
+
+
+_SCRATCH: dict[str, Scratch] = {}
+
+
+def _scratch(dtype: str) -> Scratch:
+    if dtype not in _SCRATCH:
+        _SCRATCH[dtype] = Scratch(dtype)
+    return _SCRATCH[dtype]
 
 
 def _fixed_weight(setup: LayerSetup) -> np.ndarray | None:

@@ -14,6 +14,9 @@ weight gradient.
 Every generated module, whatever its algorithm, exposes the same plain-Python driver:
 
     workspace() -> dict        scratch buffers, allocated once by the layer's builder
+                               (im2col + GEMM modules also have SCRATCH, the sizes of
+                               two flat buffers that conv.py's Scratch shares between
+                               layers, and own_buffers(), what each layer keeps)
     forward(x, w, b, y, ws)    y = act(conv(x, w) + b); b is None without bias
     backward(x, w, y, dy, dx, dw, db, ws, apply_act)
                                dx, dw (None for a filter), db (None without bias) from dy;

@@ -201,24 +201,42 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
     if by_conv:  # sharing memory with col and yt, which are free by then
         shapes["gcol"] = (groups, og * g.volume, chunk * in_positions)
         shapes["dxt"] = (groups, cg, chunk * in_positions)
-    with code.block("def workspace()"):
-        code.line('"""col: the columns of one chunk (backward: also their gradient, or the')
-        code.line("columns of dy, gcol); yt: the chunk's outputs (backward: its output")
-        code.line('gradients, then the input gradient, dxt), as views of two flat buffers."""')
-        col_size = max(math.prod(shapes["col"]), math.prod(shapes.get("gcol", (0,))))
-        yt_size = max(math.prod(shapes["yt"]), math.prod(shapes.get("dxt", (0,))))
-        code.line(f"cols = np.zeros({col_size}, dtype={dtype})")
-        code.line(f"outs = np.zeros({yt_size}, dtype={dtype})")
+    col_size = max(math.prod(shapes["col"]), math.prod(shapes.get("gcol", (0,))))
+    yt_size = max(math.prod(shapes["yt"]), math.prod(shapes.get("dxt", (0,))))
+    code.line("# The two flat scratch buffers' sizes: a caller may share larger ones between")
+    code.line("# layers (codegen/cpu/conv.py), since a layer needs them only while it runs.")
+    code.line(f"SCRATCH = ({col_size}, {yt_size})")
+    code.line()
+    code.line()
+    with code.block("def own_buffers()"):
+        code.line('"""What each layer keeps for itself: wt, the transposed weight, and dwt,')
+        code.line('the weight gradient before it is transposed back."""')
         code.line("return {")
-        for name, shape in shapes.items():
-            flat = "cols" if name in ("col", "gcol") else "outs"
-            code.line(f"    {name!r}: {flat}[:{math.prod(shape)}].reshape({shape}),")
         if g.weight_grad:
             code.line(f"    'dwt': np.zeros(({groups}, {rows}, {og}), dtype={dtype}),")
         if by_conv:
             code.line(f"    'wt': np.zeros(({groups}, {cg}, {og * g.volume}), dtype={dtype}),")
+        code.line("}")
+    code.line()
+    code.line()
+    with code.block("def workspace(cols=None, outs=None, own=None)"):
+        code.line('"""col: the columns of one chunk (backward: also their gradient, or the')
+        code.line("columns of dy, gcol); yt: the chunk's outputs (backward: its output")
+        code.line("gradients, then the input gradient, dxt), as views of two flat buffers:")
+        code.line("`cols` and `outs` if given (at least SCRATCH long), else new ones; `own`:")
+        code.line('the layer\'s own_buffers(), made here if not given."""')
+        with code.block("if cols is None"):
+            code.line(f"cols = np.zeros({col_size}, dtype={dtype})")
+        with code.block("if outs is None"):
+            code.line(f"outs = np.zeros({yt_size}, dtype={dtype})")
+        code.line("ws = {")
+        for name, shape in shapes.items():
+            flat = "cols" if name in ("col", "gcol") else "outs"
+            code.line(f"    {name!r}: {flat}[:{math.prod(shape)}].reshape({shape}),")
         code.line("    'fresh': False,  # col holds the last chunk's columns of the last forward")
         code.line("}")
+        code.line("ws.update(own_buffers() if own is None else own)")
+        code.line("return ws")
     code.line()
     code.line()
     with code.block("def forward(x, w, b, y, ws)"):

@@ -168,11 +168,13 @@ class ConvLayer(KernelLayer):
         # GEMM layers borrow the im2col buffers every such layer shares (see Scratch);
         # the others keep their own, small, workspace.
         self._shares_scratch = hasattr(self._module, "SCRATCH")
-        self._own_workspace: dict[str, Any] = (
-            self._module.own_buffers() if self._shares_scratch else self._module.workspace())
+        # What only backward reads is made at the first backward: a layer that only ever
+        # runs forward (the folded twin of a convolution followed by batch norm) never
+        # holds an input gradient or a transposed weight.
+        self._own_workspace: dict[str, Any] | None = None
+        self._dx: np.ndarray | None = None
         self._fixed_weight = fixed_weight
         self._y = setup.output_buffer()
-        self._dx = setup.input_buffer()
         self._x: np.ndarray | None = None  # the last forward's input
         act = setup.layer.act
         self._softmax = None
@@ -180,11 +182,16 @@ class ConvLayer(KernelLayer):
             self._softmax = ActivationStep(act, setup.batched_output, setup.dtype)
             self.specs.append(self._softmax.spec)
 
-    def _workspace(self) -> dict[str, Any]:
+    def _workspace(self, backward: bool = False) -> dict[str, Any]:
+        if self._own_workspace is None and (backward or not self._shares_scratch):
+            self._own_workspace = (self._module.own_buffers() if self._shares_scratch
+                                   else self._module.workspace())
+        own = self._own_workspace if self._own_workspace is not None else {}
         if not self._shares_scratch:
-            return self._own_workspace
-        return _scratch(self.setup.dtype).workspace_for(self, self._module,
-                                                        self._own_workspace)
+            return own
+        workspace = _scratch(self.setup.dtype).workspace_for(self, self._module, own)
+        workspace.update(own)  # a workspace lent before the first backward lacks them
+        return workspace
 
     def _weight(self, params: dict[str, np.ndarray]) -> np.ndarray:
         return self._fixed_weight if self._fixed_weight is not None else params["weight"]
@@ -207,9 +214,11 @@ class ConvLayer(KernelLayer):
         dy = grad_output
         if self._softmax is not None and not skip_act:
             self._softmax.backward(self._y, dy, dy)  # in place: dy becomes d/d(pre-act)
+        if self._dx is None:
+            self._dx = self.setup.input_buffer()
         self._module.backward(self._x, self._weight(params), self._y, dy, self._dx,
                               grads.get("weight") if self._fixed_weight is None else None,
-                              grads.get("bias"), self._workspace(), not skip_act)
+                              grads.get("bias"), self._workspace(backward=True), not skip_act)
         return [self._dx]
 
 

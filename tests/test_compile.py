@@ -238,3 +238,25 @@ def test_gradcheck_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "conv1.weight" in out and "input 'signal'" in out and "ok" in out
     assert "FAIL" not in out
+
+
+@pytest.mark.parametrize("algo", ["direct", "gemm", "fft"])
+def test_training_skips_the_input_gradient_and_nothing_else(algo: str) -> None:
+    """backward(input_grad=False), as training calls it, lets the first layers skip the
+    input's gradient; every parameter gradient is what a full backward gives."""
+    text = ("input x: 2x8x8\ninput v: 5x1\nc = x -> conv(3, 3, pad=1, act=relu)\n"
+            "p = c -> flatten\nd = v -> flatten -> dense(4)\nj = concat(p, d)\n"
+            "y = j -> dense(3)\noutput y loss=cross_entropy")
+    net = convdsl.compile(text, batch=2, dtype="float64", algo=algo, seed=3, warm=False)
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((2, 2, 8, 8)), "v": rng.standard_normal((2, 5, 1))}
+    grads = []
+    for input_grad in (True, False):
+        net.forward(inputs, train=True)
+        net.loss(np.array([0, 2]))
+        returned = net.backward(input_grad=input_grad)
+        assert (returned is None) == (not input_grad)
+        grads.append({name: grad.copy() for name, grad in net.grads.items()})
+    for name, grad in grads[0].items():
+        np.testing.assert_array_equal(grads[1][name], grad, err_msg=name)
+    assert net.backward(input_grad=True)["x"].shape == (2, 2, 8, 8)  # type: ignore[index]

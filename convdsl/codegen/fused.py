@@ -142,4 +142,5 @@ class ProductNormLayer(KernelLayer):
             self._folded_last = False
         (grad_product,) = self.norm.backward(grad_output, norm, norm_grads, skip_act)
         assert grad_product is not None
+        self.product.input_grad_needed = self.input_grad_needed
         return self.product.backward(grad_product, own, own_grads)

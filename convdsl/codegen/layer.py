@@ -81,6 +81,10 @@ class KernelLayer(ABC):
         self.specs: list[KernelSpec] = []  # every kernel this layer runs, for reports
         self.algorithm = "direct"  # how the layer computes, for reports
         self.reason = ""  # why that algorithm, for reports
+        # False: backward may skip its inputs' gradients and return None for them. The
+        # executor clears it for a stage that reads only network inputs when training,
+        # which never reads the input's gradient; convolutions and dense layers honour it.
+        self.input_grad_needed = True
 
     @property
     def name(self) -> str:

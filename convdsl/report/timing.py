@@ -175,6 +175,8 @@ def _time_stages(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
             device.synchronize()
             forward[stage.name].append(time.perf_counter() - start)
         for stage in reversed(net.stages):
+            # as in a training step, which never asks for the input's gradient
+            stage.kernel.input_grad_needed = stage.name not in net.input_stages
             # a backward may overwrite its gradient
             grad = device.duplicate(grads_out[stage.name])
             device.synchronize()
@@ -230,12 +232,15 @@ def _median_seconds(run: Callable[[], object], iterations: int,
 def _stage_time(net: CompiledNetwork, stage: Stage, forward_s: float,
                 backward_s: float) -> StageTime:
     forward_flops = backward_flops = 0
-    for layer in stage.layers:
+    for index, layer in enumerate(stage.layers):
         flops = 2 * net.network.counts[layer.name].macs * net.batch
         forward_flops += flops
         # With weights, backward computes two products as large as the forward's (the
-        # gradients of the input and of the weights); without, only the input's.
-        backward_flops += 2 * flops if f"{layer.name}.weight" in net.grads else flops
+        # gradients of the input and of the weights); without, only the input's. A stage
+        # that reads only network inputs skips its first layer's input gradient.
+        input_grad = not (index == 0 and stage.name in net.input_stages)
+        trained = f"{layer.name}.weight" in net.grads
+        backward_flops += flops * (int(trained) + int(input_grad))
     return StageTime(stage.name, "+".join(_op_label(layer) for layer in stage.layers),
                      stage.kernel.algorithm, forward_s, backward_s, forward_flops,
                      backward_flops)

@@ -104,6 +104,11 @@ class CompiledNetwork:
         self.kernels: dict[str, KernelLayer] = {s.name: s.kernel for s in self.stages}
         self._fused_into = {layer.name: stage.name for stage in self.stages
                             for layer in stage.layers[:-1]}
+        inputs = set(network.input_shapes)
+        # The stages that read only network inputs: their inputs' gradients are only
+        # backward()'s return value, which training does not ask for.
+        self.input_stages: set[str] = {stage.name for stage in self.stages
+                                   if all(source in inputs for source in stage.inputs)}
         self._values: Arrays = {}  # every layer's output in the last forward
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
@@ -288,6 +293,8 @@ class CompiledNetwork:
                 for array in stage.grads.values():
                     self.device.fill(array, 0.0)  # no gradient reaches this stage
                 continue
+            stage.kernel.input_grad_needed = (input_grad
+                                              or stage.name not in self.input_stages)
             results = stage.kernel.backward(grad_output, stage.params, stage.grads,
                                             skip_act=stage.name in skip)
             for source, result in zip(stage.inputs, results):

@@ -214,12 +214,13 @@ class ConvLayer(KernelLayer):
         dy = grad_output
         if self._softmax is not None and not skip_act:
             self._softmax.backward(self._y, dy, dy)  # in place: dy becomes d/d(pre-act)
-        if self._dx is None:
+        if self._dx is None and self.input_grad_needed:
             self._dx = self.setup.input_buffer()
-        self._module.backward(self._x, self._weight(params), self._y, dy, self._dx,
+        dx = self._dx if self.input_grad_needed else None
+        self._module.backward(self._x, self._weight(params), self._y, dy, dx,
                               grads.get("weight") if self._fixed_weight is None else None,
                               grads.get("bias"), self._workspace(backward=True), not skip_act)
-        return [self._dx]
+        return [dx]
 
 
 class Scratch:

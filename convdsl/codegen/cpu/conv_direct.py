@@ -235,7 +235,9 @@ def _driver(code: Code, g: Geometry, prepared: bool) -> None:
     with code.block("def backward(x, w, y, dy, dx, dw, db, ws, apply_act)"):
         if prepared:
             code.line(prepare_call(g))
-        code.line("conv_input_grad(dy, w, dx)")
+        code.line("# dx is None when no one needs the input's gradient")
+        with code.block("if dx is not None"):
+            code.line("conv_input_grad(dy, w, dx)")
         if g.weight_grad:
             code.line("conv_weight_grad(x, dy, dw, ws['rows'])")
 

@@ -262,15 +262,17 @@ def _driver(code: Code, g: Geometry, prepared: bool) -> None:
                 f"in_threads(np.fft.irfftn, ws['wf'], ws['dwr'], s={sizes}, axes={axes})",
                 "gather_weight(ws['dwr'], dw)",
             ])
-        code.lines([
-            "# conj(dX) = conj(G) conj(W), summed over output channels",
-            "np.matmul(ws['gtc'].transpose(0, 1, 3, 2), ws['wt'].transpose(0, 1, 3, 2), "
-            "out=ws['dxt'])",
-            f"np.conjugate(ws['dxt'].transpose(2, 0, 3, 1), "
-            f"out=ws['xf'].reshape({(batch, groups, cg, freqs)}))",
-            f"in_threads(np.fft.irfftn, ws['xf'], ws['dxr'], s={sizes}, axes={axes})",
-            "crop_input(ws['dxr'], dx)",
-        ])
+        code.line("# dx is None when no one needs the input's gradient")
+        with code.block("if dx is not None"):
+            code.lines([
+                "# conj(dX) = conj(G) conj(W), summed over output channels",
+                "np.matmul(ws['gtc'].transpose(0, 1, 3, 2), ws['wt'].transpose(0, 1, 3, 2), "
+                "out=ws['dxt'])",
+                f"np.conjugate(ws['dxt'].transpose(2, 0, 3, 1), "
+                f"out=ws['xf'].reshape({(batch, groups, cg, freqs)}))",
+                f"in_threads(np.fft.irfftn, ws['xf'], ws['dxr'], s={sizes}, axes={axes})",
+                "crop_input(ws['dxr'], dx)",
+            ])
 
 
 @cache.template("conv_fft")

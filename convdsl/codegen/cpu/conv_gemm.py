@@ -261,10 +261,12 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         if g.weight_grad:
             code.line(f"dw3 = dw.reshape(({groups}, {og}, {rows}))")
         if by_conv:
-            code.line("# the transposed kernel: wt[g, c, o*V + k] = w[g*O/G + o, c, k]")
-            code.line(f"np.copyto(ws['wt'].reshape(({groups}, {cg}, {og}, {g.volume})), "
-                      f"w.reshape(({groups}, {og}, {cg}, {g.volume})).transpose(0, 2, 1, 3))")
-            code.line(f"dx3 = dx.reshape(({g.batch}, {g.channels}, {in_positions}))")
+            code.line("# dx is None when no one needs the input's gradient")
+            with code.block("if dx is not None"):
+                code.line("# the transposed kernel: wt[g, c, o*V + k] = w[g*O/G + o, c, k]")
+                code.line(f"np.copyto(ws['wt'].reshape(({groups}, {cg}, {og}, {g.volume})), "
+                          f"w.reshape(({groups}, {og}, {cg}, {g.volume})).transpose(0, 2, 1, 3))")
+                code.line(f"dx3 = dx.reshape(({g.batch}, {g.channels}, {in_positions}))")
         with code.block(f"for n0 in {tuple(reversed(starts))!r}"):
             code.line(f"m = min({chunk}, {g.batch} - n0)")
             code.line(f"cols = m * {positions}")
@@ -284,16 +286,17 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
                     with code.block("else"):
                         code.line("dw3 += ws['dwt'].transpose(0, 2, 1)")
             code.line("ws['fresh'] = False  # col is overwritten next")
-            if by_conv:
-                code.line(f"cols = m * {in_positions}")
-                code.line("im2col_grad(dy, ws['gcol'], n0, m)")
-                code.line("np.matmul(ws['wt'], ws['gcol'][:, :, :cols], "
-                          "out=ws['dxt'][:, :, :cols])")
-                code.line("scatter_input(ws['dxt'], dx3, n0, m)")
-            else:
-                code.line("np.matmul(w3.transpose(0, 2, 1), yt[:, :, :cols], "
-                          "out=col[:, :, :cols])")
-                code.line("col2im(col, dx, n0, m)")
+            with code.block("if dx is not None"):
+                if by_conv:
+                    code.line(f"cols = m * {in_positions}")
+                    code.line("im2col_grad(dy, ws['gcol'], n0, m)")
+                    code.line("np.matmul(ws['wt'], ws['gcol'][:, :, :cols], "
+                              "out=ws['dxt'][:, :, :cols])")
+                    code.line("scatter_input(ws['dxt'], dx3, n0, m)")
+                else:
+                    code.line("np.matmul(w3.transpose(0, 2, 1), yt[:, :, :cols], "
+                              "out=col[:, :, :cols])")
+                    code.line("col2im(col, dx, n0, m)")
 
 
 def pointwise(g: Geometry) -> bool:
@@ -358,8 +361,10 @@ def _pointwise_driver(code: Code, g: Geometry, finished: bool, prepared: bool) -
             code.line(f"np.matmul({inputs}, dyv.transpose(0, 1, 3, 2), out=ws['part'])")
             code.line(f"np.sum(ws['part'], axis=0, "
                       f"out=dw.reshape(({groups}, {og}, {cg})).transpose(0, 2, 1))")
-        code.line(f"np.matmul({weight}.transpose(0, 1, 3, 2), dyv, "
-                  f"out=dx.reshape(({batch}, {groups}, {cg}, {positions})))")
+        code.line("# dx is None when no one needs the input's gradient")
+        with code.block("if dx is not None"):
+            code.line(f"np.matmul({weight}.transpose(0, 1, 3, 2), dyv, "
+                      f"out=dx.reshape(({batch}, {groups}, {cg}, {positions})))")
 
 
 @cache.template("conv_gemm")

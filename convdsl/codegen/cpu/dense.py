@@ -90,6 +90,8 @@ class DenseLayer(KernelLayer):
                                   *([grads["bias"]] if self.bias else []), act_grad)
             g = self.g
         np.matmul(g.T, self.x, out=grads["weight"])
+        if not self.input_grad_needed:
+            return [None]
         np.matmul(g, params["weight"], out=self.dx)
         return [self.dx]
 

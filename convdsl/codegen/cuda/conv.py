@@ -400,7 +400,8 @@ class ConvLayer(KernelLayer):
             self._prepare(y, dy, grads["bias"], act_grad)
         elif act_grad and self._scale is not None:
             self._scale(y, dy)
-        self._input_grad(dy, self._weight(params), flat(self.dx))
+        if self.input_grad_needed:
+            self._input_grad(dy, self._weight(params), flat(self.dx))
         if self._weight_grad is not None:
             dw = flat(grads["weight"])
             if self._part is not None and self._reduce is not None:
@@ -408,7 +409,7 @@ class ConvLayer(KernelLayer):
                 self._reduce(self._part, dw)
             else:
                 self._weight_grad(flat(self._x), dy, dw)
-        return [self.dx]
+        return [self.dx if self.input_grad_needed else None]
 
 
 def _fixed_weight(setup: LayerSetup) -> DeviceArray | None:

@@ -198,14 +198,15 @@ class DenseLayer(KernelLayer):
             self._prepare(flat(self.y), g, flat(self.g), *bias, act_grad)
             g = flat(self.g)
         w = flat(params["weight"])
-        self._input_grad(g, w, flat(self.dx))
+        if self.input_grad_needed:
+            self._input_grad(g, w, flat(self.dx))
         dw = flat(grads["weight"])
         if self._part is not None and self._reduce is not None:
             self._weight_grad(g, flat(self.x), self._part)
             self._reduce(self._part, dw)
         else:
             self._weight_grad(g, flat(self.x), dw)
-        return [self.dx]
+        return [self.dx if self.input_grad_needed else None]
 
 
 @builder(Op.DENSE, device="cuda")

@@ -22,69 +22,36 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
+from convdsl.codegen.pool_windows import (
+    avg_divisor,
+    flat,
+    geometry,
+    real_positions,
+    window_options,
+    window_starts,
+)
 from convdsl.codegen.source import PRELUDE, Code, index, jit
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import Op, PoolAttrs
-from convdsl.passes.shapes import Window
-
-
-def _geometry(spec: KernelSpec) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Planes (N*C), input sizes and output sizes of a pooling spec."""
-    (batch, channels, *sizes), (_, _, *outs) = spec.shapes
-    return batch * channels, tuple(sizes), tuple(outs)
-
-
-def _strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides, in elements, of a plane with these sizes."""
-    return tuple(math.prod(sizes[axis + 1:]) for axis in range(len(sizes)))
-
-
-def _flat(names: list[str], sizes: tuple[int, ...]) -> str:
-    """The flat row-major position of the multi-index `names` in a plane of `sizes`."""
-    terms = [name if stride == 1 else f"{name} * {stride}"
-             for name, stride in zip(names, _strides(sizes))]
-    return " + ".join(terms)
-
-
-def _window_starts(code: Code, spec: KernelSpec) -> None:
-    """a<axis>: where the window of output position o<axis> starts, in real coordinates."""
-    for axis, (step, (before, _)) in enumerate(zip(spec.option("stride"), spec.option("pads"))):
-        code.line(f"a{axis} = o{axis} * {step} - {before}")
-
-
-def _real_positions(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
-    """Nested loops binding i<axis> to every real input position of the current window,
-    in row-major window order; padding and overhang are skipped."""
-    _, sizes, _ = _geometry(spec)
-    for axis, (size, width, spread) in enumerate(
-            zip(sizes, spec.option("window"), spec.option("dilation"))):
-        if spread == 1:  # a contiguous window: clip its range to the input
-            stack.enter_context(code.block(
-                f"for i{axis} in range(max(a{axis}, 0), min(a{axis} + {width}, {size}))"))
-        else:  # a dilated window: step through its taps and skip those outside
-            stack.enter_context(code.block(f"for k{axis} in range({width})"))
-            code.line(f"i{axis} = a{axis} + k{axis} * {spread}")
-            with code.block(f"if i{axis} < 0 or i{axis} >= {size}"):
-                code.line("continue")
 
 
 def _clear_plane(code: Code, spec: KernelSpec) -> None:
     """dx[p] = 0 as explicit loops: slice assignment inside prange has had Numba bugs
     (numba #5942)."""
-    _, sizes, _ = _geometry(spec)
+    _, sizes, _ = geometry(spec)
     with code.loops([(f"i{axis}", f"range({size})") for axis, size in enumerate(sizes)]):
         code.line(f"dx[{index(['p', *(f'i{axis}' for axis in range(len(sizes)))])}] = 0.0")
 
 
 def _output_loops(spec: KernelSpec) -> list[tuple[str, str]]:
-    _, _, outs = _geometry(spec)
+    _, _, outs = geometry(spec)
     return [(f"o{axis}", f"range({size})") for axis, size in enumerate(outs)]
 
 
 @cache.template("maxpool")
 def _render_maxpool(spec: KernelSpec) -> str:
     """forward(x, y, arg) on (N*C, *spatial) views."""
-    planes, sizes, _ = _geometry(spec)
+    planes, sizes, _ = geometry(spec)
     rank = len(sizes)
     here = index(["p", *(f"o{axis}" for axis in range(rank))])
     code = Code()
@@ -94,17 +61,17 @@ def _render_maxpool(spec: KernelSpec) -> str:
         code.line('"""y: each window\'s maximum; arg: the flat position of its first maximum')
         code.line('in the plane (row-major window order, as PyTorch), for the backward pass."""')
         with code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
-            _window_starts(code, spec)
+            window_starts(code, spec)
             code.line("best = -np.inf")
             code.line("where = -1")
             with ExitStack() as stack:
-                _real_positions(code, stack, spec)
+                real_positions(code, stack, spec)
                 code.line(f"v = x[{index(['p', *(f'i{axis}' for axis in range(rank))])}]")
                 # the first real position always counts, so that a window of -inf still
                 # routes its gradient somewhere; NaN propagates as in PyTorch
                 with code.block("if where < 0 or v > best or v != v"):
                     code.line("best = v")
-                    code.line(f"where = {_flat([f'i{axis}' for axis in range(rank)], sizes)}")
+                    code.line(f"where = {flat([f'i{axis}' for axis in range(rank)], sizes)}")
             code.line(f"y[{here}] = best")
             code.line(f"arg[{here}] = where")
     return code.text()
@@ -128,26 +95,10 @@ def _render_argmax_scatter(spec: KernelSpec) -> str:
     return code.text()
 
 
-def _avg_divisor(code: Code, spec: KernelSpec) -> None:
-    """PyTorch's rule (notes/semantics.md): per axis, the window clipped to the padded
-    input counts when count_pad, else only its real part. Leaves a<axis>, e<axis>: the
-    real part's range, and `div`."""
-    _, sizes, _ = _geometry(spec)
-    sides = []
-    for axis, (size, width, (_, after)) in enumerate(
-            zip(sizes, spec.option("window"), spec.option("pads"))):
-        code.line(f"e{axis} = min(a{axis} + {width}, {size + after})")
-        code.line(f"n{axis} = e{axis} - a{axis}")
-        code.line(f"a{axis} = max(a{axis}, 0)")
-        code.line(f"e{axis} = min(e{axis}, {size})")
-        sides.append(f"n{axis}" if spec.option("count_pad") else f"(e{axis} - a{axis})")
-    code.line(f"div = {' * '.join(sides)}")
-
-
 @cache.template("avgpool")
 def _render_avgpool(spec: KernelSpec) -> str:
     """forward(x, y), backward(dy, dx) on (N*C, *spatial) views."""
-    planes, sizes, _ = _geometry(spec)
+    planes, sizes, _ = geometry(spec)
     rank = len(sizes)
     here = index(["p", *(f"o{axis}" for axis in range(rank))])
     there = index(["p", *(f"i{axis}" for axis in range(rank))])
@@ -157,8 +108,8 @@ def _render_avgpool(spec: KernelSpec) -> str:
     code.line(jit())
     with code.block("def forward(x, y)"), code.block(f"for p in prange({planes})"), \
             code.loops(_output_loops(spec)):
-        _window_starts(code, spec)
-        _avg_divisor(code, spec)
+        window_starts(code, spec)
+        avg_divisor(code, spec)
         code.line("total = 0.0")
         with code.loops(window_loops):
             code.line(f"total += x[{there}]")
@@ -168,8 +119,8 @@ def _render_avgpool(spec: KernelSpec) -> str:
     with code.block("def backward(dy, dx)"), code.block(f"for p in prange({planes})"):
         _clear_plane(code, spec)
         with code.loops(_output_loops(spec)):
-            _window_starts(code, spec)
-            _avg_divisor(code, spec)
+            window_starts(code, spec)
+            avg_divisor(code, spec)
             code.line(f"share = dy[{here}] / div")
             with code.loops(window_loops):
                 code.line(f"dx[{there}] += share")
@@ -182,7 +133,7 @@ def _render_softpool(spec: KernelSpec) -> str:
     views. y = sum_i w_i x_i with w = softmax of the window's real values; forward keeps
     each window's maximum and sum of exponentials so that backward recomputes w_i in one
     pass: dy/dx_i = w_i (1 + x_i - y)."""
-    planes, sizes, _ = _geometry(spec)
+    planes, sizes, _ = geometry(spec)
     rank = len(sizes)
     here = index(["p", *(f"o{axis}" for axis in range(rank))])
     there = index(["p", *(f"i{axis}" for axis in range(rank))])
@@ -191,15 +142,15 @@ def _render_softpool(spec: KernelSpec) -> str:
     code.line(jit())
     with code.block("def forward(x, y, top, total)"), \
             code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
-        _window_starts(code, spec)
+        window_starts(code, spec)
         code.line("peak = -np.inf")  # subtracted before exp, for stability
         with ExitStack() as stack:
-            _real_positions(code, stack, spec)
+            real_positions(code, stack, spec)
             code.line(f"peak = max(peak, x[{there}])")
         code.line("weights = 0.0")
         code.line("weighted = 0.0")
         with ExitStack() as stack:
-            _real_positions(code, stack, spec)
+            real_positions(code, stack, spec)
             code.line(f"v = x[{there}]")
             code.line("e = math.exp(v - peak)")
             code.line("weights += e")
@@ -213,20 +164,15 @@ def _render_softpool(spec: KernelSpec) -> str:
             code.block(f"for p in prange({planes})"):
         _clear_plane(code, spec)
         with code.loops(_output_loops(spec)):
-            _window_starts(code, spec)
+            window_starts(code, spec)
             code.line(f"g = dy[{here}] / total[{here}]")
             code.line(f"out = y[{here}]")
             code.line(f"peak = top[{here}]")
             with ExitStack() as stack:
-                _real_positions(code, stack, spec)
+                real_positions(code, stack, spec)
                 code.line(f"v = x[{there}]")
                 code.line(f"dx[{there}] += g * math.exp(v - peak) * (1.0 + v - out)")
     return code.text()
-
-
-def _window_options(window: Window) -> dict[str, tuple[int, ...] | tuple[tuple[int, int], ...]]:
-    return {"window": window.window, "stride": window.stride, "dilation": window.dilation,
-            "pads": window.pads}
 
 
 class _Pool(KernelLayer):
@@ -322,7 +268,7 @@ def build_pool(setup: LayerSetup) -> KernelLayer:
     assert window is not None, f"'{setup.layer.name}' has no resolved window"
     assert isinstance(setup.layer.attrs, PoolAttrs)
     shapes = (setup.batched_inputs[0], setup.batched_output)
-    options = _window_options(window)
+    options = window_options(window)
     op = setup.layer.op
     if op is Op.MAXPOOL:
         return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes, **options))

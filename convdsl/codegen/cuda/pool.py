@@ -29,27 +29,21 @@ from convdsl.codegen import cache
 from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, empty
 from convdsl.codegen.cuda.unary import launch
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
+from convdsl.codegen.pool_windows import (
+    avg_divisor,
+    flat,
+    geometry,
+    real_positions,
+    window_options,
+    window_starts,
+)
 from convdsl.codegen.source import Code, index
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import Op, PoolAttrs
-from convdsl.passes.shapes import Window
-
-
-def _geometry(spec: KernelSpec) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Planes (N*C), input sizes and output sizes of a pooling spec."""
-    (batch, channels, *sizes), (_, _, *outs) = spec.shapes
-    return batch * channels, tuple(sizes), tuple(outs)
 
 
 def _names(prefix: str, rank: int) -> list[str]:
     return [f"{prefix}{axis}" for axis in range(rank)]
-
-
-def _flat(names: list[str], sizes: tuple[int, ...]) -> str:
-    """The flat row-major position of the multi-index `names` in a plane of `sizes`."""
-    strides = [math.prod(sizes[axis + 1:]) for axis in range(len(sizes))]
-    return " + ".join(name if stride == 1 else f"{name} * {stride}"
-                      for name, stride in zip(names, strides))
 
 
 def _unflatten(code: Code, flat: str, names: list[str], dims: tuple[int, ...]) -> None:
@@ -70,32 +64,10 @@ def _thread(code: Code, stack: ExitStack, count: int, names: list[str],
     _unflatten(code, "e", names, dims)
 
 
-def _window_starts(code: Code, spec: KernelSpec) -> None:
-    """a<axis>: where the window of output position o<axis> starts, in real coordinates."""
-    for axis, (step, (before, _)) in enumerate(zip(spec.option("stride"), spec.option("pads"))):
-        code.line(f"a{axis} = o{axis} * {step} - {before}")
-
-
-def _real_positions(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
-    """Nested loops binding i<axis> to every real input position of the current window,
-    in row-major window order; padding and overhang are skipped."""
-    _, sizes, _ = _geometry(spec)
-    for axis, (size, width, spread) in enumerate(
-            zip(sizes, spec.option("window"), spec.option("dilation"))):
-        if spread == 1:  # a contiguous window: clip its range to the input
-            stack.enter_context(code.block(
-                f"for i{axis} in range(max(a{axis}, 0), min(a{axis} + {width}, {size}))"))
-        else:  # a dilated window: step through its taps and skip those outside
-            stack.enter_context(code.block(f"for k{axis} in range({width})"))
-            code.line(f"i{axis} = a{axis} + k{axis} * {spread}")
-            with code.block(f"if i{axis} < 0 or i{axis} >= {size}"):
-                code.line("continue")
-
-
 def _covering_windows(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
     """Nested loops binding o<axis> to every output position whose window holds the
     input position i<axis>, in ascending row-major output order (the gather)."""
-    _, _, outs = _geometry(spec)
+    _, _, outs = geometry(spec)
     for axis, (out, width, step, spread, (before, _)) in enumerate(zip(
             outs, spec.option("window"), spec.option("stride"), spec.option("dilation"),
             spec.option("pads"))):
@@ -118,7 +90,7 @@ def _covering_windows(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
 def _source(spec: KernelSpec) -> tuple[Code, int, tuple[int, ...],
                                                        tuple[int, ...], int]:
     """A new kernel source, and the spec's planes, sizes, output sizes and rank."""
-    planes, sizes, outs = _geometry(spec)
+    planes, sizes, outs = geometry(spec)
     code = Code()
     code.line(PRELUDE)
     return code, planes, sizes, outs, len(sizes)
@@ -126,7 +98,7 @@ def _source(spec: KernelSpec) -> tuple[Code, int, tuple[int, ...],
 
 def _per_output(code: Code, stack: ExitStack, spec: KernelSpec) -> str:
     """One thread per output element: binds p and o<axis>; returns its subscript."""
-    planes, _, outs = _geometry(spec)
+    planes, _, outs = geometry(spec)
     names = ["p", *_names("o", len(outs))]
     _thread(code, stack, planes * math.prod(outs), names, (planes, *outs))
     return index(names)
@@ -134,7 +106,7 @@ def _per_output(code: Code, stack: ExitStack, spec: KernelSpec) -> str:
 
 def _per_input(code: Code, stack: ExitStack, spec: KernelSpec) -> str:
     """One thread per input element: binds p and i<axis>; returns its subscript."""
-    planes, sizes, _ = _geometry(spec)
+    planes, sizes, _ = geometry(spec)
     names = ["p", *_names("i", len(sizes))]
     _thread(code, stack, planes * math.prod(sizes), names, (planes, *sizes))
     return index(names)
@@ -148,24 +120,24 @@ def _render_maxpool(spec: KernelSpec) -> str:
     code.line(JIT)
     with code.block("def forward(x, y, arg)"), ExitStack() as outer:
         here = _per_output(code, outer, spec)
-        _window_starts(code, spec)
+        window_starts(code, spec)
         code.line("best = -math.inf")
         code.line("where = -1")
         with ExitStack() as stack:
-            _real_positions(code, stack, spec)
+            real_positions(code, stack, spec)
             code.line(f"v = x[{there}]")
             # the first real position always counts, so that a window of -inf still
             # routes its gradient somewhere; NaN propagates as in PyTorch
             with code.block("if where < 0 or v > best or v != v"):
                 code.line("best = v")
-                code.line(f"where = {_flat(_names('i', rank), sizes)}")
+                code.line(f"where = {flat(_names('i', rank), sizes)}")
         code.line(f"y[{here}] = best")
         code.line(f"arg[{here}] = where")
     code.line()
     code.line(JIT)
     with code.block("def backward(dy, arg, dx)"), ExitStack() as outer:
         mine = _per_input(code, outer, spec)
-        code.line(f"me = {_flat(_names('i', rank), sizes)}")
+        code.line(f"me = {flat(_names('i', rank), sizes)}")
         code.line("total = 0.0")
         with ExitStack() as stack:
             _covering_windows(code, stack, spec)
@@ -176,23 +148,6 @@ def _render_maxpool(spec: KernelSpec) -> str:
     return code.text()
 
 
-def _avg_divisor(code: Code, spec: KernelSpec, clip: bool) -> None:
-    """PyTorch's rule (notes/semantics.md): per axis, the window clipped to the padded
-    input counts when count_pad, else only its real part. Leaves `div`, and with
-    `clip` a<axis>, e<axis>: the real part's range."""
-    _, sizes, _ = _geometry(spec)
-    sides = []
-    for axis, (size, width, (_, after)) in enumerate(
-            zip(sizes, spec.option("window"), spec.option("pads"))):
-        code.line(f"e{axis} = min(a{axis} + {width}, {size + after})")
-        code.line(f"n{axis} = e{axis} - a{axis}")
-        if clip or not spec.option("count_pad"):
-            code.line(f"a{axis} = max(a{axis}, 0)")
-            code.line(f"e{axis} = min(e{axis}, {size})")
-        sides.append(f"n{axis}" if spec.option("count_pad") else f"(e{axis} - a{axis})")
-    code.line(f"div = {' * '.join(sides)}")
-
-
 @cache.template("cuda_avgpool")
 def _render_avgpool(spec: KernelSpec) -> str:
     """forward(x, y), backward(dy, dx) on (N*C, *spatial) views."""
@@ -201,8 +156,8 @@ def _render_avgpool(spec: KernelSpec) -> str:
     code.line(JIT)
     with code.block("def forward(x, y)"), ExitStack() as outer:
         here = _per_output(code, outer, spec)
-        _window_starts(code, spec)
-        _avg_divisor(code, spec, clip=True)
+        window_starts(code, spec)
+        avg_divisor(code, spec, clip=True)
         code.line("total = 0.0")
         with code.loops([(f"i{axis}", f"range(a{axis}, e{axis})") for axis in range(rank)]):
             code.line(f"total += x[{there}]")
@@ -214,8 +169,8 @@ def _render_avgpool(spec: KernelSpec) -> str:
         code.line("total = 0.0")
         with ExitStack() as stack:
             _covering_windows(code, stack, spec)
-            _window_starts(code, spec)
-            _avg_divisor(code, spec, clip=False)
+            window_starts(code, spec)
+            avg_divisor(code, spec, clip=False)
             code.line(f"total += dy[{index(['p', *_names('o', rank)])}] / div")
         code.line(f"dx[{mine}] = total")
     return code.text()
@@ -232,15 +187,15 @@ def _render_softpool(spec: KernelSpec) -> str:
     code.line(JIT)
     with code.block("def forward(x, y, top, total)"), ExitStack() as outer:
         here = _per_output(code, outer, spec)
-        _window_starts(code, spec)
+        window_starts(code, spec)
         code.line("peak = -math.inf")  # subtracted before exp, for stability
         with ExitStack() as stack:
-            _real_positions(code, stack, spec)
+            real_positions(code, stack, spec)
             code.line(f"peak = max(peak, x[{there}])")
         code.line("weights = 0.0")
         code.line("weighted = 0.0")
         with ExitStack() as stack:
-            _real_positions(code, stack, spec)
+            real_positions(code, stack, spec)
             code.line(f"v = x[{there}]")
             code.line("w = math.exp(v - peak)")
             code.line("weights += w")
@@ -261,11 +216,6 @@ def _render_softpool(spec: KernelSpec) -> str:
             code.line(f"acc += g * math.exp(v - top[{window}]) * (1.0 + v - y[{window}])")
         code.line(f"dx[{mine}] = acc")
     return code.text()
-
-
-def _window_options(window: Window) -> dict[str, tuple[int, ...] | tuple[tuple[int, int], ...]]:
-    return {"window": window.window, "stride": window.stride, "dilation": window.dilation,
-            "pads": window.pads}
 
 
 class _Pool(KernelLayer):
@@ -362,7 +312,7 @@ def build_pool(setup: LayerSetup) -> KernelLayer:
     assert window is not None, f"'{setup.layer.name}' has no resolved window"
     assert isinstance(setup.layer.attrs, PoolAttrs)
     shapes = (setup.batched_inputs[0], setup.batched_output)
-    options = _window_options(window)
+    options = window_options(window)
     op = setup.layer.op
     if op is Op.MAXPOOL:
         return MaxPoolLayer(setup, KernelSpec.make("cuda_maxpool", setup.dtype, shapes,

@@ -9,6 +9,8 @@ Softmax couples the channels, so it has its own kernels instead of an expression
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from convdsl.codegen import cache
@@ -99,6 +101,30 @@ def _render_elementwise(spec: KernelSpec) -> str:
     return code.text()
 
 
+def softmax_forward_lines(code: Code, channels: int) -> None:
+    """y[n, :, s] = softmax(x[n, :, s]), for the n and s the caller has bound (shifted by
+    the largest value, so that no exponential overflows)."""
+    code.line("top = x[n, 0, s]")
+    with code.block(f"for c in range(1, {channels})"):
+        code.line("top = max(top, x[n, c, s])")
+    code.line("total = 0.0")
+    with code.block(f"for c in range({channels})"):
+        code.line("e = math.exp(x[n, c, s] - top)")
+        code.line("y[n, c, s] = e")
+        code.line("total += e")
+    with code.block(f"for c in range({channels})"):
+        code.line("y[n, c, s] = y[n, c, s] / total")
+
+
+def softmax_backward_lines(code: Code, channels: int) -> None:
+    """dx[n, :, s] = y * (dy - <dy, y>), softmax's chain rule at the bound n and s."""
+    code.line("dot = 0.0")
+    with code.block(f"for c in range({channels})"):
+        code.line("dot += dy[n, c, s] * y[n, c, s]")
+    with code.block(f"for c in range({channels})"):
+        code.line("dx[n, c, s] = y[n, c, s] * (dy[n, c, s] - dot)")
+
+
 @cache.template("softmax")
 def _render_softmax(spec: KernelSpec) -> str:
     """Softmax over axis 1 of (N, C, S) arrays (S = 1 for flat vectors)."""
@@ -110,28 +136,30 @@ def _render_softmax(spec: KernelSpec) -> str:
             code.block(f"for ns in prange({batch * positions})"):
         code.line(f"n = ns // {positions}")
         code.line(f"s = ns % {positions}")
-        code.line("top = x[n, 0, s]")
-        with code.block(f"for c in range(1, {channels})"):
-            code.line("top = max(top, x[n, c, s])")
-        code.line("total = 0.0")
-        with code.block(f"for c in range({channels})"):
-            code.line("e = math.exp(x[n, c, s] - top)")
-            code.line("y[n, c, s] = e")
-            code.line("total += e")
-        with code.block(f"for c in range({channels})"):
-            code.line("y[n, c, s] = y[n, c, s] / total")
+        softmax_forward_lines(code, channels)
     code.line()
     code.line(jit())
     with code.block("def backward(y, dy, dx)"), \
             code.block(f"for ns in prange({batch * positions})"):
         code.line(f"n = ns // {positions}")
         code.line(f"s = ns % {positions}")
-        code.line("dot = 0.0")
-        with code.block(f"for c in range({channels})"):
-            code.line("dot += dy[n, c, s] * y[n, c, s]")
-        with code.block(f"for c in range({channels})"):
-            code.line("dx[n, c, s] = y[n, c, s] * (dy[n, c, s] - dot)")
+        softmax_backward_lines(code, channels)
     return code.text()
+
+
+def apply_act(spec: KernelSpec, value: str) -> str:
+    """The spec's (elementwise) activation of the expression `value`."""
+    return forward_expression(act_from_spec(spec), value)
+
+
+def gradient_lines(code: Code, spec: KernelSpec, target: str, dy: str, y: str) -> None:
+    """`target = dy * act'(y)` when the kernel argument `act_grad` is true, else dy."""
+    act = act_from_spec(spec)
+    code.line(f"{target} = {dy}")
+    if not is_identity(act):
+        with code.block("if act_grad"):
+            code.line(f"yv = {y}")
+            code.line(f"{target} = {target} * {derivative_expression(act, 'yv')}")
 
 
 class ActivationStep:
@@ -169,3 +197,39 @@ class ActivationStep:
             return
         self._module.backward(y.reshape(self._view), dy.reshape(self._view),
                               dx.reshape(self._view))
+
+
+class FusedAct:
+    """A layer's activation, split between its kernels (elementwise) and a softmax step.
+
+    Elementwise activations go into the layer's own kernels (its spec's `act` options);
+    softmax couples the channels, so it runs as a `step_class` step over the finished
+    output. The CUDA target subclasses this with its own step."""
+
+    step_class: Any = ActivationStep
+
+    def __init__(self, act: ActSpec | None, shape: tuple[int, ...], dtype: str) -> None:
+        """shape: the layer's batched output shape."""
+        softmax = not is_elementwise(act)
+        self.in_kernel = None if softmax else act  # what the layer's kernels bake in
+        self.softmax = self.step_class(act, shape, dtype) if softmax else None
+        self.specs = [] if self.softmax is None else [self.softmax.spec]
+
+    def options(self) -> dict[str, str | float]:
+        """The spec options of the layer's kernels."""
+        return act_options(self.in_kernel)
+
+    def forward(self, y: Any) -> None:
+        """After the layer's kernel: softmax over its output, in place."""
+        if self.softmax is not None:
+            self.softmax.forward(y, y)
+
+    def backward(self, y: Any, grad_output: Any, skip_act: bool) -> bool:
+        """Before the layer's backward kernel: softmax's chain rule on grad_output, in
+        place. Returns `act_grad`: whether the kernel must still multiply by act'(y)."""
+        if skip_act:
+            return False
+        if self.softmax is not None:
+            self.softmax.backward(y, grad_output, grad_output)
+            return False
+        return not is_identity(self.in_kernel)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.activations import is_identity
-from convdsl.codegen.cpu.unary import FusedAct, apply_act, gradient_lines
+from convdsl.codegen.activations import FusedAct, apply_act, gradient_lines, is_identity
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import PRELUDE, Code, jit
 from convdsl.codegen.spec import KernelSpec

@@ -5,8 +5,8 @@ elementwise: forward computes act(v) in its epilogue, backward multiplies the in
 gradient by act'(y) (written in terms of the output y, see codegen/activations.py) unless
 the caller says the gradient already skips it. Softmax couples the channels, so it runs as
 an ActivationStep over the finished output, and its chain rule runs over the incoming
-gradient (in place) before the layer's backward kernel. `FusedAct` is that split, shared by
-the kernels of bn, dense, concat and add.
+gradient (in place) before the layer's backward kernel. `FusedAct` (codegen/activations.py)
+is that split, shared by the kernels of bn, dense, concat and add on both targets.
 """
 
 from __future__ import annotations
@@ -18,63 +18,12 @@ import numpy as np
 from convdsl.codegen import cache
 from convdsl.codegen.activations import (
     ActivationStep,
-    act_from_spec,
-    act_options,
-    derivative_expression,
-    forward_expression,
-    is_elementwise,
-    is_identity,
 )
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import PRELUDE, Code, jit
 from convdsl.codegen.spec import KernelSpec
-from convdsl.ir.ops import ActSpec, DropoutAttrs, Op
+from convdsl.ir.ops import DropoutAttrs, Op
 from convdsl.runtime.random import dropout_mask
-
-
-class FusedAct:
-    """A layer's activation, split between its kernels (elementwise) and a softmax step."""
-
-    def __init__(self, act: ActSpec | None, shape: tuple[int, ...], dtype: str) -> None:
-        """shape: the layer's batched output shape."""
-        softmax = not is_elementwise(act)
-        self.in_kernel = None if softmax else act  # what the layer's kernels bake in
-        self.softmax = ActivationStep(act, shape, dtype) if softmax else None
-        self.specs = [] if self.softmax is None else [self.softmax.spec]
-
-    def options(self) -> dict[str, str | float]:
-        """The spec options of the layer's kernels."""
-        return act_options(self.in_kernel)
-
-    def forward(self, y: np.ndarray) -> None:
-        """After the layer's kernel: softmax over its output, in place."""
-        if self.softmax is not None:
-            self.softmax.forward(y, y)
-
-    def backward(self, y: np.ndarray, grad_output: np.ndarray, skip_act: bool) -> bool:
-        """Before the layer's backward kernel: softmax's chain rule on grad_output, in
-        place. Returns `act_grad`: whether the kernel must still multiply by act'(y)."""
-        if skip_act:
-            return False
-        if self.softmax is not None:
-            self.softmax.backward(y, grad_output, grad_output)
-            return False
-        return not is_identity(self.in_kernel)
-
-
-def apply_act(spec: KernelSpec, value: str) -> str:
-    """The spec's (elementwise) activation of the expression `value`."""
-    return forward_expression(act_from_spec(spec), value)
-
-
-def gradient_lines(code: Code, spec: KernelSpec, target: str, dy: str, y: str) -> None:
-    """`target = dy * act'(y)` when the kernel argument `act_grad` is true, else dy."""
-    act = act_from_spec(spec)
-    code.line(f"{target} = {dy}")
-    if not is_identity(act):
-        with code.block("if act_grad"):
-            code.line(f"yv = {y}")
-            code.line(f"{target} = {target} * {derivative_expression(act, 'yv')}")
 
 
 @cache.template("multiply")

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import math
 
-from convdsl.codegen import cache
+from convdsl.codegen import activations, cache
 from convdsl.codegen.activations import (
     act_from_spec,
     act_options,
+    apply_act,
     derivative_expression,
-    forward_expression,
     is_elementwise,
     is_identity,
+    softmax_backward_lines,
+    softmax_forward_lines,
 )
 from convdsl.codegen.cuda import arrays
 from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, blocks
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ActSpec
-
-
-def apply_act(spec: KernelSpec, value: str) -> str:
-    """The spec's (elementwise) activation of the expression `value`."""
-    return forward_expression(act_from_spec(spec), value)
 
 
 def derivative(spec: KernelSpec, y: str) -> str:
@@ -64,34 +61,16 @@ def _render_softmax(spec: KernelSpec) -> str:
     batch, channels, positions = spec.shapes[0]
     code = Code()
     code.line(PRELUDE)
-    code.line(JIT)
-    with code.block("def forward(x, y)"):
-        code.line("ns = cuda.grid(1)")
-        with code.block(f"if ns < {batch * positions}"):
-            code.line(f"n = ns // {positions}")
-            code.line(f"s = ns % {positions}")
-            code.line("top = x[n, 0, s]")
-            with code.block(f"for c in range(1, {channels})"):
-                code.line("top = max(top, x[n, c, s])")
-            code.line("total = 0.0")
-            with code.block(f"for c in range({channels})"):
-                code.line("e = math.exp(x[n, c, s] - top)")
-                code.line("y[n, c, s] = e")
-                code.line("total += e")
-            with code.block(f"for c in range({channels})"):
-                code.line("y[n, c, s] = y[n, c, s] / total")
-    code.line()
-    code.line(JIT)
-    with code.block("def backward(y, dy, dx)"):
-        code.line("ns = cuda.grid(1)")
-        with code.block(f"if ns < {batch * positions}"):
-            code.line(f"n = ns // {positions}")
-            code.line(f"s = ns % {positions}")
-            code.line("dot = 0.0")
-            with code.block(f"for c in range({channels})"):
-                code.line("dot += dy[n, c, s] * y[n, c, s]")
-            with code.block(f"for c in range({channels})"):
-                code.line("dx[n, c, s] = y[n, c, s] * (dy[n, c, s] - dot)")
+    for name, lines in (("forward(x, y)", softmax_forward_lines),
+                        ("backward(y, dy, dx)", softmax_backward_lines)):
+        code.line(JIT)
+        with code.block(f"def {name}"):
+            code.line("ns = cuda.grid(1)")
+            with code.block(f"if ns < {batch * positions}"):
+                code.line(f"n = ns // {positions}")
+                code.line(f"s = ns % {positions}")
+                lines(code, channels)
+        code.line()
     return code.text()
 
 
@@ -132,31 +111,8 @@ class ActivationStep:
             y.reshape(self._view), dy.reshape(self._view), dx.reshape(self._view))
 
 
-class FusedAct:
-    """A layer's activation, split between its kernels (elementwise) and a softmax step."""
+class FusedAct(activations.FusedAct):
+    """codegen/activations.py's split of a layer's activation, with this target's
+    softmax step."""
 
-    def __init__(self, act: ActSpec | None, shape: tuple[int, ...], dtype: str) -> None:
-        """shape: the layer's batched output shape."""
-        softmax = not is_elementwise(act)
-        self.in_kernel = None if softmax else act  # what the layer's kernels bake in
-        self.softmax = ActivationStep(act, shape, dtype) if softmax else None
-        self.specs = [] if self.softmax is None else [self.softmax.spec]
-
-    def options(self) -> dict[str, str | float]:
-        """The spec options of the layer's kernels (use apply_act / derivative on them)."""
-        return act_options(self.in_kernel)
-
-    def forward(self, y: DeviceArray) -> None:
-        """After the layer's kernel: softmax over its output, in place."""
-        if self.softmax is not None:
-            self.softmax.forward(y, y)
-
-    def backward(self, y: DeviceArray, grad_output: DeviceArray, skip_act: bool) -> bool:
-        """Before the layer's backward kernel: softmax's chain rule on grad_output, in
-        place. Returns `act_grad`: whether the kernel must still multiply by act'(y)."""
-        if skip_act:
-            return False
-        if self.softmax is not None:
-            self.softmax.backward(y, grad_output, grad_output)
-            return False
-        return not is_identity(self.in_kernel)
+    step_class = ActivationStep

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from convdsl.codegen import cache
+from convdsl.codegen.activations import apply_act
 from convdsl.codegen.cuda import conv_gemm
-from convdsl.codegen.cuda.activation import FusedAct, apply_act, derivative
+from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.arrays import flat
 from convdsl.codegen.cuda.common import JIT, THREADS, DeviceArray, blocks, zeros
 from convdsl.codegen.cuda.conv import SIMPLE_BELOW

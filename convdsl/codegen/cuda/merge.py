@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 from convdsl.codegen import cache
-from convdsl.codegen.cuda.activation import FusedAct, apply_act
+from convdsl.codegen.activations import apply_act, gradient_lines
+from convdsl.codegen.cuda.activation import FusedAct
 from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, empty
-from convdsl.codegen.cuda.unary import gradient_lines, launch
+from convdsl.codegen.cuda.unary import launch
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.cuda.activation import FusedAct, apply_act
+from convdsl.codegen.activations import apply_act, gradient_lines
+from convdsl.codegen.cuda.activation import FusedAct
 from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, empty
-from convdsl.codegen.cuda.unary import gradient_lines
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec

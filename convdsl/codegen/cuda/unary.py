@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 from convdsl.codegen import cache
-from convdsl.codegen.activations import act_from_spec, derivative_expression, is_identity
 from convdsl.codegen.cuda import arrays
 from convdsl.codegen.cuda.activation import ActivationStep
 from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, empty
@@ -33,16 +32,6 @@ def launch(count: int) -> tuple[int, int]:
     (each costs real time in the simulator)."""
     threads = min(THREADS, max(WARP, math.ceil(count / WARP) * WARP))
     return max(1, math.ceil(count / threads)), threads
-
-
-def gradient_lines(code: Code, spec: KernelSpec, target: str, dy: str, y: str) -> None:
-    """`target = dy * act'(y)` when the kernel argument `act_grad` is true, else dy."""
-    act = act_from_spec(spec)
-    code.line(f"{target} = {dy}")
-    if not is_identity(act):
-        with code.block("if act_grad"):
-            code.line(f"yv = {y}")
-            code.line(f"{target} = {target} * {derivative_expression(act, 'yv')}")
 
 
 @cache.template("cuda_multiply")

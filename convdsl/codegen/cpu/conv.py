@@ -34,6 +34,7 @@ import numpy as np
 from convdsl.codegen import cache, cost
 from convdsl.codegen.activations import ActivationStep, act_options, is_elementwise
 from convdsl.codegen.cpu import conv_direct, conv_fft, conv_gemm  # noqa: F401  (templates)
+from convdsl.codegen.cpu.conv_common import spec_layout
 from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
@@ -129,30 +130,19 @@ def _per_group(setup: LayerSetup) -> tuple[int, int]:
 
 def conv_spec(setup: LayerSetup, algorithm: str) -> KernelSpec:
     """The kernel spec of a conv or filter layer computed by `algorithm`."""
-    attrs = setup.layer.attrs
-    window = setup.window
-    assert window is not None and isinstance(attrs, (ConvAttrs, FilterAttrs))
-    channels = setup.in_shapes[0][0]
-    if isinstance(attrs, ConvAttrs):
-        groups, bias, weight_grad = attrs.groups, attrs.bias, True
-        weight = (attrs.out_channels, channels // groups, *window.window)
-    else:
-        groups, bias, weight_grad = channels, False, False
-        weight = (channels, 1, *window.window)
+    weight, layout = spec_layout(setup)
     act = setup.layer.act if is_elementwise(setup.layer.act) else None  # softmax: outside
     extra: dict[str, Any] = {}
     if algorithm == "gemm":
-        per_sample = (channels * math.prod(window.window) * math.prod(setup.out_shape[1:])
-                      * np.dtype(setup.dtype).itemsize)
+        per_sample = (weight[1] * layout["groups"] * math.prod(weight[2:])
+                      * math.prod(setup.out_shape[1:]) * np.dtype(setup.dtype).itemsize)
         fits = max(1, min(setup.batch, GEMM_CHUNK_BYTES // per_sample))
         chunks = -(-setup.batch // fits)
         extra["chunk"] = -(-setup.batch // chunks)  # chunks of (nearly) equal size
     return KernelSpec.make(
         f"conv_{algorithm}", setup.dtype, (setup.batched_inputs[0], weight,
                                            setup.batched_output),
-        groups=groups, stride=window.stride, dilation=window.dilation, pads=window.pads,
-        flip=attrs.flip, bias=bias, weight_grad=weight_grad,
-        **act_options(act), **extra)
+        **layout, **act_options(act), **extra)
 
 
 class ConvLayer(KernelLayer):

@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from convdsl.codegen.activations import act_from_spec, derivative_expression, is_identity
+from convdsl.codegen.layer import LayerSetup
 from convdsl.codegen.source import Code, jit
 from convdsl.codegen.spec import KernelSpec
-from convdsl.ir.ops import ActSpec
+from convdsl.ir.ops import ActSpec, ConvAttrs, FilterAttrs
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,25 @@ class Geometry:
 # test stops LLVM from vectorising the loop; a computed subscript cast to unsigned skips
 # it (measured: im2col and the epilogues run 2.5-4x faster).
 IMPORTS = "from numba import uintp  # unsigned subscripts: no wrap-around test\n\n"
+
+
+def spec_layout(setup: LayerSetup) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """A conv or filter layer's weight shape and the spec options every target's
+    convolution kernels record (groups, stride, dilation, padding, flip, bias, whether
+    the weight is trained). A filter is a depthwise convolution by a fixed kernel."""
+    attrs = setup.layer.attrs
+    window = setup.window
+    assert window is not None and isinstance(attrs, (ConvAttrs, FilterAttrs))
+    channels = setup.in_shapes[0][0]
+    if isinstance(attrs, ConvAttrs):
+        groups, bias, weight_grad = attrs.groups, attrs.bias, True
+        weight = (attrs.out_channels, channels // groups, *window.window)
+    else:
+        groups, bias, weight_grad = channels, False, False
+        weight = (channels, 1, *window.window)
+    return weight, {"groups": groups, "stride": window.stride, "dilation": window.dilation,
+                    "pads": window.pads, "flip": attrs.flip, "bias": bias,
+                    "weight_grad": weight_grad}
 
 
 def ix(expr: str) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.activations import forward_expression
-from convdsl.codegen.cpu.conv_common import Geometry
+from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.arrays import flat
@@ -331,20 +331,10 @@ def _describe(tiles: Tiles) -> str:
 
 
 def conv_spec(setup: LayerSetup, options: dict[str, Any], act: FusedAct) -> KernelSpec:
-    attrs = setup.layer.attrs
-    window = setup.window
-    assert window is not None and isinstance(attrs, (ConvAttrs, FilterAttrs))
-    channels = setup.in_shapes[0][0]
-    if isinstance(attrs, ConvAttrs):
-        groups, bias, weight_grad = attrs.groups, attrs.bias, True
-        weight = (attrs.out_channels, channels // groups, *window.window)
-    else:
-        groups, bias, weight_grad = channels, False, False
-        weight = (channels, 1, *window.window)
+    weight, layout = spec_layout(setup)
     return KernelSpec.make(
         "cuda_conv", setup.dtype, (setup.batched_inputs[0], weight, setup.batched_output),
-        groups=groups, stride=window.stride, dilation=window.dilation, pads=window.pads,
-        flip=attrs.flip, bias=bias, weight_grad=weight_grad, **act.options(), **options)
+        **layout, **act.options(), **options)
 
 
 class ConvLayer(KernelLayer):

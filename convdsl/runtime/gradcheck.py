@@ -47,6 +47,9 @@ def gradcheck(net: CompiledNetwork, samples: int = 12, seed: int = 0) -> list[Gr
     """Worst relative error per trained array (and for the input), `samples` entries each."""
     if net.dtype != "float64":
         raise ValueError("finite differences need float64: compile with dtype='float64'")
+    if net.device.name != "cpu":  # it nudges parameters in place, as NumPy arrays
+        raise ValueError("gradcheck runs on the CPU: compile with device='cpu' (the CUDA "
+                         "target is checked against the CPU in tests/test_cuda_runtime.py)")
     rng = np.random.default_rng(seed)
     x = {name: rng.standard_normal((net.batch, *shape))
          for name, shape in net.input_shapes.items()}

@@ -70,3 +70,24 @@ def avg_divisor(code: Code, spec: KernelSpec, clip: bool = True) -> None:
             code.line(f"e{axis} = min(e{axis}, {size})")
         sides.append(f"n{axis}" if spec.option("count_pad") else f"(e{axis} - a{axis})")
     code.line(f"div = {' * '.join(sides)}")
+
+
+def softpool_window(code: Code, spec: KernelSpec, there: str, here: str) -> None:
+    """Soft pooling of the current window (after window_starts): y = sum(e^v v) / sum(e^v),
+    shifted by the window's largest value; keeps that value in `top` and the sum of
+    weights in `total` for the backward pass. `there`/`here`: x's and y's indices."""
+    code.line("peak = -math.inf")  # subtracted before exp, for stability
+    with ExitStack() as stack:
+        real_positions(code, stack, spec)
+        code.line(f"peak = max(peak, x[{there}])")
+    code.line("weights = 0.0")
+    code.line("weighted = 0.0")
+    with ExitStack() as stack:
+        real_positions(code, stack, spec)
+        code.line(f"v = x[{there}]")
+        code.line("e = math.exp(v - peak)")
+        code.line("weights += e")
+        code.line("weighted += e * v")
+    code.line(f"y[{here}] = weighted / weights")
+    code.line(f"top[{here}] = peak")
+    code.line(f"total[{here}] = weights")

@@ -27,6 +27,7 @@ from convdsl.codegen.pool_windows import (
     flat,
     geometry,
     real_positions,
+    softpool_window,
     window_options,
     window_starts,
 )
@@ -143,21 +144,7 @@ def _render_softpool(spec: KernelSpec) -> str:
     with code.block("def forward(x, y, top, total)"), \
             code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
         window_starts(code, spec)
-        code.line("peak = -np.inf")  # subtracted before exp, for stability
-        with ExitStack() as stack:
-            real_positions(code, stack, spec)
-            code.line(f"peak = max(peak, x[{there}])")
-        code.line("weights = 0.0")
-        code.line("weighted = 0.0")
-        with ExitStack() as stack:
-            real_positions(code, stack, spec)
-            code.line(f"v = x[{there}]")
-            code.line("e = math.exp(v - peak)")
-            code.line("weights += e")
-            code.line("weighted += e * v")
-        code.line(f"y[{here}] = weighted / weights")
-        code.line(f"top[{here}] = peak")
-        code.line(f"total[{here}] = weights")
+        softpool_window(code, spec, there, here)
     code.line()
     code.line(jit())
     with code.block("def backward(x, y, dy, top, total, dx)"), \

@@ -34,6 +34,7 @@ from convdsl.codegen.pool_windows import (
     flat,
     geometry,
     real_positions,
+    softpool_window,
     window_options,
     window_starts,
 )
@@ -188,21 +189,7 @@ def _render_softpool(spec: KernelSpec) -> str:
     with code.block("def forward(x, y, top, total)"), ExitStack() as outer:
         here = _per_output(code, outer, spec)
         window_starts(code, spec)
-        code.line("peak = -math.inf")  # subtracted before exp, for stability
-        with ExitStack() as stack:
-            real_positions(code, stack, spec)
-            code.line(f"peak = max(peak, x[{there}])")
-        code.line("weights = 0.0")
-        code.line("weighted = 0.0")
-        with ExitStack() as stack:
-            real_positions(code, stack, spec)
-            code.line(f"v = x[{there}]")
-            code.line("w = math.exp(v - peak)")
-            code.line("weights += w")
-            code.line("weighted += w * v")
-        code.line(f"y[{here}] = weighted / weights")
-        code.line(f"top[{here}] = peak")
-        code.line(f"total[{here}] = weights")
+        softpool_window(code, spec, there, here)
     code.line()
     code.line(JIT)
     with code.block("def backward(x, y, dy, top, total, dx)"), ExitStack() as outer:

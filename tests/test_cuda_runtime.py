@@ -233,3 +233,10 @@ def test_train_on_the_gpu_resume_and_test_on_the_cpu(tmp_path: Path,
     capsys.readouterr()
     assert cli("test", network, "--weights", on_gpu, "--data", data, "--json") == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 8
+
+
+def test_every_op_has_cuda_kernels() -> None:
+    from convdsl.codegen.layer import registered_ops
+    from convdsl.ir.ops import Op
+
+    assert registered_ops("cuda") == set(Op) - {Op.INPUT}

@@ -49,6 +49,10 @@ class Device:
     def duplicate(self, array: Array) -> Array:
         return array.copy()
 
+    def copy(self, source: Array, target: Array) -> None:
+        """source's values into target, an array of the same shape on this device."""
+        np.copyto(target, source)
+
     def assign(self, target: Array, host: np.ndarray) -> None:
         """Host values into an existing array, converted to its dtype."""
         np.copyto(target, host, casting="unsafe")
@@ -100,6 +104,9 @@ class CudaDevice(Device):
         copy = self._arrays.like(array)
         self._arrays.copy(array, copy)
         return copy
+
+    def copy(self, source: Array, target: Array) -> None:
+        self._arrays.copy(source, target)
 
     def assign(self, target: Array, host: np.ndarray) -> None:
         values = np.ascontiguousarray(np.asarray(host).astype(target.dtype, copy=False))

@@ -114,7 +114,8 @@ class CompiledNetwork:
         self._through_softmax: set[str] = set()
         self._loss_through_softmax = False
         self._accumulators: Arrays = {}
-        self._input_buffers: Arrays = {}  # where inputs land on the device
+        self._input_buffers: Arrays = {}  # where inputs and targets land on the device
+        self._work_buffers: Arrays = {}  # loss gradients and their copies, made once
         self.compile_seconds: dict[str, float] = {}
 
     # --- shapes -----------------------------------------------------------
@@ -156,14 +157,27 @@ class CompiledNetwork:
         return self.device.get(values[self.main_output])
 
     def _send(self, name: str, array: np.ndarray) -> Array:
-        """An input batch where the kernels read it: the array itself on the CPU, a
-        preallocated device buffer on CUDA (one copy per batch)."""
+        """A batch (of inputs, or of targets) where the kernels read it: the array itself
+        on the CPU, a device buffer kept under `name` on CUDA (one copy per batch)."""
         if self.device.name == "cpu":
             return array
-        if name not in self._input_buffers:
-            self._input_buffers[name] = self.device.zeros(array.shape, self.dtype)
-        buffer = self._input_buffers[name]
+        buffer = self._input_buffers.get(name)
+        if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+            buffer = self._input_buffers[name] = self.device.zeros(array.shape, array.dtype)
         self.device.assign(buffer, array)
+        return buffer
+
+    def _copy(self, name: str, array: Array) -> Array:
+        """`array` copied into the work array `name`."""
+        buffer = self._buffer(name, array.shape)
+        self.device.copy(array, buffer)
+        return buffer
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> Array:
+        """A work array of this network's dtype kept under `name`, made on first use."""
+        buffer = self._work_buffers.get(name)
+        if buffer is None:
+            buffer = self._work_buffers[name] = self.device.zeros(shape, self.dtype)
         return buffer
 
     def first_nonfinite(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
@@ -222,8 +236,8 @@ class CompiledNetwork:
             softmax = layer.act is not None and layer.act.kind is Activation.SOFTMAX
             # The gradient may skip the softmax only if nothing else reads its output.
             feeds_others = bool(self.network.graph.consumers(output.name))
-            result, grad = self._output_loss(output.loss, value, target, softmax,
-                                             grad_at_logits=not feeds_others)
+            result, grad = self._output_loss(output.name, output.loss, value, target,
+                                             softmax, grad_at_logits=not feeds_others)
             total += output.weight * result
             if output.weight != 1.0:
                 self.device.scale(grad, output.weight)
@@ -232,8 +246,8 @@ class CompiledNetwork:
                 self._through_softmax.add(output.name)
         return total
 
-    def _output_loss(self, loss: Loss, value: Array, target: np.ndarray, softmax: bool,
-                     grad_at_logits: bool) -> tuple[float, Array]:
+    def _output_loss(self, name: str, loss: Loss, value: Array, target: np.ndarray,
+                     softmax: bool, grad_at_logits: bool) -> tuple[float, Array]:
         """One output's loss and its gradient (an array where the kernels read it);
         sets _loss_through_softmax. On CUDA the loss runs on the device: the targets go
         out, and only a few partial sums come back."""
@@ -243,9 +257,9 @@ class CompiledNetwork:
             return result.value, result.grad.astype(self.dtype)
         from convdsl.codegen.cuda import losses as device_losses
 
-        targets = self.device.put(target if loss is Loss.CROSS_ENTROPY
-                                  else target.astype(self.dtype))
-        grad = self.device.zeros(value.shape, self.dtype)
+        targets = self._send(f"target/{name}", target if loss is Loss.CROSS_ENTROPY
+                             else target.astype(self.dtype))
+        grad = self._buffer(f"loss/{name}", value.shape)  # one per output: aux heads too
         total, self._loss_through_softmax = device_losses.evaluate(
             loss, value, targets, softmax, grad_at_logits, grad)
         return total, grad
@@ -320,8 +334,10 @@ class CompiledNetwork:
             if not self._loss_grads:
                 raise RunError("backward() without a gradient needs loss() first",
                                "call net.loss(targets), or pass the output's gradient")
-            return ({name: self.device.duplicate(g) for name, g in self._loss_grads.items()},
-                    set(self._through_softmax))
+            # copies, since a backward may overwrite its incoming gradient and loss()'s
+            # gradients must serve every backward() until the next loss()
+            return ({name: self._copy(f"backward/{name}", g)
+                     for name, g in self._loss_grads.items()}, set(self._through_softmax))
         given = grad if isinstance(grad, Mapping) else {self.main_output: grad}
         pending: Arrays = {}
         for name, array in given.items():

@@ -14,7 +14,7 @@ summing the gradients of layers that feed several others.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -147,14 +147,20 @@ class CompiledNetwork:
             self.step += 1
         mode = Mode(train=train, seed=self.seed, step=step or 0)
         values = {name: self._send(name, array) for name, array in inputs.items()}
-        for stage in self.stages:
-            sources = [values[source] for source in stage.inputs]
-            values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
+        for stage in self._run_stages(values, mode):
             if self.check:
                 self._check_finite(values[stage.name], stage.layer, "output")
         self._values = values
         self._loss_grads = {}
         return self.device.get(values[self.main_output])
+
+    def _run_stages(self, values: Arrays, mode: Mode) -> Iterator[Stage]:
+        """Run the stages in order, each output into `values`; yields each stage once
+        its output is there."""
+        for stage in self.stages:
+            sources = [values[source] for source in stage.inputs]
+            values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
+            yield stage
 
     def _send(self, name: str, array: np.ndarray) -> Array:
         """A batch (of inputs, or of targets) where the kernels read it: the array itself
@@ -188,9 +194,7 @@ class CompiledNetwork:
         inputs = self._checked_inputs(x)
         mode = Mode(train=train, seed=self.seed, step=step if step is not None else self.step)
         values = {name: self._send(name, array) for name, array in inputs.items()}
-        for stage in self.stages:
-            values[stage.name] = stage.kernel.forward(
-                [values[source] for source in stage.inputs], stage.params, mode)
+        for stage in self._run_stages(values, mode):
             if self.device.count_nonfinite(values[stage.name]):
                 return stage
         return None

@@ -147,6 +147,74 @@ def test_a_network_trains_on_the_gpu_as_on_the_cpu(fuse: bool) -> None:
     assert_close(gpu.forward(x), cpu.forward(x), 1e-10, "inference")
 
 
+def _two_sgd_steps(packed: bool, monkeypatch: pytest.MonkeyPatch
+                     ) -> tuple[list[float], dict[str, np.ndarray]]:
+    from convdsl.codegen.cuda import common
+
+    monkeypatch.setattr(common, "PACKED", packed)
+    net = convdsl.compile(NETWORK, batch=2, dtype="float64", seed=3, device="cuda",
+                          warm=False)
+    trained = {name: net.params[name] for name in net.grads}
+    optimizer = make_optimizer(TrainSettings(lr=0.1, momentum=0.9), trained)
+    rng = np.random.default_rng(7)
+    x = random_array(rng, (2, 2, 6, 6))
+    targets = {"y": np.array([1, 3]), "h": np.array([0, 2])}
+    losses = []
+    for _ in range(2):
+        net.forward(x, train=True)
+        losses.append(net.loss(targets))
+        net.backward(input_grad=False)
+        optimizer.step(trained, net.grads, 0.1)
+    return losses, net.state_dict()
+
+
+def test_packed_launches_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, a launch site packs its arguments once and hands them straight to the
+    driver afterwards (codegen/cuda/common.Launch); the simulator never packs. Two
+    training steps (with momentum, so the second reads the first) agree bit for bit with
+    packing on and off, and on a GPU every launch packed."""
+    from convdsl.codegen.cuda import common
+
+    before = dict(common.LAUNCH_COUNTS)
+    losses, state = _two_sgd_steps(True, monkeypatch)
+    packed = common.LAUNCH_COUNTS["packed"] - before["packed"]
+    assert common.LAUNCH_COUNTS["unpacked"] == before["unpacked"]
+    assert packed == 0 if common.simulated() else packed > 0
+    plain_losses, plain_state = _two_sgd_steps(False, monkeypatch)
+    assert common.LAUNCH_COUNTS["packed"] - before["packed"] == packed
+    assert losses == plain_losses
+    for name, value in plain_state.items():
+        assert np.array_equal(state[name], value), name
+
+
+def test_whole_array_launch_sites_are_kept_per_set_of_arrays(
+        gpu, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from convdsl.codegen.cuda import common
+
+    monkeypatch.setattr(common, "_SITES", common.OrderedDict())
+    monkeypatch.setattr(common, "SITES_KEPT", 2)
+    a, b, c = (gpu.put(np.full((2, 3), value)) for value in (1.0, 2.0, 3.0))
+    for x in (a, a, b):
+        gpu.scale(x, 2.0)  # the same site for `a` twice; the factor is an argument
+    assert len(common._SITES) == 2
+    gpu.scale(c, 0.5)  # a third set of arrays: the least recent site (a's) goes
+    assert len(common._SITES) == 2
+    assert not any(site._last and site._last[0] is a for site in common._SITES.values())
+    gpu.scale(a, 0.25)  # and comes back, packed afresh
+    assert [gpu.get(x)[0, 0] for x in (a, b, c)] == [1.0, 4.0, 1.5]
+
+
+def test_a_launch_site_reuses_its_arguments_only_for_the_same_objects() -> None:
+    from convdsl.codegen.cuda.common import _same
+
+    x, y = np.zeros(2), np.zeros(2)
+    assert _same((x, 1, np.float32(0.5)), (x, 1, np.float32(0.5)))
+    assert not _same((y, 1), (x, 1))  # equal values, but another array
+    assert not _same((x, 2), (x, 1))
+    assert not _same((x, 1.0), (x, 1))  # another type packs differently
+    assert not _same((x,), None)
+
+
 def test_weights_move_between_devices() -> None:
     cpu, gpu = _pair()
     gpu.load_state_dict(cpu.state_dict())
@@ -185,13 +253,11 @@ def test_without_a_gpu_the_error_says_so_and_how_to_fix_it() -> None:
 
 
 def test_without_numba_cuda_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from numba import cuda
-
     from convdsl.codegen.cuda import common
 
     monkeypatch.setattr(common, "_CUDA", None)
     monkeypatch.setattr(common, "_has_numba_cuda", lambda: False)
-    monkeypatch.setattr(cuda, "simulator_enabled", False, raising=False)
+    monkeypatch.setattr(common, "simulated", lambda: False)
     with pytest.raises(RunError) as caught:
         common.cuda()
     assert "numba-cuda" in caught.value.message

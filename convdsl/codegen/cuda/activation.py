@@ -22,7 +22,7 @@ from convdsl.codegen.activations import (
     softmax_forward_lines,
 )
 from convdsl.codegen.cuda import arrays
-from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, blocks
+from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, Launch, blocks
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ActSpec
@@ -91,24 +91,27 @@ class ActivationStep:
             self._view = (shape[0], shape[1], positions)
             self.spec = KernelSpec.make("cuda_softmax", dtype, (self._view,))
             self._threads = shape[0] * positions
-        self._module = None if self.identity else cache.load(self.spec)
+        module = None if self.identity else cache.load(self.spec)
+        grid = blocks(self._threads)
+        self._forward = (None if module is None else
+                         Launch(module.forward, grid, THREADS, every=self._view))
+        self._backward = (None if module is None else
+                          Launch(module.backward, grid, THREADS, every=self._view))
 
     def forward(self, x: DeviceArray, y: DeviceArray) -> None:
-        if self._module is None:
+        if self._forward is None:
             if y is not x:
                 arrays.copy(x, y)
             return
-        self._module.forward[blocks(self._threads), THREADS](
-            x.reshape(self._view), y.reshape(self._view))
+        self._forward(x, y)
 
     def backward(self, y: DeviceArray, dy: DeviceArray, dx: DeviceArray) -> None:
         """dx = dy * act'(y); `y` is this activation's output."""
-        if self._module is None:
+        if self._backward is None:
             if dx is not dy:
                 arrays.copy(dy, dx)
             return
-        self._module.backward[blocks(self._threads), THREADS](
-            y.reshape(self._view), dy.reshape(self._view), dx.reshape(self._view))
+        self._backward(y, dy, dx)
 
 
 class FusedAct(activations.FusedAct):

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from convdsl.codegen.cuda.common import THREADS, DeviceArray, blocks, cuda
+from convdsl.codegen.cuda.common import THREADS, DeviceArray, blocks, cuda, launch_on
 
 
 def _kernels() -> ModuleType:
@@ -26,19 +26,19 @@ def flat(x: DeviceArray) -> DeviceArray:
 
 def fill(x: DeviceArray, value: float = 0.0) -> None:
     if x.size:
-        _kernels().fill[blocks(x.size), THREADS](flat(x), x.dtype.type(value))
+        launch_on(_kernels().fill, blocks(x.size), THREADS, x, x.dtype.type(value))
 
 
 def add(a: DeviceArray, b: DeviceArray, out: DeviceArray) -> None:
     """out = a + b, elementwise; out may be a or b."""
     if out.size:
-        _kernels().add[blocks(out.size), THREADS](flat(a), flat(b), flat(out))
+        launch_on(_kernels().add, blocks(out.size), THREADS, a, b, out)
 
 
 def scale(x: DeviceArray, factor: float) -> None:
     """x *= factor, in x's dtype."""
     if x.size:
-        _kernels().scale[blocks(x.size), THREADS](flat(x), x.dtype.type(factor))
+        launch_on(_kernels().scale, blocks(x.size), THREADS, x, x.dtype.type(factor))
 
 
 def copy(source: DeviceArray, target: DeviceArray) -> None:
@@ -50,12 +50,20 @@ def like(x: DeviceArray) -> DeviceArray:
     return cuda().device_array(x.shape, dtype=x.dtype)
 
 
+_COUNTS: dict[int, DeviceArray] = {}  # the counters of count_nonfinite, by their number
+
+
 def count_nonfinite(*xs: DeviceArray) -> list[int]:
     """How many NaN or infinite values each array holds: one small copy comes back."""
-    counts = cuda().to_device(np.zeros(max(len(xs), 1), dtype=np.int32))
+    slots = max(len(xs), 1)
+    if slots not in _COUNTS:
+        _COUNTS[slots] = cuda().device_array(slots, dtype=np.int32)
+    counts = _COUNTS[slots]
+    fill(counts, 0)
+    kernel = _kernels().count_nonfinite
     for slot, x in enumerate(xs):
         if x.size:
-            _kernels().count_nonfinite[blocks(x.size), THREADS](flat(x), counts, slot)
+            launch_on(kernel, blocks(x.size), THREADS, x, counts, slot)
     return [int(count) for count in counts.copy_to_host()[:len(xs)]]
 
 
@@ -79,12 +87,12 @@ def fold_batch_norm(weight: DeviceArray, bias: DeviceArray | None,
     placeholder = norm["running_var"]  # stands in for arrays a case does not read
     gamma = norm.get("weight", placeholder)
     beta = norm.get("bias", placeholder)
-    kernels.fold_weight[blocks(weight.size), THREADS](
-        flat(weight), weight.size // channels, gamma, norm["running_var"], float(eps),
-        affine, flat(out_weight))
-    kernels.fold_bias[blocks(channels), THREADS](
-        placeholder if bias is None else bias, bias is not None, gamma, beta,
-        norm["running_mean"], norm["running_var"], float(eps), affine, out_bias)
+    launch_on(kernels.fold_weight, blocks(weight.size), THREADS, weight,
+              weight.size // channels, gamma, norm["running_var"], float(eps), affine,
+              out_weight)
+    launch_on(kernels.fold_bias, blocks(channels), THREADS,
+              placeholder if bias is None else bias, bias is not None, gamma, beta,
+              norm["running_mean"], norm["running_var"], float(eps), affine, out_bias)
 
 
 def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, lr: float,
@@ -92,9 +100,9 @@ def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, 
     """One SGD update of one parameter in place (runtime/optim.py's SGD). The scalars
     take the parameter's dtype, so float32 training computes in float32 as on the CPU."""
     cast = param.dtype.type
-    _kernels().sgd_step[blocks(param.size), THREADS](
-        flat(param), flat(grad), flat(param if buffer is None else buffer), cast(lr),
-        cast(weight_decay), cast(momentum), nesterov, first)
+    launch_on(_kernels().sgd_step, blocks(param.size), THREADS,
+              param, grad, param if buffer is None else buffer, cast(lr),
+              cast(weight_decay), cast(momentum), nesterov, first)
 
 
 def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceArray,
@@ -102,7 +110,8 @@ def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceAr
               decoupled: bool, t: int) -> None:
     """One Adam (or AdamW) update of one parameter in place, step t counted from 1."""
     cast = param.dtype.type
-    _kernels().adam_step[blocks(param.size), THREADS](
-        flat(param), flat(grad), flat(m), flat(v), cast(weight_decay), decoupled,
+    launch_on(
+        _kernels().adam_step, blocks(param.size), THREADS,
+        param, grad, m, v, cast(weight_decay), decoupled,
         cast(1 - lr * weight_decay), cast(1 - beta1), cast(beta2), cast(1 - beta2),
         cast(lr / (1 - beta1 ** t)), cast((1 - beta2 ** t) ** 0.5), cast(eps))

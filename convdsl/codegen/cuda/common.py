@@ -9,7 +9,11 @@ which is how the tests check every kernel on a machine without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +47,7 @@ def cuda() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RunError(f"--device cuda needs numba's CUDA target, which failed to load "
                        f"({exc})", 'install it with: pip install "convdsl[cuda]"') from None
-    if not _has_numba_cuda() and not module.simulator_enabled:
+    if not _has_numba_cuda() and not simulated():
         raise RunError("--device cuda needs NVIDIA's numba-cuda package",
                        'install it with: pip install "convdsl[cuda]"')
     try:
@@ -57,6 +61,13 @@ def cuda() -> Any:
                        "in Numba's simulator, slowly, for testing")
     _CUDA = module
     return module
+
+
+def simulated() -> bool:
+    """Whether numba.cuda is Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
 
 
 def _has_numba_cuda() -> bool:
@@ -82,3 +93,144 @@ def empty(shape: tuple[int, ...], dtype: Any) -> DeviceArray:
 
 def is_device_array(value: Any) -> bool:
     return hasattr(value, "copy_to_host")
+
+
+# --- Launches -------------------------------------------------------------------------
+#
+# numba.cuda's launch path works hard on every call: it types each argument, resolves the
+# overload, and packs each array into a dozen scalars (pointer, shape, strides...), tens
+# of microseconds per launch. A training step of a small network is dozens of launches
+# of small kernels, so that Python work, not the GPU, set its time. But a layer launches
+# its kernels on the same buffers every step (they are made once), so a `Launch` packs
+# its arguments the first time it sees a set of arrays and afterwards hands the packed
+# arguments straight to the driver: one call into cuda.core per launch.
+
+FLAT = "flat"  # a view: the array reshaped to one axis
+View = tuple[int, ...] | str | None  # a shape, FLAT, or None (the array as it is)
+
+# CONVDSL_CUDA_PACKED_LAUNCH=0 sends every launch through numba.cuda's own path.
+PACKED = os.environ.get("CONVDSL_CUDA_PACKED_LAUNCH", "1") != "0"
+
+# How many times arguments were packed, and how many launches could not be (`_pack`).
+LAUNCH_COUNTS = {"packed": 0, "unpacked": 0}
+
+
+class Launch:
+    """One launch site of a kernel: grid and block fixed, arguments packed once per set.
+
+    Calling it with arrays and scalars launches the kernel on them, each array first
+    reshaped to its view. When a call passes the very same objects as the last one (the
+    same arrays by identity, equal scalars), the packed arguments of that call are reused.
+    The arrays of the last call stay referenced here, so their memory (whose addresses
+    are packed) cannot be freed and reused under it."""
+
+    def __init__(self, kernel: Any, grid: Any, threads: Any,
+                 views: Sequence[View] | None = None, every: View = None) -> None:
+        self._configured = kernel[grid, threads]
+        self._views = None if views is None else tuple(views)
+        self._every = every
+        self._last: tuple[Any, ...] | None = None
+        self._packed: Callable[[], Any] | None = None
+
+    def __call__(self, *args: Any) -> None:
+        if self._packed is not None and _same(args, self._last):
+            self._packed()
+            return
+        shaped = self._shaped(args)
+        # once a call has packed, the kernel is compiled: new arguments (an optimizer's
+        # learning rate, another batch's buffer) only need packing again
+        packed = _pack(self._configured, shaped) if self._packed is not None else None
+        if packed is None:
+            self._configured(*shaped)  # numba.cuda's path: compiles or loads on first use
+            packed = _pack(self._configured, shaped) if PACKED else None
+        else:
+            packed()
+        self._last, self._packed = args, packed
+
+    def _shaped(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        views = self._views if self._views is not None else (self._every,) * len(args)
+        if len(views) != len(args):
+            raise TypeError(f"a launch with {len(views)} views got {len(args)} arguments")
+        return tuple(_view(arg, view) for arg, view in zip(args, views))
+
+
+def _view(arg: Any, view: View) -> Any:
+    if view is None or isinstance(arg, _SCALARS):
+        return arg
+    return arg.reshape(arg.size if view == FLAT else view)
+
+
+_SCALARS = (bool, int, float, np.generic)
+
+
+def _same(args: tuple[Any, ...], last: tuple[Any, ...] | None) -> bool:
+    """The same arrays (by identity) and equal scalars of the same type."""
+    if last is None or len(args) != len(last):
+        return False
+    for now, before in zip(args, last):
+        if now is before:
+            continue
+        if type(now) is not type(before) or not isinstance(now, _SCALARS) or now != before:
+            return False
+    return True
+
+
+def _pack(configured: Any, args: tuple[Any, ...]) -> Callable[[], Any] | None:
+    """The launch of `configured` on `args` as one prepared driver call, or None where
+    that is not possible: the simulator, a kernel not compiled for exactly these types,
+    a debug or cooperative kernel, or an argument numba.cuda would copy to the device."""
+    if simulated():
+        return None
+    try:
+        from numba.cuda import dispatcher as numba_dispatcher
+
+        dispatcher = configured.dispatcher
+        if dispatcher.specialized:
+            kernel = next(iter(dispatcher.overloads.values()))
+        else:
+            types = tuple(dispatcher.typeof_pyval(arg) for arg in args)
+            kernel = dispatcher.overloads.get(types)
+        if kernel is None or kernel.debug or kernel.cooperative:
+            raise LookupError("no plain overload for these argument types")
+        writebacks: list[Any] = []
+        packed: list[Any] = []
+        for kind, value in zip(kernel.argument_types, args):
+            kernel._prepare_args(kind, value, configured.stream, writebacks, packed)
+        if writebacks:
+            raise LookupError("an argument is copied to the device on each call")
+        config = _launch_config(numba_dispatcher, configured)
+        function = kernel._codelibrary.get_cufunc().kernel
+    except Exception:  # any surprise in numba.cuda's internals: keep its own path
+        LAUNCH_COUNTS["unpacked"] += 1
+        return None
+    LAUNCH_COUNTS["packed"] += 1
+    return functools.partial(numba_dispatcher.launch, configured.stream, config, function,
+                             *packed)
+
+
+def _launch_config(numba_dispatcher: Any, configured: Any) -> Any:
+    """cuda.core's LaunchConfig, as numba.cuda builds it (its keyword changed at 1.0)."""
+    cooperative = ("is_cooperative" if numba_dispatcher.CUDA_CORE_GE_1_0
+                   else "cooperative_launch")
+    return numba_dispatcher.LaunchConfig(grid=configured.griddim, block=configured.blockdim,
+                                         shmem_size=configured.sharedmem,
+                                         **{cooperative: False})
+
+
+_SITES: OrderedDict[tuple[Any, ...], Launch] = OrderedDict()
+SITES_KEPT = 2048  # launch sites of whole-array kernels remembered, least recent dropped
+
+
+def launch_on(kernel: Any, grid: Any, threads: Any, *args: Any, every: View = FLAT) -> None:
+    """Launch a whole-array kernel (fill, add, an optimizer's update...) that is called on
+    many different arrays: one `Launch` per set of arrays, so each set is packed once."""
+    key = (kernel, grid, threads, *(type(arg) if isinstance(arg, _SCALARS) else id(arg)
+                                    for arg in args))
+    site = _SITES.get(key)
+    if site is None:
+        site = _SITES[key] = Launch(kernel, grid, threads, every=every)
+        if len(_SITES) > SITES_KEPT:
+            _SITES.popitem(last=False)
+    else:
+        _SITES.move_to_end(key)
+    site(*args)

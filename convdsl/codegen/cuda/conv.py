@@ -44,8 +44,7 @@ from convdsl.codegen.activations import forward_expression
 from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
-from convdsl.codegen.cuda.arrays import flat
-from convdsl.codegen.cuda.common import JIT, THREADS, DeviceArray, blocks, cuda, zeros
+from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, cuda, zeros
 from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles, flatten, unflatten
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
@@ -356,25 +355,27 @@ class ConvLayer(KernelLayer):
         self.splits = 1 if weight is None else weight.splits
         size = g.out_channels * g.cg * g.volume
         self._part = zeros((self.splits * size,), setup.dtype) if self.splits > 1 else None
-        self._reduce = (module.reduce_splits[blocks(size), THREADS]
+        self._reduce = (Launch(module.reduce_splits, blocks(size), THREADS, every=FLAT)
                         if self._part is not None else None)
         out_size = math.prod(setup.batched_output)
         threads = reduce_threads(setup.batch * g.positions)
-        self._prepare = module.prepare[g.out_channels, threads] if g.bias else None
-        self._scale = module.scale[blocks(out_size), THREADS] if g.has_act else None
+        self._prepare = (Launch(module.prepare, g.out_channels, threads, every=FLAT)
+                         if g.bias else None)
+        self._scale = (Launch(module.scale, blocks(out_size), THREADS, every=FLAT)
+                       if g.has_act else None)
         self.y = zeros(setup.batched_output, setup.dtype)
         self.dx = zeros(setup.batched_inputs[0], setup.dtype)
         self._fixed = _fixed_weight(setup)
         self._x: DeviceArray | None = None
 
     def _weight(self, params: dict[str, DeviceArray]) -> DeviceArray:
-        return self._fixed if self._fixed is not None else flat(params["weight"])
+        return self._fixed if self._fixed is not None else params["weight"]
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
         (x,) = inputs
-        bias = [flat(params["bias"])] if self.g.bias else []
-        self._forward(flat(x), self._weight(params), *bias, flat(self.y))
+        bias = [params["bias"]] if self.g.bias else []
+        self._forward(x, self._weight(params), *bias, self.y)
         self.act.forward(self.y)
         self._x = x
         return self.y
@@ -385,20 +386,20 @@ class ConvLayer(KernelLayer):
         if self._x is None:
             raise RuntimeError(f"'{self.name}': backward before forward")
         act_grad = self.act.backward(self.y, grad_output, skip_act)
-        dy, y = flat(grad_output), flat(self.y)
+        dy, y = grad_output, self.y
         if self._prepare is not None:
             self._prepare(y, dy, grads["bias"], act_grad)
         elif act_grad and self._scale is not None:
             self._scale(y, dy)
         if self.input_grad_needed:
-            self._input_grad(dy, self._weight(params), flat(self.dx))
+            self._input_grad(dy, self._weight(params), self.dx)
         if self._weight_grad is not None:
-            dw = flat(grads["weight"])
+            dw = grads["weight"]
             if self._part is not None and self._reduce is not None:
-                self._weight_grad(flat(self._x), dy, self._part)
+                self._weight_grad(self._x, dy, self._part)
                 self._reduce(self._part, dw)
             else:
-                self._weight_grad(flat(self._x), dy, dw)
+                self._weight_grad(self._x, dy, dw)
         return [self.dx if self.input_grad_needed else None]
 
 

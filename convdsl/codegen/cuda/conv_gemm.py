@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from convdsl.codegen.cuda.common import JIT, PRELUDE
+from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, Launch
 from convdsl.codegen.source import Code
 
 # (code, suffix, mn): bind the variables of one row of A (column of B) named with `suffix`
@@ -172,10 +172,11 @@ class Product:
 SIMPLE_THREADS = 128
 
 
-def configured(module: Any, product: Product) -> Any:
-    """The product's kernel in the generated `module`, configured with its launch size."""
+def configured(module: Any, product: Product) -> Launch:
+    """The product's kernel in the generated `module`, as a launch site of its size
+    (every array argument seen flat, as the kernel indexes it)."""
     grid, threads = product.launch()
-    return getattr(module, product.name)[grid, threads]
+    return Launch(getattr(module, product.name), grid, threads, every=FLAT)
 
 
 def render(code: Code, product: Product) -> None:

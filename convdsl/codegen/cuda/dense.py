@@ -22,8 +22,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
-from convdsl.codegen.cuda.arrays import flat
-from convdsl.codegen.cuda.common import JIT, THREADS, DeviceArray, blocks, zeros
+from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, zeros
 from convdsl.codegen.cuda.conv import SIMPLE_BELOW
 from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
@@ -172,8 +171,9 @@ class DenseLayer(KernelLayer):
         self.splits = weight.splits
         size = attrs.units * setup.in_shapes[0][0]
         self._part = zeros((self.splits * size,), setup.dtype) if self.splits > 1 else None
-        self._reduce = module.reduce_splits[blocks(size), THREADS] if self.splits > 1 else None
-        self._prepare = module.prepare[blocks(attrs.units), THREADS]
+        self._reduce = (Launch(module.reduce_splits, blocks(size), THREADS, every=FLAT)
+                        if self.splits > 1 else None)
+        self._prepare = Launch(module.prepare, blocks(attrs.units), THREADS, every=FLAT)
         self.y = zeros(setup.batched_output, setup.dtype)
         self.g = zeros(setup.batched_output, setup.dtype)  # the gradient before the activation
         self.dx = zeros(setup.batched_inputs[0], setup.dtype)
@@ -183,7 +183,7 @@ class DenseLayer(KernelLayer):
                 mode: Mode) -> DeviceArray:
         self.x = inputs[0]
         bias = [params["bias"]] if self.bias else []
-        self._forward(flat(self.x), flat(params["weight"]), *bias, flat(self.y))
+        self._forward(self.x, params["weight"], *bias, self.y)
         self.act.forward(self.y)
         return self.y
 
@@ -193,20 +193,20 @@ class DenseLayer(KernelLayer):
         if self.x is None:
             raise RuntimeError(f"'{self.name}': backward before forward")
         act_grad = self.act.backward(self.y, grad_output, skip_act)
-        g = flat(grad_output)
+        g = grad_output
         if self.bias or act_grad:
             bias = [grads["bias"]] if self.bias else []
-            self._prepare(flat(self.y), g, flat(self.g), *bias, act_grad)
-            g = flat(self.g)
-        w = flat(params["weight"])
+            self._prepare(self.y, g, self.g, *bias, act_grad)
+            g = self.g
+        w = params["weight"]
         if self.input_grad_needed:
-            self._input_grad(g, w, flat(self.dx))
-        dw = flat(grads["weight"])
+            self._input_grad(g, w, self.dx)
+        dw = grads["weight"]
         if self._part is not None and self._reduce is not None:
-            self._weight_grad(g, flat(self.x), self._part)
+            self._weight_grad(g, self.x, self._part)
             self._reduce(self._part, dw)
         else:
-            self._weight_grad(g, flat(self.x), dw)
+            self._weight_grad(g, self.x, dw)
         return [self.dx if self.input_grad_needed else None]
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.cuda import arrays
-from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, empty
-from convdsl.codegen.cuda.unary import launch
+from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, DeviceArray, Launch, empty
+from convdsl.codegen.cuda.unary import grid_for
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import Loss
@@ -134,20 +134,20 @@ class DeviceLoss:
             self.view = shape
             self.count = 1
             partials = 1
-        self._kernel = None if self.spec is None else cache.load(self.spec).evaluate
-        self._launch = launch(partials)
+        kernel = None if self.spec is None else cache.load(self.spec).evaluate
+        self._evaluate = (None if kernel is None else
+                          Launch(kernel, *grid_for(partials), views=[self.view, FLAT,
+                                                                    self.view, None]))
         self.partial = empty((partials,), np.float64)
 
     def evaluate(self, output: DeviceArray, targets: DeviceArray, grad: DeviceArray
                  ) -> tuple[float, bool]:
         """Write d loss / d output (before the softmax when through_softmax) into
         `grad`, shaped like `output`; return the loss and through_softmax."""
-        if self._kernel is None:  # loss=none: no loss, no gradient
+        if self._evaluate is None:  # loss=none: no loss, no gradient
             arrays.fill(grad, 0.0)
             return 0.0, False
-        blocks, threads = self._launch
-        self._kernel[blocks, threads](output.reshape(self.view), arrays.flat(targets),
-                                      grad.reshape(self.view), self.partial)
+        self._evaluate(output, targets, grad, self.partial)
         value = float(np.sum(self.partial.copy_to_host()) / self.count)
         return value, self.through_softmax
 

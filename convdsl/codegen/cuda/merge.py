@@ -18,8 +18,8 @@ import math
 from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act, gradient_lines
 from convdsl.codegen.cuda.activation import FusedAct
-from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, empty
-from convdsl.codegen.cuda.unary import launch
+from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, empty
+from convdsl.codegen.cuda.unary import grid_for
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -119,19 +119,17 @@ class _Merge(KernelLayer):
         self.specs = [spec, *act.specs]
         self.algorithm = "elementwise"
         self.reason = "one thread per output element"
-        self._module = cache.load(spec)
-        self._launch = launch(math.prod(out_view))
-        self.in_views = in_views
+        module = cache.load(spec)
+        grid = grid_for(math.prod(out_view))
+        self._forward = Launch(module.forward, *grid, views=[*in_views, out_view])
+        self._backward = Launch(module.backward, *grid,
+                                views=[out_view, out_view, *in_views, None])
         self.out = empty(setup.batched_output, setup.dtype)
-        self.out_view = self.out.reshape(out_view)
         self.dxs = [empty(shape, setup.dtype) for shape in setup.batched_inputs]
-        self.dx_views = [dx.reshape(view) for dx, view in zip(self.dxs, in_views)]
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
-        blocks, threads = self._launch
-        self._module.forward[blocks, threads](
-            *(x.reshape(view) for x, view in zip(inputs, self.in_views)), self.out_view)
+        self._forward(*inputs, self.out)
         self.act.forward(self.out)
         return self.out
 
@@ -139,10 +137,7 @@ class _Merge(KernelLayer):
                  grads: dict[str, DeviceArray], skip_act: bool = False
                  ) -> list[DeviceArray | None]:
         act_grad = self.act.backward(self.out, grad_output, skip_act)
-        blocks, threads = self._launch
-        self._module.backward[blocks, threads](
-            self.out_view, grad_output.reshape(self.out_view.shape), *self.dx_views,
-            act_grad)
+        self._backward(self.out, grad_output, *self.dxs, act_grad)
         return list(self.dxs)
 
 

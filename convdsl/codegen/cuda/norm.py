@@ -28,7 +28,7 @@ import numpy as np
 from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act, gradient_lines
 from convdsl.codegen.cuda.activation import FusedAct
-from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, empty
+from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, Launch, View, empty
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -210,11 +210,22 @@ class BatchNormLayer(KernelLayer):
         self.algorithm = "block per channel"
         self.reason = (f"one block of {self.threads} threads per channel, shared-memory "
                        "tree reductions")
-        self._module = cache.load(self.spec)
+        module = cache.load(self.spec)
         self.out = empty(setup.batched_output, setup.dtype)
         self.dx = empty(setup.batched_inputs[0], setup.dtype)
-        self.out_view = self.out.reshape(self.view)
-        self.dx_view = self.dx.reshape(self.view)
+        scale: list[View] = [None, None] if self.affine else []
+        weight: list[View] = [None] if self.affine else []
+        grid = self.channels, self.threads
+        view = self.view
+        # forward: x, [weight, bias], y, mean, inv, running_mean, running_var[, count]
+        self._forward_train = Launch(module.forward_train, *grid,
+                                     views=[view, *scale, view, None, None, None, None, (1,)])
+        self._forward_eval = Launch(module.forward_eval, *grid,
+                                    views=[view, *scale, view, None, None, None, None])
+        # backward: x, y, dy, [weight], mean, inv, dx, [dweight, dbias], act_grad
+        views = [view, view, view, *weight, None, None, view, *scale, None]
+        self._backward_train = Launch(module.backward_train, *grid, views=views)
+        self._backward_eval = Launch(module.backward_eval, *grid, views=views)
         # the statistics forward used, kept as computed
         self.mean = empty((channels,), np.float64)
         self.inv = empty((channels,), np.float64)
@@ -223,20 +234,19 @@ class BatchNormLayer(KernelLayer):
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
-        self.x = inputs[0].reshape(self.view)
+        self.x = inputs[0]
         self.train = mode.train
         scale = [params["weight"], params["bias"]] if self.affine else []
-        grid = self.channels, self.threads
         if mode.train:
             if self.count < 2:
                 raise ValueError(f"'{self.name}': batch norm in training needs more than "
                                  "one value per channel")
-            self._module.forward_train[grid](
-                self.x, *scale, self.out_view, self.mean, self.inv, params["running_mean"],
-                params["running_var"], params["num_batches_tracked"].reshape(1))
+            self._forward_train(
+                self.x, *scale, self.out, self.mean, self.inv, params["running_mean"],
+                params["running_var"], params["num_batches_tracked"])
         else:
-            self._module.forward_eval[grid](
-                self.x, *scale, self.out_view, self.mean, self.inv, params["running_mean"],
+            self._forward_eval(
+                self.x, *scale, self.out, self.mean, self.inv, params["running_mean"],
                 params["running_var"])
         self.act.forward(self.out)
         return self.out
@@ -249,10 +259,9 @@ class BatchNormLayer(KernelLayer):
         act_grad = self.act.backward(self.out, grad_output, skip_act)
         weight = [params["weight"]] if self.affine else []
         param_grads = [grads["weight"], grads["bias"]] if self.affine else []
-        run = self._module.backward_train if self.train else self._module.backward_eval
-        run[self.channels, self.threads](
-            self.x, self.out_view, grad_output.reshape(self.view), *weight, self.mean,
-            self.inv, self.dx_view, *param_grads, act_grad)
+        run = self._backward_train if self.train else self._backward_eval
+        run(self.x, self.out, grad_output, *weight, self.mean, self.inv, self.dx,
+            *param_grads, act_grad)
         return [self.dx]
 
 

@@ -26,8 +26,8 @@ from contextlib import ExitStack
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, empty
-from convdsl.codegen.cuda.unary import launch
+from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, View, empty
+from convdsl.codegen.cuda.unary import grid_for
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.pool_windows import (
     avg_divisor,
@@ -223,47 +223,52 @@ class _Pool(KernelLayer):
         self._module = cache.load(spec)
         self.out = empty(setup.batched_output, setup.dtype)
         self.dx = empty(setup.batched_inputs[0], setup.dtype)
-        self.out_planes = self.out.reshape(self.out_view)
-        self.dx_planes = self.dx.reshape(self.in_view)
-        self.per_output = launch(math.prod(self.out_view))
-        self.per_input = launch(math.prod(self.in_view))
+        self.per_output = grid_for(math.prod(self.out_view))
+        self.per_input = grid_for(math.prod(self.in_view))
+
+    def _forward(self, views: list[View]) -> Launch:
+        """The forward kernel, one thread per output, its arguments seen as `views`."""
+        return Launch(self._module.forward, *self.per_output, views=views)
+
+    def _backward(self, views: list[View]) -> Launch:
+        """The backward kernel, one thread per input element."""
+        return Launch(self._module.backward, *self.per_input, views=views)
 
 
 class MaxPoolLayer(_Pool):
     def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
         super().__init__(setup, spec)
         self.arg = empty(self.out_view, np.int32)  # first maximum, flat in its plane
+        self._run_forward = self._forward([self.in_view, self.out_view, None])
+        self._run_backward = self._backward([self.out_view, None, self.in_view])
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
-        blocks, threads = self.per_output
-        self._module.forward[blocks, threads](inputs[0].reshape(self.in_view),
-                                              self.out_planes, self.arg)
+        self._run_forward(inputs[0], self.out, self.arg)
         return self.out
 
     def backward(self, grad_output: DeviceArray, params: dict[str, DeviceArray],
                  grads: dict[str, DeviceArray], skip_act: bool = False
                  ) -> list[DeviceArray | None]:
-        blocks, threads = self.per_input
-        self._module.backward[blocks, threads](grad_output.reshape(self.out_view), self.arg,
-                                               self.dx_planes)
+        self._run_backward(grad_output, self.arg, self.dx)
         return [self.dx]
 
 
 class AvgPoolLayer(_Pool):
+    def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
+        super().__init__(setup, spec)
+        self._run_forward = self._forward([self.in_view, self.out_view])
+        self._run_backward = self._backward([self.out_view, self.in_view])
+
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
-        blocks, threads = self.per_output
-        self._module.forward[blocks, threads](inputs[0].reshape(self.in_view),
-                                              self.out_planes)
+        self._run_forward(inputs[0], self.out)
         return self.out
 
     def backward(self, grad_output: DeviceArray, params: dict[str, DeviceArray],
                  grads: dict[str, DeviceArray], skip_act: bool = False
                  ) -> list[DeviceArray | None]:
-        blocks, threads = self.per_input
-        self._module.backward[blocks, threads](grad_output.reshape(self.out_view),
-                                               self.dx_planes)
+        self._run_backward(grad_output, self.dx)
         return [self.dx]
 
 
@@ -272,13 +277,15 @@ class SoftPoolLayer(_Pool):
         super().__init__(setup, spec)
         self.top = empty(self.out_view, setup.dtype)
         self.total = empty(self.out_view, setup.dtype)
-        self.x: DeviceArray | None = None  # the last forward's input planes
+        self.x: DeviceArray | None = None  # the last forward's input
+        self._run_forward = self._forward([self.in_view, self.out_view, None, None])
+        self._run_backward = self._backward(
+            [self.in_view, self.out_view, self.out_view, None, None, self.in_view])
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
-        self.x = inputs[0].reshape(self.in_view)
-        blocks, threads = self.per_output
-        self._module.forward[blocks, threads](self.x, self.out_planes, self.top, self.total)
+        self.x = inputs[0]
+        self._run_forward(self.x, self.out, self.top, self.total)
         return self.out
 
     def backward(self, grad_output: DeviceArray, params: dict[str, DeviceArray],
@@ -286,10 +293,7 @@ class SoftPoolLayer(_Pool):
                  ) -> list[DeviceArray | None]:
         if self.x is None:
             raise RuntimeError(f"'{self.name}': backward before forward")
-        blocks, threads = self.per_input
-        self._module.backward[blocks, threads](
-            self.x, self.out_planes, grad_output.reshape(self.out_view), self.top,
-            self.total, self.dx_planes)
+        self._run_backward(self.x, self.out, grad_output, self.top, self.total, self.dx)
         return [self.dx]
 
 

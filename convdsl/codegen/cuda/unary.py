@@ -16,7 +16,7 @@ import math
 from convdsl.codegen import cache
 from convdsl.codegen.cuda import arrays
 from convdsl.codegen.cuda.activation import ActivationStep
-from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, empty
+from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, THREADS, DeviceArray, Launch, empty
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -26,7 +26,7 @@ from convdsl.runtime.random import dropout_mask
 WARP = 32
 
 
-def launch(count: int) -> tuple[int, int]:
+def grid_for(count: int) -> tuple[int, int]:
     """(blocks, threads) for one thread per element of `count`: whole warps, at most
     THREADS per block, so that a tiny layer does not start hundreds of idle threads
     (each costs real time in the simulator)."""
@@ -88,13 +88,10 @@ class DropoutLayer(KernelLayer):
         self.specs = [self.spec]
         self.algorithm = "elementwise"
         self.reason = "mask drawn on the host, one thread per element"
-        self._multiply = cache.load(self.spec).forward
-        self._launch = launch(size)
+        self._multiply = Launch(cache.load(self.spec).forward, *grid_for(size), every=FLAT)
         self.flat = (size,)
         self.out = empty(setup.batched_output, setup.dtype)
         self.dx = empty(setup.batched_inputs[0], setup.dtype)
-        self.out_flat = self.out.reshape(self.flat)
-        self.dx_flat = self.dx.reshape(self.flat)
         self.mask = empty(self.flat, setup.dtype)
         self.masked = False  # whether the last forward applied the mask (training)
 
@@ -107,8 +104,7 @@ class DropoutLayer(KernelLayer):
         mask = dropout_mask(mode.seed, mode.step, self.name, self.setup.batched_output,
                             self.p, self.setup.dtype)
         self.mask.copy_to_device(mask.reshape(self.flat))
-        blocks, threads = self._launch
-        self._multiply[blocks, threads](x.reshape(self.flat), self.mask, self.out_flat)
+        self._multiply(x, self.mask, self.out)
         return self.out
 
     def backward(self, grad_output: DeviceArray, params: dict[str, DeviceArray],
@@ -116,9 +112,7 @@ class DropoutLayer(KernelLayer):
                  ) -> list[DeviceArray | None]:
         if not self.masked:
             return [grad_output]
-        blocks, threads = self._launch
-        self._multiply[blocks, threads](grad_output.reshape(self.flat), self.mask,
-                                        self.dx_flat)
+        self._multiply(grad_output, self.mask, self.dx)
         return [self.dx]
 
 

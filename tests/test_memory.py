@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,9 @@ import convdsl
 from convdsl import cli
 from convdsl.errors import RunError
 from convdsl.network import Network
-from convdsl.passes.memory import MemoryPlan, Tensor, assign_buffers, plan_memory
+from convdsl.passes.fusion import fusion_groups
+from convdsl.passes.memory import MemoryPlan, Tensor, assign_buffers, plan_gradients, plan_memory
+from convdsl.runtime.gradcheck import random_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "networks").glob("*.cnn"))
@@ -205,6 +208,105 @@ def test_greedy_assignment_is_valid_for_any_lifetimes(
     busiest = max((sum(t.size for t in tensors if t.start <= step <= t.end)
                    for step in range(26)), default=0)
     assert busiest <= sum(buffers) <= sum(t.size for t in tensors)
+
+
+# --- the executor's gradient buffers --------------------------------------------------
+
+# A residual block with a strided 1x1 shortcut (whose input gradient has positions no
+# window reads), flatten and dropout (which may hand on the gradient they receive), an
+# auxiliary head, and an input read twice.
+RESIDUAL = """\
+input x: 3x8x8
+stem = conv(4, 3, pad=1, bias=no) -> bn(act=relu)
+a = stem -> conv(8, 3, stride=2, pad=1, bias=no) -> bn(act=relu) -> conv(8, 3, pad=1)
+short = stem -> conv(8, 1, stride=2, bias=no) -> bn
+out = add(a, short, act=relu)
+twice = add(x, x)
+side = twice -> global_avgpool -> flatten -> dense(2)
+head = out -> flatten -> dropout(0.5) -> dense(5)
+output head loss=cross_entropy
+aux side loss=mse weight=0.5
+"""
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_gradient_plan_shares_buffers_and_never_between_live_tensors(
+        zoo_network: Network, fuse: bool) -> None:
+    groups = fusion_groups(zoo_network, fuse)
+    plan = plan_gradients(zoo_network, groups, batch=2, dtype="float32")
+    check_buffers(plan.tensors, plan.buffers, plan.assignment)
+    assert all(0 <= t.start <= t.end <= len(groups) for t in plan.tensors)
+    assert plan.bytes <= plan.unplanned_bytes
+    if len(groups) > 4:
+        assert len(plan.buffers) < len(groups)
+
+
+def test_a_gradient_lives_until_the_stage_of_its_value_reads_it() -> None:
+    network = convdsl.loads(RESIDUAL)
+    groups = fusion_groups(network)
+    plan = plan_gradients(network, groups, batch=2, dtype="float32")
+    spans = {t.name: (t.start, t.end) for t in plan.tensors}
+    step = {name: index for index, name in enumerate(plan.steps)}
+    end = len(plan.steps)
+    # stem feeds two stages: each contribution, and their sum, live until stem's step
+    # (a stage is named by its last layer: a.1 is a.0's conv and a.1's batch norm)
+    assert spans["grad:a.1:0"][1] == spans["grad:short.1:0"][1] == step["stem.1"]
+    assert spans["sum:stem.1"] == (step["a.1"], step["stem.1"])
+    # a network input's gradient is copied out at the end; add(x, x) writes two
+    assert spans["grad:twice:0"] == spans["grad:twice:1"] == (step["twice"], end)
+    assert spans["sum:x"][1] == end
+    # flatten and dropout may hand on what they receive: the dense layer's gradient
+    # lives until out reads it
+    assert spans["grad:head.2:0"] == (step["head.2"], step["out"])
+    assert "grad:head.0:0" not in spans  # flatten writes none of its own
+    # inside a stage of conv and batch norm, the norm's gradient lives one step
+    assert spans["grad:a.1"] == (step["a.1"], step["a.1"])
+
+
+def _training_results(net: convdsl.CompiledNetwork) -> list[dict[str, np.ndarray]]:
+    """Outputs, gradients and input gradients of training and inference forwards, each
+    followed by two backward passes (the second must see what the first saw)."""
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal((net.batch, *shape)).astype(net.dtype)
+              for name, shape in net.input_shapes.items()}
+    targets = random_targets(net, rng)
+    results = []
+    for train in (True, False, True):
+        net.forward(inputs, train=train)
+        net.loss(targets)
+        for input_grad in (True, True, False):
+            returned = net.backward(input_grad=input_grad)
+            result = {f"grad/{name}": grad.copy() for name, grad in net.grads.items()}
+            result.update({f"out/{name}": value for name, value in net.outputs.items()})
+            if returned is not None:
+                result["input"] = np.asarray(returned)
+            results.append(result)
+    return results
+
+
+@pytest.mark.parametrize("source, algo", [(RESIDUAL, "gemm"), (RESIDUAL, "direct"),
+                                          (RESIDUAL, "fft"),
+                                          (ROOT / "examples" / "every_op_image.cnn", None)],
+                         ids=["residual-gemm", "residual-direct", "residual-fft",
+                              "every-op"])
+def test_shared_gradient_buffers_change_no_result(source: str | Path, algo: str | None
+                                                  ) -> None:
+    shared, separate = (convdsl.compile(source, batch=3, dtype="float32", algo=algo,
+                                        seed=2, warm=False, share=share)
+                        for share in (True, False))
+    assert separate.gradient_plan is None
+    plan = shared.gradient_plan
+    assert plan is not None and len(plan.buffers) < len(plan.tensors)
+    results = _training_results(shared)
+    for got, want in zip(results, _training_results(separate), strict=True):
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # a second backward() sees what the first saw: no buffer a forward value lives in
+    # was overwritten (the folded twin of conv + batch norm shares its product's output)
+    for first, second in zip(results[::3], results[1::3], strict=True):
+        for name in first:
+            np.testing.assert_array_equal(second[name], first[name], err_msg=name)
 
 
 # --- the command line -------------------------------------------------------------

@@ -42,6 +42,7 @@ from typing import Any
 from convdsl.errors import RunError
 from convdsl.ir.ops import Activation, Layer, Loss, Op
 from convdsl.network import Network
+from convdsl.passes.fusion import FusionGroup
 
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 INDEX_BYTES = 8  # maxpool's argmax indices are int64 whatever the dtype
@@ -305,4 +306,98 @@ def _saved(layer: Layer, units: int, itemsize: int, training: bool
     return []
 
 
-__all__ = ["DTYPE_BYTES", "MemoryPlan", "Tensor", "assign_buffers", "plan_memory"]
+# --- the executor's gradient buffers ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GradientPlan:
+    """Where the executor's backward pass keeps its gradients (runtime/executor.py).
+
+    Tensors, by name:
+    - `grad:STAGE:I`: the gradient a stage's backward writes for its input I;
+    - `grad:NORM`: inside a stage of a product and batch norm, the gradient the batch
+      norm hands the product (written and read in the stage's own step);
+    - `sum:SOURCE`: where the gradients of a value read by several stages are added.
+    Steps count the stages in backward order (the last stage is step 0); the step after
+    the last is the end of backward(), where a network input's gradient is copied out."""
+
+    steps: tuple[str, ...]  # the stage run at each step
+    tensors: tuple[Tensor, ...]
+    shapes: dict[str, tuple[int, ...]]  # tensor name -> shape, batch first
+    buffers: tuple[int, ...]  # bytes of each buffer
+    assignment: dict[str, int]  # tensor name -> index into buffers
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.buffers)
+
+    @property
+    def unplanned_bytes(self) -> int:
+        """What a buffer of its own per tensor would take."""
+        return sum(tensor.size for tensor in self.tensors)
+
+
+# Stages whose backward may hand on the gradient it received (a view of it) rather
+# than a buffer of its own: flatten always, dropout after an inference forward.
+PASS_THROUGH = {Op.FLATTEN, Op.DROPOUT}
+
+
+def plan_gradients(network: Network, groups: list[FusionGroup], batch: int,
+                   dtype: str) -> GradientPlan:
+    """Lifetimes of the executor's gradient buffers, and buffers shared between those
+    whose lifetimes never overlap.
+
+    The lifetimes hold for any backward() the executor may run: whichever stages a
+    gradient reaches, whether the first stages skip their input's gradient, and in
+    which order the contributions to a value arrive. So every contribution to a value
+    lives from the step that writes it to the step that reads the value's gradient
+    (the value's own stage, or the end for a network input), even where the executor
+    adds it into the sum at once; a view handed on keeps what it views alive as long."""
+    _check(batch, dtype)
+    itemsize = DTYPE_BYTES[dtype]
+    order = list(reversed(groups))
+    shapes: dict[str, tuple[int, ...]] = {}
+    uses: dict[str, list[int]] = {}
+
+    def use(name: str, step: int, source: str | None = None) -> None:
+        if name not in uses:
+            assert source is not None
+            shapes[name] = (batch, *network.shapes[source])
+            uses[name] = []
+        uses[name].append(step)
+
+    # names that may be pending[X]: what X's stage reads as its output's gradient
+    holders: dict[str, set[str]] = {}
+    # every declared output may start with a gradient of its own (loss() or the caller's)
+    arrivals = {output.name: 1 for output in network.outputs}
+    for step, group in enumerate(order):
+        received = holders.pop(group.name, set())
+        for name in received:
+            use(name, step)
+        if group.norm is not None:
+            use(f"grad:{group.norm.name}", step, group.head.name)
+        for index, source in enumerate(group.inputs):
+            handed = set(received) if group.head.op in PASS_THROUGH else set()
+            if group.head.op is not Op.FLATTEN:
+                handed.add(f"grad:{group.name}:{index}")
+            pending = holders.setdefault(source, set())
+            arrivals[source] = arrivals.get(source, 0) + 1
+            if arrivals[source] >= 2:  # added to what is there, into the sum
+                pending.add(f"sum:{source}")
+                handed |= pending
+            for name in handed:
+                use(name, step, source)
+            pending |= handed
+    end = len(order)
+    for names in holders.values():  # network inputs: copied out at the end
+        for name in names:
+            use(name, end)
+    tensors = [Tensor(name, itemsize * math.prod(shapes[name]), min(steps), max(steps))
+               for name, steps in uses.items()]
+    buffers, assignment = assign_buffers(tensors)
+    return GradientPlan(tuple(group.name for group in order), tuple(tensors), shapes,
+                        tuple(buffers), assignment)
+
+
+__all__ = ["DTYPE_BYTES", "GradientPlan", "MemoryPlan", "Tensor", "assign_buffers",
+           "plan_gradients", "plan_memory"]

@@ -8,11 +8,13 @@
 
 Each layer runs its own generated kernels (convdsl/codegen); the executor
 walks the graph in topological order, forward, and in reverse, backward,
-summing the gradients of layers that feed several others.
+summing the gradients of layers that feed several others. On the CPU the gradients
+share memory where their lifetimes allow (passes/memory.py, plan_gradients).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.cost import CHOICES as ALGORITHM_CHOICES
 from convdsl.codegen.fused import build_stage, stage_arrays
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, layer_setups
@@ -28,8 +31,9 @@ from convdsl.errors import RunError
 from convdsl.ir.ops import Activation, Layer, Loss
 from convdsl.ir.training import DTYPES, INITS
 from convdsl.network import Network, load, loads
-from convdsl.passes.fusion import fusion_groups
+from convdsl.passes.fusion import FusionGroup, fusion_groups
 from convdsl.passes.fusion import kind as _kind
+from convdsl.passes.memory import GradientPlan, plan_gradients
 from convdsl.runtime import losses
 from convdsl.runtime.devices import Array, Device, device_named
 from convdsl.runtime.params import init_params, network_params
@@ -74,7 +78,8 @@ class CompiledNetwork:
 
     def __init__(self, network: Network, batch: int = 1, dtype: str = "float32",
                  algo: str | None = None, seed: int = 0, init: str = "pytorch",
-                 check: bool = False, fuse: bool = True, device: str = "cpu") -> None:
+                 check: bool = False, fuse: bool = True, device: str = "cpu",
+                 share: bool = True) -> None:
         _check_options(batch, dtype, algo, init)
         # Opened first: no GPU, or no numba-cuda, is said before anything compiles.
         self.device: Device = device_named(device)
@@ -94,12 +99,20 @@ class CompiledNetwork:
                               for name in trained}
         self._layer_params = _by_layer(self.params)
         self._layer_grads = _by_layer(self.grads)
+        groups = fusion_groups(network, fuse)
+        # On the CPU, gradients whose lifetimes never overlap share memory (a plan made
+        # once); CUDA kernels allocate their own. share=False: a buffer per gradient.
+        self.gradient_plan: GradientPlan | None = (
+            plan_gradients(network, groups, batch, dtype)
+            if share and self.device.name == "cpu" else None)
+        self._gradient_arrays = _planned_arrays(self.gradient_plan, dtype)
+        setups = _with_gradient_buffers(groups, self.setups, self._gradient_arrays)
         self.stages: list[Stage] = [
-            Stage(group.name, build_stage(group, self.setups), group.inputs, group.layers,
+            Stage(group.name, build_stage(group, setups), group.inputs, group.layers,
                   stage_arrays(group, self._layer_params),
                   stage_arrays(group, self._layer_grads),
                   group.describe() if group.fused else "")
-            for group in fusion_groups(network, fuse)]
+            for group in groups]
         # stage name -> its kernel layer (a fused stage is named by its last layer)
         self.kernels: dict[str, KernelLayer] = {s.name: s.kernel for s in self.stages}
         self._fused_into = {layer.name: stage.name for stage in self.stages
@@ -113,7 +126,10 @@ class CompiledNetwork:
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
         self._loss_through_softmax = False
-        self._accumulators: Arrays = {}
+        # where the gradients of a value read by several stages are added
+        self._accumulators: Arrays = {name.removeprefix("sum:"): array for name, array
+                                      in self._gradient_arrays.items()
+                                      if name.startswith("sum:")}
         self._input_buffers: Arrays = {}  # where inputs and targets land on the device
         self._work_buffers: Arrays = {}  # loss gradients and their copies, made once
         self.compile_seconds: dict[str, float] = {}
@@ -300,7 +316,8 @@ class CompiledNetwork:
         the input (a dict by name when the network has several inputs), or None with
         input_grad=False, which training uses: on a GPU the input's gradient then never
         crosses to the host. Without `grad`, starts from the losses of the last `loss()`
-        call."""
+        call. The input's gradient comes back as a copy: inside, on the CPU, it lives in
+        a buffer that the next backward() reuses for other gradients (gradient_plan)."""
         if not self._values:
             raise RunError("backward() needs a forward pass first", "call net.forward(x)")
         pending, skip = self._initial_grads(grad)
@@ -498,7 +515,7 @@ class CompiledNetwork:
 def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32",
             algo: str | None = None, seed: int = 0, init: str = "pytorch",
             check: bool = False, warm: bool = True, fuse: bool = True,
-            device: str = "cpu") -> CompiledNetwork:
+            device: str = "cpu", share: bool = True) -> CompiledNetwork:
     """Compile a `.cnn` file (a path), `.cnn` text, or a loaded Network.
 
     batch: the batch size the kernels are specialised for. dtype: float32 or
@@ -508,9 +525,13 @@ def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32"
     kernel now (otherwise at first use). fuse: run fusable layers as one stage
     (convdsl/passes/fusion.py); False gives one stage per layer. device: "cpu", or
     "cuda" for an NVIDIA GPU through numba.cuda (pip install "convdsl[cuda]"); there
-    `params` and `grads` are device arrays, and state_dict() gives host copies."""
+    `params` and `grads` are device arrays, and state_dict() gives host copies.
+    share: on the CPU, let gradients whose lifetimes never overlap share memory
+    (passes/memory.py, plan_gradients); False gives each its own, with the same
+    results bit for bit."""
     network = _as_network(source)
-    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse, device)
+    compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse, device,
+                               share)
     if warm:
         compiled.warm_up()
     return compiled
@@ -535,6 +556,35 @@ def _check_options(batch: int, dtype: str, algo: str | None, init: str) -> None:
                        f"choose one of {', '.join(ALGORITHM_CHOICES)}")
     if init not in INITS:
         raise RunError(f"unknown initialisation {init!r}", f"choose one of {', '.join(INITS)}")
+
+
+def _planned_arrays(plan: GradientPlan | None, dtype: str) -> dict[str, np.ndarray]:
+    """Every planned tensor as a view of its buffer (tensors of one buffer never are
+    alive at once); nothing without a plan."""
+    if plan is None:
+        return {}
+    itemsize = np.dtype(dtype).itemsize
+    memory = [np.zeros(size // itemsize, dtype=dtype) for size in plan.buffers]
+    return {name: memory[plan.assignment[name]][:math.prod(shape)].reshape(shape)
+            for name, shape in plan.shapes.items()}
+
+
+def _with_gradient_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
+                           arrays: Mapping[str, np.ndarray]) -> dict[str, LayerSetup]:
+    """The setups a stage's kernels are built from, with the planned gradient buffers:
+    the head's input gradients and, for a product and batch norm, the norm's."""
+    if not arrays:
+        return setups
+    shared: dict[str, LayerSetup] = dict(setups)
+    for group in groups:
+        head = group.head.name
+        grads = tuple(arrays.get(f"grad:{group.name}:{index}")
+                      for index in range(len(group.inputs)))
+        shared[head] = with_buffers(setups[head], input_grads=grads)
+        if group.norm is not None:
+            shared[group.norm.name] = with_buffers(
+                setups[group.norm.name], input_grads=(arrays[f"grad:{group.norm.name}"],))
+    return shared
 
 
 def _by_layer(arrays: Arrays) -> dict[str, Arrays]:

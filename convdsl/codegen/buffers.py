@@ -1,0 +1,65 @@
+"""Buffers a kernel layer writes, handed in from outside: memory shared between layers.
+
+A kernel layer allocates what it writes through its setup: `setup.output_buffer()` for
+its output and `setup.input_buffer(i)` for the gradient of its input i. The CPU builders
+do; the CUDA ones allocate device memory themselves and never call these, so a
+`SharedSetup` changes nothing there.
+
+A `SharedSetup` is a setup whose calls return arrays given in advance instead of new
+ones. Two users:
+- the executor places input gradients whose lifetimes never overlap in one memory
+  (passes/memory.py, plan_gradients; runtime/executor.py);
+- a convolution or dense layer followed by batch norm writes its inference twin's output
+  where its training product goes (codegen/fused.py): one of the two is ever needed.
+
+Whoever hands memory in answers for the lifetimes: the layer overwrites a given array
+whenever it would overwrite its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convdsl.codegen.layer import LayerSetup
+
+
+@dataclass(frozen=True)
+class SharedSetup(LayerSetup):
+    """A layer setup with given buffers: `output` for the output, `input_grads[i]` for
+    input i's gradient; None (or a missing index) means a buffer of the layer's own."""
+
+    output: np.ndarray | None = field(default=None, compare=False, repr=False)
+    input_grads: tuple[np.ndarray | None, ...] = field(default=(), compare=False,
+                                                        repr=False)
+
+    def output_buffer(self) -> np.ndarray:
+        if self.output is None:
+            return super().output_buffer()
+        _check(self.output, self.batched_output, self.dtype, "output")
+        return self.output
+
+    def input_buffer(self, index: int = 0) -> np.ndarray:
+        given = self.input_grads[index] if index < len(self.input_grads) else None
+        if given is None:
+            return super().input_buffer(index)
+        _check(given, self.batched_inputs[index], self.dtype, f"input {index}'s gradient")
+        return given
+
+
+def with_buffers(setup: LayerSetup, output: np.ndarray | None = None,
+                 input_grads: tuple[np.ndarray | None, ...] | None = None) -> SharedSetup:
+    """`setup` with the buffers given; what is not given stays as `setup` had it."""
+    fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(LayerSetup)}
+    if isinstance(setup, SharedSetup):
+        output = setup.output if output is None else output
+        input_grads = setup.input_grads if input_grads is None else input_grads
+    return SharedSetup(**fields, output=output, input_grads=input_grads or ())
+
+
+def _check(array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str) -> None:
+    if array.shape != shape or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
+        raise ValueError(f"the {what} buffer given is {array.dtype} {array.shape}, not a "
+                         f"contiguous {dtype} {shape}")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import pytest
 from kernel_harness import check_layer
 
+import convdsl
+from convdsl.codegen.cpu.conv_common import Geometry
+from convdsl.codegen.cuda import conv as cuda_conv
 from convdsl.codegen.cuda import conv_gemm
 
 pytestmark = pytest.mark.cuda
@@ -53,6 +56,42 @@ CASES = [
 @pytest.mark.parametrize(("text", "name", "dtype", "algo"), CASES)
 def test_cases(text: str, name: str, dtype: str, algo: str) -> None:
     check_layer(text, name, batch=2, dtype=dtype, algo=algo, device="cuda")
+
+
+# The conv cases whose layer is a convolution or filter (dense layers have no k tables).
+CONV_CASES = [case for case in CASES if "dense" not in str(case.id)]
+
+
+@pytest.mark.parametrize(("text", "name", "dtype", "algo"), CONV_CASES)
+def test_cases_without_k_tables(text: str, name: str, dtype: str, algo: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same cases with the operands' index arithmetic computed in the kernel instead
+    of read from constant tables (a layer whose tables do not fit, or
+    CONVDSL_CUDA_K_TABLES=0): both ways must agree with the reference."""
+    monkeypatch.setattr(cuda_conv, "USE_TABLES", False)
+    check_layer(text, name, batch=2, dtype=dtype, algo=algo, device="cuda")
+
+
+def test_k_tables_are_used_where_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small layers read their k tables; a layer whose tables pass TABLE_BYTES does not,
+    and the forward table holds what the operand's arithmetic would compute."""
+    net = convdsl.compile("input x: 3x6x7\nc = conv(4, 3x2, stride=1x2, pad=same, "
+                          "dilation=2x1, mode=convolution)\noutput c", batch=2,
+                          device="cuda", warm=False)
+    layer = net.stages[0].kernel
+    spec = layer.specs[0]
+    assert spec.option("k_tables") == (True, True)
+    forward, backward, _ = cuda_conv.products(spec)
+    offset, reach = forward.tables
+    g = Geometry.from_spec(spec)
+    c, kw = 2, 4  # weight tap (2, 0) flipped to (0, 1): reach (0 * 2, 1 * 1)
+    assert reach.values[(c * g.volume + kw) * 2:][:2] == (0, 1)
+    assert offset.values[c * g.volume + kw] == c * 6 * 7 + 0 * 7 + 1
+    assert [table.name for table in backward.tables] == ["offset", "reach"]
+    monkeypatch.setattr(cuda_conv, "TABLE_BYTES", 8)
+    net = convdsl.compile("input x: 3x6x7\nc = conv(4, 3)\noutput c", batch=2,
+                          device="cuda", warm=False)
+    assert net.stages[0].kernel.specs[0].option("k_tables") == (False, False)
 
 
 def test_weight_grad_split_along_k(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,7 @@ is split: each split's block writes its partial sums to its own slice of a works
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, cuda, zeros
-from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles, flatten, unflatten
+from convdsl.codegen.cuda.conv_gemm import Operand, Product, Table, Tiles, flatten, unflatten
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -88,8 +89,67 @@ def _split(code: Code, flat_index: str, size: int, outer: str, inner: str) -> No
     code.line(f"{inner} = {flat_index} - {outer} * {size}")
 
 
-def forward_product(g: Geometry, tiles: Tiles | None) -> Product:
+# --- constant tables of k -----------------------------------------------------------------
+#
+# The operand read along n (x in the forward pass, dy in the input gradient) turns each k
+# into a channel and a window tap: two divisions and a handful of 64-bit products per
+# element, which cost more than the multiply-adds they feed. With tables, the kernel reads
+# per k the tap's reach along each axis (tap * dilation, for the bounds check) and its
+# flat offset from the window's corner, from constant memory: the threads of a warp share
+# k there, so one read serves them all. A layer uses them when they fit TABLE_BYTES.
+
+TABLE_BYTES = 48 * 1024  # of the GPU's 64 KiB of constant memory, per kernel
+USE_TABLES = os.environ.get("CONVDSL_CUDA_K_TABLES", "1") != "0"
+REACH_LIMIT = 1 << 15  # reaches are int16
+
+
+def _steps(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides, in elements, of an array of `sizes`."""
+    return tuple(math.prod(sizes[axis + 1:]) for axis in range(len(sizes)))
+
+
+def _reaches(g: Geometry) -> list[tuple[int, ...]]:
+    """Per weight tap kw: tap * dilation along each axis (the tap flipped for `flip`)."""
+    reaches = []
+    for kw in range(g.volume):
+        taps = np.unravel_index(kw, g.window)
+        if g.flip:
+            taps = tuple(size - 1 - tap for size, tap in zip(g.window, taps))
+        reaches.append(tuple(int(tap) * d for tap, d in zip(taps, g.dilation)))
+    return reaches
+
+
+def _k_tables(reaches: list[tuple[int, ...]], offsets: list[int]) -> tuple[Table, Table]:
+    rank = len(reaches[0])
+    return (Table("offset", "int32", (len(offsets),), tuple(offsets)),
+            Table("reach", "int16", (len(reaches), rank),
+                  tuple(r for reach in reaches for r in reach)))
+
+
+def forward_tables(g: Geometry) -> tuple[Table, ...]:
+    """For k = (c, kw): x's offset c * S + sum(reach * step) from the window's corner."""
+    taps, steps, volume = _reaches(g), _steps(g.sizes), math.prod(g.sizes)
+    reaches = [taps[kw] for c in range(g.cg) for kw in range(g.volume)]
+    offsets = [c * volume + sum(r * st for r, st in zip(taps[kw], steps))
+               for c in range(g.cg) for kw in range(g.volume)]
+    return _k_tables(reaches, offsets)
+
+
+def input_tables(g: Geometry) -> tuple[Table, ...]:
+    """For k = (o, kw): dy's offset o * P, less sum(reach * step) at unit stride (where
+    the position is linear in the reach)."""
+    taps, steps = _reaches(g), _steps(g.out)
+    unit_stride = all(stride == 1 for stride in g.stride)
+    reaches = [taps[kw] for o in range(g.og) for kw in range(g.volume)]
+    offsets = [o * g.positions
+               - (sum(r * st for r, st in zip(taps[kw], steps)) if unit_stride else 0)
+               for o in range(g.og) for kw in range(g.volume)]
+    return _k_tables(reaches, offsets)
+
+
+def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> Product:
     v, rank = g.volume, g.rank
+    steps = _steps(g.sizes)
 
     def a_setup(code: Code, s: str, m: str) -> None:
         code.line(f"row{s} = (g * {g.og} + {m}) * {g.cg * v}")
@@ -103,8 +163,22 @@ def forward_product(g: Geometry, tiles: Tiles | None) -> Product:
         code.line(f"base{s} = nb{s} * {g.channels} + g * {g.cg}")
         for axis in range(rank):
             code.line(f"h{s}_{axis} = {qs[axis]} * {g.stride[axis]} - {g.pads[axis][0]}")
+        if tables:  # the flat index of the window's corner (maybe outside the input)
+            corner = " + ".join(f"h{s}_{axis} * {steps[axis]}" for axis in range(rank))
+            code.line(f"corner{s} = base{s} * {math.prod(g.sizes)} + {corner}")
+
+    def b_table_load(code: Code, s: str, k: str, target: str) -> None:
+        positions = []
+        for axis in range(rank):
+            code.line(f"i{axis} = h{s}_{axis} + reach[{k}, {axis}]")
+            positions.append(f"i{axis}")
+        with code.block(f"if {_inside(positions, g.sizes)}"):
+            code.line(f"{target} = x[corner{s} + offset[{k}]]")
 
     def b_load(code: Code, s: str, k: str, target: str) -> None:
+        if tables:
+            b_table_load(code, s, k, target)
+            return
         _split(code, k, v, "c", "kw")
         taps = _taps(code, g, "kw", s)
         positions = []
@@ -123,11 +197,13 @@ def forward_product(g: Geometry, tiles: Tiles | None) -> Product:
     params = "x, w, b, y" if g.bias else "x, w, y"
     return Product("forward", params, g.og, g.batch * g.positions, g.cg * v, g.groups,
                    Operand(True, a_setup, a_load), Operand(False, b_setup, b_load), store,
-                   g.dtype, tiles)
+                   g.dtype, tiles, tables=forward_tables(g) if tables else ())
 
 
-def input_product(g: Geometry, tiles: Tiles | None) -> Product:
+def input_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> Product:
     v, rank, in_positions = g.volume, g.rank, math.prod(g.sizes)
+    unit_stride = all(stride == 1 for stride in g.stride)
+    out_steps = _steps(g.out)
 
     def a_setup(code: Code, s: str, m: str) -> None:
         code.line(f"ch{s} = {m}")
@@ -142,8 +218,32 @@ def input_product(g: Geometry, tiles: Tiles | None) -> Product:
         code.line(f"base{s} = nb{s} * {g.out_channels} + g * {g.og}")
         for axis in range(rank):
             code.line(f"e{s}_{axis} = {at[axis]} + {g.pads[axis][0]}")
+        if tables:  # dy's flat index of this map's position e (unit stride: maybe outside)
+            corner = (" + " + " + ".join(f"e{s}_{axis} * {out_steps[axis]}"
+                                         for axis in range(rank))) if unit_stride else ""
+            code.line(f"corner{s} = base{s} * {g.positions}{corner}")
+
+    def b_table_load(code: Code, s: str, k: str, target: str) -> None:
+        checks, positions = [], []
+        for axis in range(rank):
+            stride = g.stride[axis]
+            code.line(f"u{axis} = e{s}_{axis} - reach[{k}, {axis}]")
+            if stride == 1:
+                positions.append(f"u{axis}")
+                checks.append(f"0 <= u{axis} < {g.out[axis]}")
+            else:
+                code.line(f"q{axis} = u{axis} // {stride}")
+                positions.append(f"q{axis}")
+                checks.append(f"0 <= u{axis} and q{axis} * {stride} == u{axis} "
+                              f"and q{axis} < {g.out[axis]}")
+        with code.block(f"if {' and '.join(checks)}"):
+            at = "" if unit_stride else f" + {flatten(positions, g.out)}"
+            code.line(f"{target} = dy[corner{s} + offset[{k}]{at}]")
 
     def b_load(code: Code, s: str, k: str, target: str) -> None:
+        if tables:
+            b_table_load(code, s, k, target)
+            return
         _split(code, k, v, "o", "kw")
         taps = _taps(code, g, "kw", s)
         checks, positions = [], []
@@ -167,7 +267,7 @@ def input_product(g: Geometry, tiles: Tiles | None) -> Product:
 
     return Product("input_grad", "dy, w, dx", g.cg, g.batch * in_positions, g.og * v,
                    g.groups, Operand(True, a_setup, a_load), Operand(False, b_setup, b_load),
-                   store, g.dtype, tiles)
+                   store, g.dtype, tiles, tables=input_tables(g) if tables else ())
 
 
 def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
@@ -267,8 +367,11 @@ def products(spec: KernelSpec) -> tuple[Product, Product, Product | None]:
     """The forward, input-gradient and (unless the weight is fixed) weight-gradient
     products of a layer's spec."""
     g = Geometry.from_spec(spec)
-    forward = forward_product(g, Tiles.from_option(spec.option("forward_tiles")))
-    backward = input_product(g, Tiles.from_option(spec.option("input_tiles")))
+    tabled_forward, tabled_input = spec.option("k_tables")
+    forward = forward_product(g, Tiles.from_option(spec.option("forward_tiles")),
+                              bool(tabled_forward))
+    backward = input_product(g, Tiles.from_option(spec.option("input_tiles")),
+                             bool(tabled_input))
     weight = None
     if g.weight_grad:
         weight = weight_product(g, Tiles.from_option(spec.option("weight_tiles")),
@@ -318,11 +421,22 @@ def plan(setup: LayerSetup) -> tuple[dict[str, Any], str, str]:
         kinds.append(f"{name} " + (_describe(tiles) if tiles else "simple"))
         if name == "weight":
             options["splits"] = conv_gemm.choose_splits(m, n, k, groups, tiles)
+    options["k_tables"] = (_fits(setup, shapes["forward"][2]),
+                           _fits(setup, shapes["input"][2]))
     algorithm = "direct" if simple else "gemm"
     why = ("requested" if setup.algo in ("direct", "gemm")
            else f"{setup.algo}: implicit GEMM on the GPU")
     reason = f"{why}; {', '.join(kinds)}; weight grad in {options['splits']} split(s) of K"
     return options, algorithm, reason
+
+
+def _fits(setup: LayerSetup, k: int) -> bool:
+    """Whether the k tables of a product with this K fit TABLE_BYTES (and int16 reaches)."""
+    window = setup.window
+    assert window is not None
+    reach = max((w - 1) * d for w, d in zip(window.window, window.dilation))
+    rank = len(window.window)
+    return USE_TABLES and k * (4 + 2 * rank) <= TABLE_BYTES and reach < REACH_LIMIT
 
 
 def _describe(tiles: Tiles) -> str:

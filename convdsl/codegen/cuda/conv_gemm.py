@@ -44,8 +44,8 @@ Load = Callable[[Code, str, str, str], None]
 # (code, m, n, value): store C's element (m, n)
 Store = Callable[[Code, str, str, str], None]
 
-# Types and zeros of the generated kernels, per dtype.
-IMPORTS = "from numba import float32, float64  # noqa: F401\n"
+# Types and zeros of the generated kernels, per dtype; NumPy for constant tables.
+IMPORTS = "import numpy as np  # noqa: F401\nfrom numba import float32, float64  # noqa: F401\n"
 
 
 def zero(dtype: str) -> str:
@@ -143,6 +143,22 @@ class Operand:
 
 
 @dataclass(frozen=True)
+class Table:
+    """A table of integers a kernel reads from the GPU's constant memory, which serves
+    a whole warp in one go when its threads read the same entry (as they do for an
+    operand loaded along m or n: the threads of a warp share k)."""
+
+    name: str  # as the kernel's code reads it
+    dtype: str  # "int32" or "int16"
+    shape: tuple[int, ...]
+    values: tuple[int, ...]  # row-major
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.values) * (4 if self.dtype == "int32" else 2)
+
+
+@dataclass(frozen=True)
 class Product:
     """C[g] = A[g] @ B[g] for every group g (named `g` in the generated code)."""
 
@@ -158,6 +174,7 @@ class Product:
     dtype: str
     tiles: Tiles | None
     splits: int = 1
+    tables: tuple[Table, ...] = ()
 
     def launch(self) -> tuple[tuple[int, ...], int]:
         """(grid, threads per block) of the kernel."""
@@ -180,7 +197,9 @@ def configured(module: Any, product: Product) -> Launch:
 
 
 def render(code: Code, product: Product) -> None:
-    """Emit the product's kernel (tiled or simple) into `code`."""
+    """Emit the product's kernel (tiled or simple) into `code`, after its tables."""
+    for table in product.tables:
+        _render_table(code, product, table)
     if product.tiles is None:
         _render_simple(code, product)
     else:
@@ -192,10 +211,33 @@ def prelude() -> str:
     return PRELUDE + IMPORTS
 
 
+TABLE_ROW = 16  # values per line of a table's source
+
+
+def _table_global(product: Product, table: Table) -> str:
+    return f"_{product.name.upper()}_{table.name.upper()}"
+
+
+def _render_table(code: Code, product: Product, table: Table) -> None:
+    """The table as a module-level NumPy array (constant memory takes it from there)."""
+    code.line(f"{_table_global(product, table)} = np.array([")
+    values = table.values
+    for start in range(0, len(values), TABLE_ROW):
+        code.line("    " + ", ".join(str(v) for v in values[start:start + TABLE_ROW]) + ",")
+    code.line(f"], dtype=np.{table.dtype}).reshape({table.shape})")
+    code.line()
+
+
+def _bind_tables(code: Code, product: Product) -> None:
+    for table in product.tables:
+        code.line(f"{table.name} = cuda.const.array_like({_table_global(product, table)})")
+
+
 def _render_simple(code: Code, p: Product) -> None:
     assert p.splits == 1
     code.line(JIT)
     with code.block(f"def {p.name}({p.params})"):
+        _bind_tables(code, p)
         code.line("t = cuda.grid(1)")
         with code.block(f"if t < {p.groups * p.m * p.n}"):
             code.line(f"g = t // {p.m * p.n}")
@@ -260,6 +302,7 @@ def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
     dtype = p.dtype
     code.line(JIT)
     with code.block(f"def {p.name}({p.params})"):
+        _bind_tables(code, p)
         code.line("tid = cuda.threadIdx.x")
         code.line(f"tx = tid % {t.cols}")
         code.line(f"ty = tid // {t.cols}")

@@ -13,18 +13,22 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numba
+from numba.core.dispatcher import Dispatcher
 
 from convdsl.codegen.spec import KernelSpec
 
 Renderer = Callable[[KernelSpec], str]
-
+# function name -> the argument types of each machine-code version it holds
+Signatures = dict[str, list[Any]]
 
 
 def _prefer_workqueue_threads() -> None:
@@ -41,6 +45,7 @@ _prefer_workqueue_threads()
 
 _RENDERERS: dict[str, Renderer] = {}
 _LOADED: dict[str, ModuleType] = {}
+_PATHS: dict[str, Path] = {}  # spec key -> its file: rendering and hashing happen once
 
 
 def template(name: str) -> Callable[[Renderer], Renderer]:
@@ -74,17 +79,22 @@ def render(spec: KernelSpec) -> str:
 def source_path(spec: KernelSpec) -> Path:
     """The file of the kernel, named by a hash of its source: a change to a template
     gives new files, so a stale kernel is never loaded."""
-    digest = hashlib.sha256(render(spec).encode()).hexdigest()[:24]
-    return cache_dir() / "kernels" / f"k_{digest}.py"
+    return _source(spec)[0]
+
+
+def _source(spec: KernelSpec) -> tuple[Path, str]:
+    text = render(spec)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return cache_dir() / "kernels" / f"k_{digest}.py", text
 
 
 def load(spec: KernelSpec) -> ModuleType:
     """The kernel module for `spec`: rendered and written if new, imported once."""
     if spec.key in _LOADED:
         return _LOADED[spec.key]
-    path = source_path(spec)
+    path, text = _source(spec)
     if not path.exists():
-        _write_atomically(path, render(spec))
+        _write_atomically(path, text.encode())
     name = f"convdsl_kernels.{path.stem}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     assert module_spec is not None and module_spec.loader is not None
@@ -92,15 +102,69 @@ def load(spec: KernelSpec) -> ModuleType:
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     _LOADED[spec.key] = module
+    _PATHS[spec.key] = path
     return module
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+# --- machine code: which versions exist, and loading them without a call ----------------
+
+
+def dispatchers(spec: KernelSpec) -> dict[str, Dispatcher]:
+    """The Numba functions of the (loaded) kernel module of `spec`, by name."""
+    module = load(spec)
+    return {name: value for name, value in vars(module).items()
+            if isinstance(value, Dispatcher)}
+
+
+def signatures(spec: KernelSpec) -> Signatures:
+    """The argument types of every version this process has compiled or loaded."""
+    return {name: list(function.signatures)
+            for name, function in dispatchers(spec).items() if function.signatures}
+
+
+def load_signatures(spec: KernelSpec, wanted: Signatures) -> None:
+    """Make the versions `wanted` ready before any call: Numba loads each from its disk
+    cache, or compiles it if the cache lost it (the result is the same either way)."""
+    functions = dispatchers(spec)
+    for name, types in wanted.items():
+        for argument_types in types:
+            functions[name].compile(tuple(argument_types))
+
+
+def has_machine_code(spec: KernelSpec) -> bool:
+    """Whether Numba's cache beside the kernel's file holds any of its functions (its
+    index files are `__pycache__/<file stem>.<function>-<line>.py<version>.nbi`)."""
+    load(spec)
+    path = _PATHS[spec.key]
+    return any((path.parent / "__pycache__").glob(f"{path.stem}.*.nbi"))
+
+
+def read_record(name: str) -> Any:
+    """A pickled record under `<cache>/records`, or None if missing or unreadable."""
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with open(cache_dir() / "records" / name, "rb") as stream:
+            return pickle.load(stream)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError,
+            TypeError, ValueError):
+        return None
+
+
+def write_record(name: str, value: object) -> None:
+    _write_atomically(cache_dir() / "records" / name, pickle.dumps(value))
+
+
+def record_name(parts: Iterable[str]) -> str:
+    """A file name for a record about `parts` (spec keys and the like)."""
+    digest = hashlib.sha256("\n".join([numba.__version__, *parts]).encode())
+    return f"r_{digest.hexdigest()[:24]}.pkl"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

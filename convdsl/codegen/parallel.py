@@ -1,0 +1,269 @@
+"""Getting a compiled network's kernels ready fast: from a record when the cache is warm,
+in several processes when it is cold.
+
+`warm(compiled)` does what `CompiledNetwork.warm_up()` does (every kernel compiled or
+loaded, nothing about the network changed) in the quickest way it can:
+
+- **Warm cache.** After a full warm-up, the argument types every kernel function was
+  compiled for are kept in a record named by the stages' kernels. With a record, each of
+  those versions is loaded from Numba's disk cache (`Dispatcher.compile`, which finds it
+  there), and nothing runs: a warm-up's forward and backward passes on ResNet-18 cost
+  more than the loading itself.
+- **Cold cache, several cores.** Numba compiles one function at a time, on one core. The
+  stages whose kernels have no machine code yet are shared among worker processes
+  (`python -m convdsl.codegen.parallel`), each of which builds them and runs them once on
+  random data of the right shapes, so that Numba writes their machine code to the disk
+  cache; the full warm-up here then loads it. Stages that share a kernel go to the same
+  worker, so no kernel is compiled twice.
+
+Either shortcut only ever saves time: a version missing from the cache is compiled where
+it is needed, as without them. Any failure falls back to the plain warm-up.
+CONVDSL_COMPILE_WORKERS sets the number of workers (1: none, compile here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from convdsl.codegen import cache
+from convdsl.codegen.spec import KernelSpec
+
+if TYPE_CHECKING:
+    from convdsl.runtime.executor import CompiledNetwork, Stage
+
+WORKERS_VARIABLE = "CONVDSL_COMPILE_WORKERS"
+WORKER_TIMEOUT_S = 1800
+CONV_OPS = ("conv", "filter")  # the ops whose builder chooses an algorithm
+
+log = logging.getLogger(__name__)
+
+
+def warm(compiled: CompiledNetwork) -> str:
+    """Compile or load every kernel of `compiled` now, as `compiled.warm_up()` does;
+    returns how: "record" (loaded, nothing run), "workers" (compiled in worker processes,
+    then warmed up here) or "here" (the plain warm-up)."""
+    if compiled.device.name != "cpu":
+        compiled.warm_up()
+        return "here"
+    name = record_name(compiled.stages)
+    wanted = cache.read_record(name)
+    if wanted is not None and _load_recorded(compiled, wanted):
+        return "record"
+    workers = compile_in_workers(compiled)
+    compiled.warm_up()
+    cache.write_record(name, _compiled_signatures(compiled.stages))
+    return "workers" if workers else "here"
+
+
+def record_name(stages: Sequence[Stage]) -> str:
+    """Names the record of a list of stages: their kernel classes and kernels, in order
+    (the same list runs the same kernel functions in a warm-up)."""
+    return cache.record_name(f"{stage.name}:{type(stage.kernel).__name__}:"
+                             + ",".join(spec.key for spec in stage.kernel.specs)
+                             for stage in stages)
+
+
+def _compiled_signatures(stages: Sequence[Stage]) -> dict[str, cache.Signatures]:
+    return {spec.key: cache.signatures(spec) for spec in _unique_specs(stages)}
+
+
+def _load_recorded(compiled: CompiledNetwork,
+                   wanted: Mapping[str, cache.Signatures]) -> bool:
+    """Load the recorded versions; False (and the caller warms up) if that fails."""
+    seconds: dict[str, float] = {}
+    done: set[str] = set()
+    try:
+        for stage in compiled.stages:
+            start = time.perf_counter()
+            for spec in stage.kernel.specs:
+                if spec.key not in done:
+                    cache.load_signatures(spec, wanted.get(spec.key, {}))
+                    done.add(spec.key)
+            seconds[stage.name] = time.perf_counter() - start
+    except Exception:  # a stale or damaged record: the warm-up still gives every kernel
+        log.debug("kernel record unusable; warming up instead", exc_info=True)
+        return False
+    compiled.compile_seconds = seconds
+    return True
+
+
+def _unique_specs(stages: Sequence[Stage]) -> list[KernelSpec]:
+    specs: dict[str, KernelSpec] = {}
+    for stage in stages:
+        for spec in stage.kernel.specs:
+            specs.setdefault(spec.key, spec)
+    return list(specs.values())
+
+
+# --- cold cache: worker processes -------------------------------------------------------
+
+
+def worker_count() -> int:
+    """$CONVDSL_COMPILE_WORKERS, else one per core this process may run on."""
+    configured = os.environ.get(WORKERS_VARIABLE, "").strip()
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            return 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def compile_in_workers(compiled: CompiledNetwork, workers: int | None = None) -> int:
+    """Fill the disk cache with the machine code of the stages that have none, in
+    `workers` processes; returns how many worked (0: nothing to share, or no workers)."""
+    workers = worker_count() if workers is None else workers
+    if workers < 2:
+        return 0
+    try:
+        shares = plan(compiled.stages, workers)
+        if len(shares) < 2:
+            return 0
+        return _run_workers(_requests(compiled, shares))
+    except Exception:  # only ever a shortcut: the warm-up compiles what is missing
+        log.debug("compiling in worker processes failed", exc_info=True)
+        return 0
+
+
+def plan(stages: Sequence[Stage], workers: int) -> list[list[str]]:
+    """The stages without machine code, as at most `workers` lists of stage names: stages
+    that share a kernel in the same list, lists balanced by their number of new kernel
+    functions (each takes Numba about the same time to compile)."""
+    cold = [stage for stage in stages
+            if any(not cache.has_machine_code(spec) for spec in stage.kernel.specs)]
+    groups: list[tuple[set[str], list[str]]] = []  # (spec keys, stage names)
+    for stage in cold:
+        keys = {spec.key for spec in stage.kernel.specs}
+        touching = [group for group in groups if group[0] & keys]
+        merged = (keys.union(*(g[0] for g in touching)),
+                  [name for g in touching for name in g[1]] + [stage.name])
+        groups = [group for group in groups if group not in touching] + [merged]
+    specs = {spec.key: spec for spec in _unique_specs(cold)}
+    costs = [sum(len(cache.dispatchers(specs[key])) for key in keys) for keys, _ in groups]
+    shares: list[list[str]] = [[] for _ in range(min(workers, len(groups)))]
+    loads = [0] * len(shares)
+    for cost, (_, names) in sorted(zip(costs, groups), key=lambda item: -item[0]):
+        lightest = loads.index(min(loads))
+        shares[lightest] += names
+        loads[lightest] += cost
+    order = {stage.name: index for index, stage in enumerate(stages)}
+    return [sorted(share, key=order.__getitem__) for share in shares if share]
+
+
+def _requests(compiled: CompiledNetwork, shares: list[list[str]]) -> list[dict[str, Any]]:
+    """What each worker needs to build its stages exactly as here."""
+    network = compiled.network
+    kernels = {stage.name: stage for stage in compiled.stages}
+    # The algorithm each convolution chose here, so that a worker neither measures nor
+    # tunes, and builds the same kernels even on a machine busy with the other workers.
+    algos = {stage.kernel.setup.layer.name: stage.kernel.algorithm
+             for stage in compiled.stages if stage.kernel.setup.layer.op.value in CONV_OPS}
+    base = {"cache": str(cache.cache_dir()), "text": network.source.text,
+            "filename": network.source.name, "batch": compiled.batch,
+            "dtype": compiled.dtype, "fuse": compiled.fuse, "seed": compiled.seed,
+            "algos": {name: setup.algo for name, setup in compiled.setups.items()} | algos}
+    return [{**base, "stages": {name: [spec.key for spec in kernels[name].kernel.specs]
+                                for name in share}} for share in shares]
+
+
+def _run_workers(requests: list[dict[str, Any]]) -> int:
+    """Start one worker per request, wait for all; every process is reaped, whatever
+    happens here (an interrupt included)."""
+    processes: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+    finished = 0
+    with contextlib.ExitStack() as files:
+        try:
+            for request in requests:
+                errors = files.enter_context(tempfile.TemporaryFile())
+                process = subprocess.Popen([sys.executable, "-m", __name__],
+                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                           stderr=errors)
+                processes.append((process, errors))
+                assert process.stdin is not None
+                process.stdin.write(json.dumps(request).encode())
+                process.stdin.close()
+            deadline = time.monotonic() + WORKER_TIMEOUT_S
+            for process, stream in processes:
+                code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if code == 0:
+                    finished += 1
+                else:
+                    stream.seek(0)
+                    log.debug("kernel worker failed (%s): %s", code,
+                              stream.read()[-2000:].decode(errors="replace"))
+        finally:
+            for process, _ in processes:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+    return finished
+
+
+def run_request(request: Mapping[str, Any]) -> list[str]:
+    """In a worker: build the requested stages as the parent did, and run each once
+    (training forward, backward, inference forward) on random data; returns the stages
+    run. A stage whose kernels come out different from the parent's is skipped."""
+    from convdsl.codegen.fused import build_stage, stage_arrays
+    from convdsl.codegen.layer import Mode, layer_setups
+    from convdsl.network import loads
+    from convdsl.passes.fusion import fusion_groups
+    from convdsl.runtime.params import init_params, network_params
+
+    network = loads(request["text"], request["filename"])
+    batch, dtype = int(request["batch"]), str(request["dtype"])
+    setups = {name: dataclasses.replace(setup, algo=request["algos"].get(name, setup.algo))
+              for name, setup in layer_setups(network, batch, dtype).items()}
+    params = init_params(network, int(request["seed"]), dtype=dtype)
+    grads = {info.name: np.zeros_like(params[info.name])
+             for info in network_params(network) if info.trained}
+    wanted: dict[str, list[str]] = request["stages"]
+    rng = np.random.default_rng(0)
+    done: list[str] = []
+    for group in fusion_groups(network, bool(request["fuse"])):
+        if group.name not in wanted:
+            continue
+        kernel = build_stage(group, setups)
+        if [spec.key for spec in kernel.specs] != wanted[group.name]:
+            continue
+        stage_params = stage_arrays(group, _by_layer(params))
+        stage_grads = stage_arrays(group, _by_layer(grads))
+        inputs = [rng.standard_normal((batch, *network.shapes[name])).astype(dtype)
+                  for name in group.inputs]
+        output = kernel.forward(inputs, stage_params, Mode(train=True))
+        kernel.backward(np.ones(output.shape, dtype), stage_params, stage_grads)
+        kernel.forward(inputs, stage_params, Mode(train=False))
+        done.append(group.name)
+    return done
+
+
+def _by_layer(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        layer, _, field = name.rpartition(".")
+        grouped.setdefault(layer, {})[field] = array
+    return grouped
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    os.environ["CONVDSL_CACHE"] = request["cache"]
+    run_request(request)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

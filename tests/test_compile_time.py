@@ -1,0 +1,142 @@
+"""How compile gets its kernels ready (convdsl/codegen/parallel.py): worker processes on
+a cold cache, a record of the compiled versions on a warm one. Behaviour only: the same
+kernels, the same outputs, nothing compiled twice; never timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convdsl
+from convdsl.codegen import cache, parallel
+
+# Two stages with kernels of their own (conv + relu, dense): something to share.
+TEXT = "input x: 2x7x7\nc = conv(3, 3, act=relu)\nflatten\nfc = dense(4)\noutput fc\n"
+BATCH = 3
+# Three identical blocks: the two later ones share every kernel.
+BLOCKS = ("input x: 2x7x7\na = conv(4, 3, pad=1, bias=no)\nb = bn(act=relu)\n"
+          "c = conv(4, 3, pad=1, bias=no)\nd = bn(act=relu)\n"
+          "e = conv(4, 3, pad=1, bias=no)\nf = bn(act=relu)\n"
+          "flatten\nfc = dense(3)\noutput fc\n")
+
+# Run in a new process, on the cache the test chooses: compile without warming, then
+# warm the way `mode` says, and report what Numba did and what the network computes.
+CHILD = """
+import json, sys
+import numpy as np
+import convdsl
+from convdsl.codegen import cache, parallel
+
+text, batch, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+net = convdsl.compile(text, batch=batch, seed=3, warm=False)
+report = {"cold_stages": sum(len(share) for share in parallel.plan(net.stages, 2))}
+if mode == "record":
+    def refuse():
+        raise AssertionError("warm_up ran")
+    net.warm_up = refuse
+report["how"] = parallel.warm(net)
+functions = [f for stage in net.stages for spec in stage.kernel.specs
+             for f in cache.dispatchers(spec).values()]
+report["compiled"] = sum(sum(f._cache_misses.values()) for f in functions)
+report["loaded"] = sum(sum(f._cache_hits.values()) for f in functions)
+report["specs"] = sorted({spec.key for s in net.stages for spec in s.kernel.specs})
+x = np.random.default_rng(1).standard_normal((batch, *net.input_shape)).astype(net.dtype)
+train = net.forward(x, train=True).copy()
+net.backward(np.ones_like(train))
+np.savez(out, train=train, infer=net.forward(x), **{k: v for k, v in net.grads.items()})
+print(json.dumps(report))
+"""
+
+
+def _child(tmp_path: Path, cache_dir: Path, mode: str, name: str) -> dict[str, object]:
+    env = {**os.environ, "CONVDSL_CACHE": str(cache_dir), parallel.WORKERS_VARIABLE: "2"}
+    done = subprocess.run([sys.executable, "-c", CHILD, TEXT, str(BATCH), mode,
+                           str(tmp_path / name)], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def _outputs(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def test_workers_fill_a_cold_cache_and_a_new_process_only_loads(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cold = _child(tmp_path, cache_dir, "workers", "cold.npz")
+    assert cold["cold_stages"] == 2 and cold["how"] == "workers"
+    assert cold["compiled"] == 0 and cold["loaded"]  # the workers compiled everything
+
+    warm = _child(tmp_path, cache_dir, "record", "warm.npz")
+    assert warm["cold_stages"] == 0 and warm["how"] == "record"
+    assert warm["compiled"] == 0 and warm["loaded"] == cold["loaded"]
+    assert warm["specs"] == cold["specs"]
+
+    # The same numbers as a network warmed up the plain way, in this process.
+    net = convdsl.compile(TEXT, batch=BATCH, seed=3)
+    x = np.random.default_rng(1).standard_normal((BATCH, *net.input_shape)).astype(net.dtype)
+    train = net.forward(x, train=True).copy()
+    net.backward(np.ones_like(train))
+    want = {"train": train, "infer": net.forward(x), **net.grads}
+    assert sorted(spec.key for s in net.stages for spec in s.kernel.specs) == cold["specs"]
+    for got in (_outputs(tmp_path / "cold.npz"), _outputs(tmp_path / "warm.npz")):
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_stages_sharing_a_kernel_go_to_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = convdsl.compile(BLOCKS, batch=2, warm=False)
+    monkeypatch.setattr(cache, "has_machine_code", lambda spec: False)  # all cold
+    shares = parallel.plan(net.stages, 2)
+    assert len(shares) == 2
+    assert sorted(name for share in shares for name in share) == sorted(
+        stage.name for stage in net.stages if stage.kernel.specs)
+    owner = {name: index for index, share in enumerate(shares) for name in share}
+    for first in net.stages:
+        for second in net.stages:
+            if {s.key for s in first.kernel.specs} & {s.key for s in second.kernel.specs}:
+                assert owner[first.name] == owner[second.name]
+    assert owner["d"] == owner["f"]  # the same conv + bn + relu
+    assert len(parallel.plan(net.stages, 1)) == 1
+
+
+def test_plan_skips_stages_with_machine_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = convdsl.compile(BLOCKS, batch=2, warm=False)
+    cold = {spec.key for spec in net.stages[-1].kernel.specs}
+    monkeypatch.setattr(cache, "has_machine_code", lambda spec: spec.key not in cold)
+    assert parallel.plan(net.stages, 2) == [[net.stages[-1].name]]
+    # one stage only: nothing to share, so no worker starts
+    assert parallel.compile_in_workers(net, workers=2) == 0
+
+
+def test_one_worker_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "1")
+    assert parallel.worker_count() == 1
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "many")
+    assert parallel.worker_count() == 1
+    monkeypatch.delenv(parallel.WORKERS_VARIABLE)
+    assert parallel.worker_count() >= 1
+    net = convdsl.compile(TEXT, batch=BATCH, warm=False)
+    assert parallel.compile_in_workers(net, workers=1) == 0
+
+
+def test_a_damaged_record_falls_back_to_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = convdsl.compile(TEXT, batch=BATCH, warm=False)
+    calls: list[int] = []
+    monkeypatch.setattr(net, "warm_up", lambda: calls.append(1) or {})
+    monkeypatch.setattr(parallel, "compile_in_workers", lambda compiled: 0)
+    monkeypatch.setattr(cache, "write_record", lambda record, value: None)
+    spec = net.stages[0].kernel.specs[0]
+    broken = {spec.key: {"no_such_function": [()]}}  # e.g. written by another version
+    monkeypatch.setattr(cache, "read_record", lambda record: broken)
+    parallel.warm(net)
+    assert calls == [1]

@@ -16,17 +16,22 @@ A stage receives one dictionary of arrays: the host's own fields (`weight`,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
 from convdsl.passes.fusion import FusionGroup
 from convdsl.runtime.devices import device_named
 
 NORM_PREFIX = "bn."
+# dtype -> the buffer that the folded weights of every CPU stage borrow (see
+# ProductNormLayer._folded_weight)
+_FOLDED_WEIGHTS: dict[str, np.ndarray] = {}
 Arrays = dict[str, np.ndarray]
 
 
@@ -75,6 +80,14 @@ class ProductNormLayer(KernelLayer):
         self.eps = attrs.eps
         self.affine = attrs.affine
         act = act if act is not None else attrs.act
+        self.device = device_named(product.device)
+        # On the CPU the folded twin writes its output where the training product goes:
+        # a forward runs one of them, never both (backward() puts the folded output
+        # back after the one path that needs both). CUDA layers allocate their own.
+        self._shared: np.ndarray | None = None
+        if self.device.name == "cpu":
+            self._shared = product.output_buffer()
+            product = with_buffers(product, output=self._shared)
         self.product = build_layer(product)
         self.norm = build_layer(dataclasses.replace(norm, layer=_with_act(norm.layer, act)))
         weight_shape = dict(product.param_shapes)["weight"]
@@ -86,8 +99,9 @@ class ProductNormLayer(KernelLayer):
         self.folded = build_layer(dataclasses.replace(
             product, layer=folded_layer,
             param_shapes=(("weight", weight_shape), ("bias", (channels,)))))
-        self.device = device_named(product.device)
-        self.folded_params = {"weight": self.device.zeros(weight_shape, product.dtype),
+        self._weight_shape = weight_shape
+        self.folded_params = {"weight": (self._folded_weight() if self.device.name == "cpu"
+                                         else self.device.zeros(weight_shape, product.dtype)),
                               "bias": self.device.zeros((channels,), product.dtype)}
         self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs]
         self.algorithm = self.product.algorithm
@@ -105,9 +119,22 @@ class ProductNormLayer(KernelLayer):
             self._folded_last = False
             product = self.product.forward(inputs, own, mode)
             return self.norm.forward([product], norm, mode)
+        if self.device.name == "cpu":
+            self.folded_params["weight"] = self._folded_weight()
         self._fold(own, norm)
         self._folded_last = True
         return self.folded.forward(inputs, self.folded_params, mode)
+
+    def _folded_weight(self) -> np.ndarray:
+        """Where the folded weight goes on the CPU: a view of one buffer per dtype that
+        every stage's folded weight shares, since _fold writes it just before the folded
+        kernel reads it, and nothing reads it after."""
+        dtype = self.setup.dtype
+        size = math.prod(self._weight_shape)
+        flat = _FOLDED_WEIGHTS.get(dtype)
+        if flat is None or flat.size < size:
+            flat = _FOLDED_WEIGHTS[dtype] = np.zeros(size, dtype=dtype)
+        return flat[:size].reshape(self._weight_shape)
 
     def _fold(self, own: Arrays, norm: Arrays) -> None:
         """Batch norm's inference affine map, moved into the weights (in float64)."""
@@ -131,15 +158,26 @@ class ProductNormLayer(KernelLayer):
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False
                  ) -> list[np.ndarray | None]:
+        if not self._folded_last:
+            return self._backward(grad_output, params, grads, skip_act)
+        # The folded kernel kept no batch norm values: compute them the unfused way
+        # (inference mode, as the forward was) before going back, at every backward
+        # until the next forward. On the CPU the product lands on the folded output, the
+        # stage's output, which outlives backward(): it is kept aside and put back.
+        kept = self.device.duplicate(self._shared) if self._shared is not None else None
+        evaluate = Mode(train=False)
+        product = self.product.forward(self._inputs, _split(params)[0], evaluate)
+        self.norm.forward([product], _split(params)[1], evaluate)
+        results = self._backward(grad_output, params, grads, skip_act)
+        if kept is not None and self._shared is not None:
+            self.device.copy(kept, self._shared)
+        return results
+
+    def _backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                  grads: dict[str, np.ndarray], skip_act: bool) -> list[np.ndarray | None]:
+        """Back through batch norm, then the product, from their last forward."""
         own, norm = _split(params)
         own_grads, norm_grads = _split(grads)
-        if self._folded_last:
-            # The folded kernel kept no batch norm values: compute them the unfused
-            # way (inference mode, as the forward was) before going back.
-            evaluate = Mode(train=False)
-            product = self.product.forward(self._inputs, own, evaluate)
-            self.norm.forward([product], norm, evaluate)
-            self._folded_last = False
         (grad_product,) = self.norm.backward(grad_output, norm, norm_grads, skip_act)
         assert grad_product is not None
         self.product.input_grad_needed = self.input_grad_needed

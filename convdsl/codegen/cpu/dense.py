@@ -58,7 +58,9 @@ class DenseLayer(KernelLayer):
         self.act = FusedAct(attrs.act, setup.batched_output, setup.dtype)
         self.out = setup.output_buffer()
         self.dx = setup.input_buffer()
-        self.g = setup.output_buffer()  # gradient before the activation
+        # the gradient before the activation: a workspace of the layer's own, never the
+        # output (which a setup may hand in, see codegen/buffers.py)
+        self.g = np.zeros(setup.batched_output, dtype=setup.dtype)
         self._module = None
         if self.bias or not is_identity(self.act.in_kernel):
             spec = KernelSpec.make("dense_epilogue", setup.dtype, (setup.batched_output,),

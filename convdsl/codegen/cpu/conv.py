@@ -155,13 +155,17 @@ class ConvLayer(KernelLayer):
         spec = conv_spec(setup, algorithm)
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
-        # GEMM layers borrow the im2col buffers every such layer shares (see Scratch);
-        # the others keep their own, small, workspace.
+        # GEMM layers borrow the im2col buffers every such layer shares, and the
+        # buffers only their backward reads (see Scratch), whose shapes own_buffers()
+        # tells (np.zeros of that size touches no memory); the others keep their own,
+        # small, workspace, made at the first call.
         self._shares_scratch = hasattr(self._module, "SCRATCH")
-        # What only backward reads is made at the first backward: a layer that only ever
-        # runs forward (the folded twin of a convolution followed by batch norm) never
-        # holds an input gradient or a transposed weight.
+        self._own_shapes: dict[str, tuple[int, ...]] = (
+            {name: array.shape for name, array in self._module.own_buffers().items()}
+            if self._shares_scratch else {})
         self._own_workspace: dict[str, Any] | None = None
+        # The input gradient is made at the first backward: a layer that only ever runs
+        # forward (the folded twin of a convolution followed by batch norm) never has one.
         self._dx: np.ndarray | None = None
         self._fixed_weight = fixed_weight
         self._y = setup.output_buffer()
@@ -172,16 +176,13 @@ class ConvLayer(KernelLayer):
             self._softmax = ActivationStep(act, setup.batched_output, setup.dtype)
             self.specs.append(self._softmax.spec)
 
-    def _workspace(self, backward: bool = False) -> dict[str, Any]:
-        if self._own_workspace is None and (backward or not self._shares_scratch):
-            self._own_workspace = (self._module.own_buffers() if self._shares_scratch
-                                   else self._module.workspace())
-        own = self._own_workspace if self._own_workspace is not None else {}
-        if not self._shares_scratch:
-            return own
-        workspace = _scratch(self.setup.dtype).workspace_for(self, self._module, own)
-        workspace.update(own)  # a workspace lent before the first backward lacks them
-        return workspace
+    def _workspace(self) -> dict[str, Any]:
+        if self._shares_scratch:
+            return _scratch(self.setup.dtype).workspace_for(self, self._module,
+                                                            self._own_shapes)
+        if self._own_workspace is None:
+            self._own_workspace = self._module.workspace()
+        return self._own_workspace
 
     def _weight(self, params: dict[str, np.ndarray]) -> np.ndarray:
         return self._fixed_weight if self._fixed_weight is not None else params["weight"]
@@ -209,7 +210,7 @@ class ConvLayer(KernelLayer):
         dx = self._dx if self.input_grad_needed else None
         self._module.backward(self._x, self._weight(params), self._y, dy, dx,
                               grads.get("weight") if self._fixed_weight is None else None,
-                              grads.get("bias"), self._workspace(backward=True), not skip_act)
+                              grads.get("bias"), self._workspace(), not skip_act)
         return [dx]
 
 
@@ -218,22 +219,26 @@ class Scratch:
 
     A layer needs its columns and product buffers only while its forward or backward
     runs, so one pair, as large as the largest layer's, serves them all (on ResNet-18 at
-    batch 32, about 36 MB instead of about 400). The buffers' last user may keep what
-    they hold: a layer whose forward filled them and whose backward comes next (the last
-    GEMM layer) skips one im2col. Any other layer gets a new workspace, which says the
-    columns are not its own. The last user is held weakly: the buffers never keep a
-    discarded network alive."""
+    batch 32, about 36 MB instead of about 400). So does a third buffer for what only a
+    backward reads and writes before it returns, the transposed weight and the weight
+    gradient before it is transposed back (ResNet-18-CIFAR: 19 MB instead of 79).
+    The buffers' last user may keep what they hold: a layer whose forward filled them
+    and whose backward comes next (the last GEMM layer) skips one im2col. Any other
+    layer gets a new workspace, which says the columns are not its own. The last user is
+    held weakly: the buffers never keep a discarded network alive."""
 
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
         self.cols = np.zeros(0, dtype=dtype)
         self.outs = np.zeros(0, dtype=dtype)
+        self.backward = np.zeros(0, dtype=dtype)
         self.owner: weakref.ref[object] | None = None
         self.workspace: dict[str, Any] = {}
 
-    def workspace_for(self, layer: object, module: ModuleType, own: dict[str, Any]
-                      ) -> dict[str, Any]:
-        """The layer's workspace over the shared buffers; `own`: its own_buffers()."""
+    def workspace_for(self, layer: object, module: ModuleType,
+                      own: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The layer's workspace over the shared buffers; `own`: the shapes of its
+        own_buffers(), which become consecutive views of the backward buffer."""
         if self.owner is not None and self.owner() is layer:
             return self.workspace
         cols, outs = module.SCRATCH
@@ -241,7 +246,13 @@ class Scratch:
             self.cols = np.zeros(cols, dtype=self.dtype)
         if self.outs.size < outs:
             self.outs = np.zeros(outs, dtype=self.dtype)
-        self.workspace = module.workspace(self.cols, self.outs, own)
+        sizes = [math.prod(shape) for shape in own.values()]
+        if self.backward.size < sum(sizes):
+            self.backward = np.zeros(sum(sizes), dtype=self.dtype)
+        starts = np.cumsum([0, *sizes]).tolist()
+        views = {name: self.backward[start:start + size].reshape(shape)
+                 for (name, shape), start, size in zip(own.items(), starts, sizes)}
+        self.workspace = module.workspace(self.cols, self.outs, views)
         self.owner = weakref.ref(layer)
         return self.workspace
 

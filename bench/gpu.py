@@ -318,9 +318,27 @@ def machine(bench: Bench, dry_run: bool) -> list[str]:
     lines.append(f"Numba {numba.__version__}, numba-cuda {numba_cuda}{simulator}, NumPy "
                  f"{numpy.__version__}, Python {platform.python_version()}; {cpu_name()}, "
                  f"{os.cpu_count()} logical cores; convdsl {git_commit()}")
+    lines.append("convdsl CUDA settings: packed launches "
+                 f"{_switch('CONVDSL_CUDA_PACKED_LAUNCH')}, k tables "
+                 f"{_switch('CONVDSL_CUDA_K_TABLES')}, largest tile "
+                 f"{os.environ.get('CONVDSL_CUDA_MAX_TILE', '64')}")
     if dry_run:
         lines.append("DRY RUN: tiny batches, one repetition; the numbers mean nothing.")
     return lines
+
+
+def _switch(variable: str) -> str:
+    """'on' or 'off' for one of convdsl's CUDA switches (on unless set to 0)."""
+    return "off" if os.environ.get(variable, "1") == "0" else "on"
+
+
+def launch_note() -> str:
+    """How many launch sites packed their arguments (codegen/cuda/common.Launch)."""
+    from convdsl.codegen.cuda import common
+
+    counts = common.LAUNCH_COUNTS
+    return (f"launch arguments packed {counts['packed']} times; "
+            f"{counts['unpacked']} launches could not be packed")
 
 
 def nvidia_driver() -> str:
@@ -464,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             traceback.print_exc()
             report.failed.append(f"profile: {type(exc).__name__}: {str(exc)[:300]}")
+    report.notes.append(launch_note())
     text = report.text(time.perf_counter() - started)
     print(text)
     write()

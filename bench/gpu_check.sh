@@ -9,6 +9,9 @@
 #   c  mnist1d.log      train networks/mnist1d_cnn.cnn with its own recipe, --device cuda
 #   d  lenet5.log       train LeNet-5 on digits28 (bench/digits28.py), --device cuda
 #   e  bench.log        python3 bench/gpu.py, the report in cuda_bench.md
+#   f  ablation.log     the benchmark again with one change switched off: LeNet-5 without
+#                       packed launches (cuda_bench_unpacked.md), ResNet-18 without k
+#                       tables (cuda_bench_no_tables.md)
 #   warm.log            the kernels of steps c to e, compiled in the background during b
 #   summary.txt         every step's exit code and seconds
 #
@@ -16,7 +19,7 @@
 # one kernel cache ($CONVDSL_CACHE), so a kernel compiled once is loaded after. Limits:
 # each step has a cap and a floor (seconds); a step gets its cap, or less so that the later
 # steps keep their floors within GPU_CHECK_TOTAL_S (default 480) in all. Overrides:
-# PY (python3), GPU_CHECK_STEPS ("a b c d e"), GPU_CHECK_TOTAL_S, GPU_CHECK_DEVICE (cuda;
+# PY (python3), GPU_CHECK_STEPS ("a b c d e f"), GPU_CHECK_TOTAL_S, GPU_CHECK_DEVICE (cuda;
 # cpu only to try the script on a machine without a GPU), CAP_<step> (e.g. CAP_c=300).
 
 set -u
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PY:-python3}
-STEPS=${GPU_CHECK_STEPS:-a b c d e}
+STEPS=${GPU_CHECK_STEPS:-a b c d e f}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 WORK=/tmp/convdsl-gpu-check  # run folders and data: never under $OUT (few files come back)
@@ -40,10 +43,10 @@ export MPLBACKEND=Agg
 LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
 
 declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
-                [e]=${CAP_e:-240})
-declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150)
+                [e]=${CAP_e:-240} [f]=${CAP_f:-150})
+declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150 [f]=60)
 declare -A RC=() TOOK=()
-ORDER="a b c d e"
+ORDER="a b c d e f"
 START=$(date +%s)
 
 limit_for() {  # the seconds step $1 may take: its cap, less what later steps need
@@ -122,6 +125,10 @@ if [[ " $STEPS " == *" e "* ]] && [ "$DEVICE" = cuda ]; then
         > "$WORK/warm-$1-$2.log" 2>&1 &
   done
 fi
+if [[ " $STEPS " == *" f "* ]] && [ "$DEVICE" = cuda ]; then  # step f's other kernels
+  CONVDSL_CUDA_K_TABLES=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
+      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-tables.log" 2>&1 &
+fi
 
 # (b) the CUDA test tier on the real GPU (test files named explicitly: only them collected)
 TIMEOUT_FLAG=""
@@ -157,6 +164,13 @@ $PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits28.npz $LENET_RE
 run_step e bench.log "bench/gpu.py: convdsl against PyTorch/cuDNN" "
 $PY bench/gpu.py --budget 20 --profile-iterations 5 --markdown $OUT/cuda_bench.md"
 
+# (f) what the two launch-side changes give: each switched off in turn
+run_step f ablation.log "the benchmark with packed launches, then k tables, off" "
+CONVDSL_CUDA_PACKED_LAUNCH=0 $PY bench/gpu.py --only lenet5 --budget 10 \
+    --markdown $OUT/cuda_bench_unpacked.md
+CONVDSL_CUDA_K_TABLES=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
+    --markdown $OUT/cuda_bench_no_tables.md"
+
 # the background compiles' last lines (cold compile seconds per network)
 tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
 
@@ -171,5 +185,9 @@ tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
     grep -hE " in [0-9.]+s( \(|$)|^test split:|\(test split\):|^training stopped|^interrupted|^TIMED OUT" \
         "$OUT/$log.log" 2>/dev/null | sed "s/^/  $log: /" | tail -n 4
   done
-  if [ -f "$OUT/cuda_bench.md" ]; then sed -n '/^| case/,/^$/p' "$OUT/cuda_bench.md"; fi
+  for report in cuda_bench cuda_bench_unpacked cuda_bench_no_tables; do
+    if [ -f "$OUT/$report.md" ]; then
+      echo "$report:"; sed -n '/^| case/,/^$/p' "$OUT/$report.md"
+    fi
+  done
 } | tee "$OUT/summary.txt"

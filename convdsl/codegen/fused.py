@@ -149,9 +149,11 @@ class ProductNormLayer(KernelLayer):
         if self.affine:
             scale = scale * norm["weight"]
             shift = shift * norm["weight"] + norm["bias"]
-        weight = own["weight"].astype(np.float64)
+        weight = own["weight"]
         per_output = scale.reshape(-1, *([1] * (weight.ndim - 1)))
-        np.copyto(self.folded_params["weight"], weight * per_output, casting="unsafe")
+        # computed in float64 a few values at a time: no float64 copy of the weight
+        np.multiply(weight, per_output, out=self.folded_params["weight"], dtype=np.float64,
+                    casting="unsafe")
         bias = shift + (own["bias"] * scale if "bias" in own else 0.0)
         np.copyto(self.folded_params["bias"], bias, casting="unsafe")
 

@@ -34,7 +34,7 @@ import numpy as np
 from convdsl.codegen import cache, cost
 from convdsl.codegen.activations import ActivationStep, act_options, is_elementwise
 from convdsl.codegen.cpu import conv_direct, conv_fft, conv_gemm  # noqa: F401  (templates)
-from convdsl.codegen.cpu.conv_common import spec_layout
+from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
@@ -156,13 +156,11 @@ class ConvLayer(KernelLayer):
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
         # GEMM layers borrow the im2col buffers every such layer shares, and the
-        # buffers only their backward reads (see Scratch), whose shapes own_buffers()
-        # tells (np.zeros of that size touches no memory); the others keep their own,
+        # buffers only their backward reads (see Scratch); the others keep their own,
         # small, workspace, made at the first call.
         self._shares_scratch = hasattr(self._module, "SCRATCH")
-        self._own_shapes: dict[str, tuple[int, ...]] = (
-            {name: array.shape for name, array in self._module.own_buffers().items()}
-            if self._shares_scratch else {})
+        self._own_shapes = (conv_gemm.own_shapes(Geometry.from_spec(spec))
+                            if self._shares_scratch else {})
         self._own_workspace: dict[str, Any] | None = None
         # The input gradient is made at the first backward: a layer that only ever runs
         # forward (the folded twin of a convolution followed by batch norm) never has one.

@@ -189,6 +189,18 @@ def as_convolution(g: Geometry) -> bool:
     return all(s == 1 for s in g.stride) and g.og <= g.cg
 
 
+def own_shapes(g: Geometry) -> dict[str, tuple[int, ...]]:
+    """The shapes of the generated own_buffers(), only a backward's (dwt: the weight
+    gradient before it is transposed back; wt: the transposed weight), for a caller
+    that lends the memory (codegen/cpu/conv.py, Scratch) and so allocates none here."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if g.weight_grad:
+        shapes["dwt"] = (g.groups, g.cg * g.volume, g.og)
+    if as_convolution(g):
+        shapes["wt"] = (g.groups, g.cg, g.og * g.volume)
+    return shapes
+
+
 def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
     groups, og, cg, rows, positions = g.groups, g.og, g.cg, g.cg * g.volume, g.positions
     starts = list(range(0, g.batch, chunk))
@@ -212,10 +224,8 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         code.line('"""What each layer keeps for itself: wt, the transposed weight, and dwt,')
         code.line('the weight gradient before it is transposed back."""')
         code.line("return {")
-        if g.weight_grad:
-            code.line(f"    'dwt': np.zeros(({groups}, {rows}, {og}), dtype={dtype}),")
-        if by_conv:
-            code.line(f"    'wt': np.zeros(({groups}, {cg}, {og * g.volume}), dtype={dtype}),")
+        for name, shape in own_shapes(g).items():
+            code.line(f"    {name!r}: np.zeros({shape}, dtype={dtype}),")
         code.line("}")
     code.line()
     code.line()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from convdsl.codegen.buffers import with_buffers
+from convdsl.codegen.cpu.norm import BatchNormLayer
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
 from convdsl.passes.fusion import FusionGroup
@@ -90,6 +91,8 @@ class ProductNormLayer(KernelLayer):
             product = with_buffers(product, output=self._shared)
         self.product = build_layer(product)
         self.norm = build_layer(dataclasses.replace(norm, layer=_with_act(norm.layer, act)))
+        if isinstance(self.norm, BatchNormLayer):  # the CPU's: its gradient over dy
+            self.norm.in_place = True
         weight_shape = dict(product.param_shapes)["weight"]
         channels = weight_shape[0]
         product_attrs = product.layer.attrs

@@ -313,13 +313,13 @@ def _saved(layer: Layer, units: int, itemsize: int, training: bool
 class GradientPlan:
     """Where the executor's backward pass keeps its gradients (runtime/executor.py).
 
-    Tensors, by name:
-    - `grad:STAGE:I`: the gradient a stage's backward writes for its input I;
-    - `grad:NORM`: inside a stage of a product and batch norm, the gradient the batch
-      norm hands the product (written and read in the stage's own step);
-    - `sum:SOURCE`: where the gradients of a value read by several stages are added.
-    Steps count the stages in backward order (the last stage is step 0); the step after
-    the last is the end of backward(), where a network input's gradient is copied out."""
+    Tensors, by name, `grad:STAGE:I`: the gradient a stage's backward writes for its
+    input I. (Inside a stage of a product and batch norm, the batch norm writes the
+    gradient it hands the product over the stage's incoming gradient.) The gradients
+    of a value read by several stages are added into the first that arrives.
+    Steps count the stages in backward order (the last stage is step 0); the step
+    after the last is the end of backward(), where a network input's gradient is
+    copied out."""
 
     steps: tuple[str, ...]  # the stage run at each step
     tensors: tuple[Tensor, ...]
@@ -348,11 +348,11 @@ def plan_gradients(network: Network, groups: list[FusionGroup], batch: int,
     whose lifetimes never overlap.
 
     The lifetimes hold for any backward() the executor may run: whichever stages a
-    gradient reaches, whether the first stages skip their input's gradient, and in
-    which order the contributions to a value arrive. So every contribution to a value
-    lives from the step that writes it to the step that reads the value's gradient
-    (the value's own stage, or the end for a network input), even where the executor
-    adds it into the sum at once; a view handed on keeps what it views alive as long."""
+    gradient reaches, whether the first stages skip their input's gradient, and so
+    which contribution to a value arrives first and takes the others' sum. So every
+    contribution to a value lives from the step that writes it to the step that reads
+    the value's gradient (the value's own stage, or the end for a network input); a
+    view handed on keeps what it views alive as long."""
     _check(batch, dtype)
     itemsize = DTYPE_BYTES[dtype]
     order = list(reversed(groups))
@@ -368,26 +368,17 @@ def plan_gradients(network: Network, groups: list[FusionGroup], batch: int,
 
     # names that may be pending[X]: what X's stage reads as its output's gradient
     holders: dict[str, set[str]] = {}
-    # every declared output may start with a gradient of its own (loss() or the caller's)
-    arrivals = {output.name: 1 for output in network.outputs}
     for step, group in enumerate(order):
         received = holders.pop(group.name, set())
         for name in received:
             use(name, step)
-        if group.norm is not None:
-            use(f"grad:{group.norm.name}", step, group.head.name)
         for index, source in enumerate(group.inputs):
             handed = set(received) if group.head.op in PASS_THROUGH else set()
             if group.head.op is not Op.FLATTEN:
                 handed.add(f"grad:{group.name}:{index}")
-            pending = holders.setdefault(source, set())
-            arrivals[source] = arrivals.get(source, 0) + 1
-            if arrivals[source] >= 2:  # added to what is there, into the sum
-                pending.add(f"sum:{source}")
-                handed |= pending
             for name in handed:
                 use(name, step, source)
-            pending |= handed
+            holders.setdefault(source, set()).update(handed)
     end = len(order)
     for names in holders.values():  # network inputs: copied out at the end
         for name in names:

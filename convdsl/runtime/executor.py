@@ -126,10 +126,8 @@ class CompiledNetwork:
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
         self._loss_through_softmax = False
-        # where the gradients of a value read by several stages are added
-        self._accumulators: Arrays = {name.removeprefix("sum:"): array for name, array
-                                      in self._gradient_arrays.items()
-                                      if name.startswith("sum:")}
+        # CUDA: where the gradients of a value read by several stages are added
+        self._accumulators: Arrays = {}
         self._input_buffers: Arrays = {}  # where inputs and targets land on the device
         self._work_buffers: Arrays = {}  # loss gradients and their copies, made once
         self.compile_seconds: dict[str, float] = {}
@@ -372,8 +370,16 @@ class CompiledNetwork:
         return pending, set()
 
     def _accumulate(self, pending: Arrays, source: str, grad: np.ndarray) -> None:
+        """Add `grad` to what `source` has received. On the CPU into the first
+        contribution itself: no one else reads it (a kernel rewrites its input gradient
+        at every backward, loss() gradients are copied, flatten's views and duplicates
+        are the executor's own), and the plan keeps it alive until the source's stage
+        reads it (passes/memory.py, plan_gradients)."""
         if source not in pending:
             pending[source] = grad
+            return
+        if self.device.name == "cpu":
+            self.device.add(pending[source], grad, pending[source])
             return
         total = self._accumulators.get(source)
         if total is None:
@@ -420,7 +426,11 @@ class CompiledNetwork:
         """Run every kernel once (training forward and backward, then inference) so that
         Numba compiles or loads them now; returns the seconds per layer. Parameters,
         buffers and the step counter are left as they were."""
-        saved, step = self.state_dict(), self.step
+        # Only what a forward changes is saved: batch norm's running statistics (no
+        # copy of the trained parameters, which would add their size to the peak).
+        saved = {name: self.device.get(array) for name, array in self.params.items()
+                 if name not in self.grads}
+        step = self.step
         rng = np.random.default_rng(0)
         inputs = {name: self._send(name, rng.standard_normal((self.batch, *shape))
                                    .astype(self.dtype))
@@ -440,7 +450,7 @@ class CompiledNetwork:
                     grad = self.device.put(np.ones(values[stage.name].shape, self.dtype))
                     stage.kernel.backward(grad, stage.params, stage.grads)
                     seconds[stage.name] += time.perf_counter() - start
-        self.load_state_dict(saved)
+        self.load_state_dict(saved, strict=False)
         self.step = step
         for array in self.grads.values():
             self.device.fill(array, 0.0)
@@ -571,8 +581,8 @@ def _planned_arrays(plan: GradientPlan | None, dtype: str) -> dict[str, np.ndarr
 
 def _with_gradient_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
                            arrays: Mapping[str, np.ndarray]) -> dict[str, LayerSetup]:
-    """The setups a stage's kernels are built from, with the planned gradient buffers:
-    the head's input gradients and, for a product and batch norm, the norm's."""
+    """The setups a stage's kernels are built from, the head's with the planned
+    buffers of the stage's input gradients."""
     if not arrays:
         return setups
     shared: dict[str, LayerSetup] = dict(setups)
@@ -581,9 +591,6 @@ def _with_gradient_buffers(groups: list[FusionGroup], setups: dict[str, LayerSet
         grads = tuple(arrays.get(f"grad:{group.name}:{index}")
                       for index in range(len(group.inputs)))
         shared[head] = with_buffers(setups[head], input_grads=grads)
-        if group.norm is not None:
-            shared[group.norm.name] = with_buffers(
-                setups[group.norm.name], input_grads=(arrays[f"grad:{group.norm.name}"],))
     return shared
 
 

@@ -137,9 +137,14 @@ class BatchNormLayer(KernelLayer):
         self.specs = [self.spec, *self.act.specs]
         self._module = cache.load(self.spec)
         self.out = setup.output_buffer()
-        self.dx = setup.input_buffer()
         self.out_view = self.out.reshape(self.view)
-        self.dx_view = self.dx.reshape(self.view)
+        # True: backward writes the input's gradient over grad_output (which a backward
+        # may overwrite, see KernelLayer; each value is read just before its gradient is
+        # written) instead of into a buffer of the layer's own, made at the first
+        # backward that needs it. A stage of a product and batch norm sets it
+        # (codegen/fused.py): the product reads the gradient at once.
+        self.in_place = False
+        self._dx: np.ndarray | None = None
         # the statistics forward used, kept as computed
         self.mean = np.zeros(channels, dtype=np.float64)
         self.inv = np.zeros(channels, dtype=np.float64)
@@ -174,9 +179,16 @@ class BatchNormLayer(KernelLayer):
         weight = [params["weight"]] if self.affine else []
         param_grads = [grads["weight"], grads["bias"]] if self.affine else []
         run = self._module.backward_train if self.train else self._module.backward_eval
-        run(self.x, self.out_view, grad_output.reshape(self.view), *weight, self.mean,
-            self.inv, self.dx_view, *param_grads, act_grad)
-        return [self.dx]
+        dy = grad_output.reshape(self.view)
+        if self.in_place and np.shares_memory(dy, grad_output):
+            dx = grad_output
+        else:
+            if self._dx is None:
+                self._dx = self.setup.input_buffer()
+            dx = self._dx
+        run(self.x, self.out_view, dy, *weight, self.mean, self.inv, dx.reshape(self.view),
+            *param_grads, act_grad)
+        return [dx]
 
 
 @builder(Op.BATCHNORM)

@@ -16,13 +16,13 @@ A stage receives one dictionary of arrays: the host's own fields (`weight`,
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from convdsl.codegen.buffers import with_buffers
+from convdsl.codegen.cpu.conv import lend_scratch
 from convdsl.codegen.cpu.norm import BatchNormLayer
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
@@ -30,9 +30,6 @@ from convdsl.passes.fusion import FusionGroup
 from convdsl.runtime.devices import device_named
 
 NORM_PREFIX = "bn."
-# dtype -> the buffer that the folded weights of every CPU stage borrow (see
-# ProductNormLayer._folded_weight)
-_FOLDED_WEIGHTS: dict[str, np.ndarray] = {}
 Arrays = dict[str, np.ndarray]
 
 
@@ -129,15 +126,11 @@ class ProductNormLayer(KernelLayer):
         return self.folded.forward(inputs, self.folded_params, mode)
 
     def _folded_weight(self) -> np.ndarray:
-        """Where the folded weight goes on the CPU: a view of one buffer per dtype that
-        every stage's folded weight shares, since _fold writes it just before the folded
-        kernel reads it, and nothing reads it after."""
-        dtype = self.setup.dtype
-        size = math.prod(self._weight_shape)
-        flat = _FOLDED_WEIGHTS.get(dtype)
-        if flat is None or flat.size < size:
-            flat = _FOLDED_WEIGHTS[dtype] = np.zeros(size, dtype=dtype)
-        return flat[:size].reshape(self._weight_shape)
+        """Where the folded weight goes on the CPU: memory lent by the GEMM layers'
+        scratch (codegen/cpu/conv.py), which every stage's folded weight shares, since
+        _fold writes it just before the folded kernel reads it, and nothing reads it
+        after."""
+        return lend_scratch(self.setup.dtype, self._weight_shape)
 
     def _fold(self, own: Arrays, norm: Arrays) -> None:
         """Batch norm's inference affine map, moved into the weights (in float64)."""

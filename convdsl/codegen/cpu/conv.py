@@ -255,6 +255,17 @@ class Scratch:
         return self.workspace
 
 
+    def lend(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A view of the backward buffer for an array that is written and then read
+        between two layers' calls, such as the weight of a convolution or dense layer
+        with batch norm folded in (codegen/fused.py): no GEMM layer's call runs between,
+        and each writes its backward buffers before reading them."""
+        size = math.prod(shape)
+        if self.backward.size < size:
+            self.backward = np.zeros(size, dtype=self.dtype)
+        return self.backward[:size].reshape(shape)
+
+
 _SCRATCH: dict[str, Scratch] = {}
 
 
@@ -262,6 +273,11 @@ def _scratch(dtype: str) -> Scratch:
     if dtype not in _SCRATCH:
         _SCRATCH[dtype] = Scratch(dtype)
     return _SCRATCH[dtype]
+
+
+def lend_scratch(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Scratch.lend from the scratch of `dtype`."""
+    return _scratch(dtype).lend(shape)
 
 
 def _fixed_weight(setup: LayerSetup) -> np.ndarray | None:

@@ -20,7 +20,15 @@ from convdsl.codegen.layer import layer_setups
 from convdsl.errors import RunError
 from convdsl.network import Network
 from convdsl.passes.fusion import fusion_groups
-from convdsl.passes.memory import MemoryPlan, Tensor, assign_buffers, plan_gradients, plan_memory
+from convdsl.passes.memory import (
+    MemoryPlan,
+    Tensor,
+    assign_buffers,
+    assign_in_order,
+    plan_gradients,
+    plan_memory,
+    transient_outputs,
+)
 from convdsl.runtime.gradcheck import random_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,11 +215,11 @@ def test_greedy_assignment_is_valid_for_any_lifetimes(
         spans: list[tuple[int, int, int]]) -> None:
     tensors = [Tensor(f"t{i}", size, start, start + length)
                for i, (size, start, length) in enumerate(spans)]
-    buffers, assignment = assign_buffers(tensors)
-    check_buffers(tensors, buffers, assignment)
-    busiest = max((sum(t.size for t in tensors if t.start <= step <= t.end)
-                   for step in range(26)), default=0)
-    assert busiest <= sum(buffers) <= sum(t.size for t in tensors)
+    for buffers, assignment in (assign_buffers(tensors), assign_in_order(tensors)):
+        check_buffers(tensors, buffers, assignment)
+        busiest = max((sum(t.size for t in tensors if t.start <= step <= t.end)
+                       for step in range(26)), default=0)
+        assert busiest <= sum(buffers) <= sum(t.size for t in tensors)
 
 
 # --- the executor's gradient buffers --------------------------------------------------
@@ -223,6 +231,7 @@ RESIDUAL = """\
 input x: 3x8x8
 stem = conv(4, 3, pad=1, bias=no) -> bn(act=relu)
 a = stem -> conv(8, 3, stride=2, pad=1, bias=no) -> bn(act=relu) -> conv(8, 3, pad=1)
+    -> bn
 short = stem -> conv(8, 1, stride=2, bias=no) -> bn
 out = add(a, short, act=relu)
 twice = add(x, x)
@@ -288,17 +297,36 @@ def _training_results(net: convdsl.CompiledNetwork) -> list[dict[str, np.ndarray
     return results
 
 
-@pytest.mark.parametrize("source, algo", [(RESIDUAL, "gemm"), (RESIDUAL, "direct"),
-                                          (RESIDUAL, "fft"),
-                                          (ROOT / "examples" / "every_op_image.cnn", None)],
-                         ids=["residual-gemm", "residual-direct", "residual-fft",
-                              "every-op"])
-def test_shared_gradient_buffers_change_no_result(source: str | Path, algo: str | None
-                                                  ) -> None:
+def test_outputs_no_backward_reads_share_memory_once_read() -> None:
+    """The batch norms without activation that only feed an add (a residual block's
+    last and its shortcut's) are read by no backward: their memory is shared once the
+    add has run, and activation() says so rather than return what is there now."""
+    network = convdsl.loads(RESIDUAL)
+    for fuse in (True, False):
+        assert set(transient_outputs(network, fusion_groups(network, fuse))) == {
+            "a.3", "short.1"}
+    net = convdsl.compile(RESIDUAL, batch=2, warm=False)
+    plan = net.output_plan
+    assert plan is not None and len(plan.buffers) == 2  # both are read by one add
+    net.forward(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(RunError, match="share=False"):
+        net.activation("a.3")
+    separate = convdsl.compile(RESIDUAL, batch=2, warm=False, share=False)
+    separate.forward(np.zeros((2, 3, 8, 8), np.float32))
+    assert separate.activation("a.3").shape == (2, 8, 4, 4)
+
+
+@pytest.mark.parametrize("source, algo, fuse", [
+    (RESIDUAL, "gemm", True), (RESIDUAL, "direct", True), (RESIDUAL, "fft", True),
+    (RESIDUAL, "gemm", False), (ROOT / "examples" / "every_op_image.cnn", None, True)],
+    ids=["residual-gemm", "residual-direct", "residual-fft", "residual-unfused",
+         "every-op"])
+def test_shared_buffers_change_no_result(source: str | Path, algo: str | None,
+                                         fuse: bool) -> None:
     shared, separate = (convdsl.compile(source, batch=3, dtype="float32", algo=algo,
-                                        seed=2, warm=False, share=share)
+                                        seed=2, warm=False, fuse=fuse, share=share)
                         for share in (True, False))
-    assert separate.gradient_plan is None
+    assert separate.gradient_plan is None and separate.output_plan is None
     plan = shared.gradient_plan
     assert plan is not None and len(plan.buffers) < len(plan.tensors)
     results = _training_results(shared)

@@ -140,6 +140,36 @@ def assign_buffers(tensors: list[Tensor]) -> tuple[list[int], dict[str, int]]:
     return sizes, assignment
 
 
+def assign_in_order(tensors: list[Tensor]) -> tuple[list[int], dict[str, int]]:
+    """Linear scan: tensors in the order they start (larger first on a tie), each into
+    a buffer whose tensors have all ended, the smallest that is large enough, else the
+    largest, which grows; else a new buffer. Often tighter than assign_buffers where
+    tensors of a few sizes come and go in waves (a backward pass)."""
+    sizes: list[int] = []
+    ends: list[int] = []
+    assignment: dict[str, int] = {}
+    for tensor in sorted(tensors, key=lambda t: (t.start, -t.size, t.name)):
+        free = [index for index, end in enumerate(ends) if end < tensor.start]
+        large = [index for index in free if sizes[index] >= tensor.size]
+        if large:
+            index = min(large, key=lambda i: (sizes[i], i))
+        elif free:
+            index = max(free, key=lambda i: (sizes[i], -i))
+            sizes[index] = tensor.size
+        else:
+            index = len(sizes)
+            sizes.append(tensor.size)
+            ends.append(-1)
+        ends[index] = tensor.end
+        assignment[tensor.name] = index
+    return sizes, assignment
+
+
+def _tightest(tensors: list[Tensor]) -> tuple[list[int], dict[str, int]]:
+    """The smaller in bytes of the two assignments."""
+    return min(assign_buffers(tensors), assign_in_order(tensors), key=lambda a: sum(a[0]))
+
+
 def _check(batch: int, dtype: str) -> None:
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise RunError(f"batch must be a whole number of at least 1, not {batch!r}")
@@ -310,8 +340,10 @@ def _saved(layer: Layer, units: int, itemsize: int, training: bool
 
 
 @dataclass(frozen=True)
-class GradientPlan:
-    """Where the executor's backward pass keeps its gradients (runtime/executor.py).
+class BufferPlan:
+    """Tensors of the executor (runtime/executor.py) placed in shared buffers: the
+    gradients of its backward pass (plan_gradients, described here) or the transient
+    outputs of its forward pass (plan_transient_outputs).
 
     Tensors, by name, `grad:STAGE:I`: the gradient a stage's backward writes for its
     input I. (Inside a stage of a product and batch norm, the batch norm writes the
@@ -343,7 +375,7 @@ PASS_THROUGH = {Op.FLATTEN, Op.DROPOUT}
 
 
 def plan_gradients(network: Network, groups: list[FusionGroup], batch: int,
-                   dtype: str) -> GradientPlan:
+                   dtype: str) -> BufferPlan:
     """Lifetimes of the executor's gradient buffers, and buffers shared between those
     whose lifetimes never overlap.
 
@@ -385,10 +417,59 @@ def plan_gradients(network: Network, groups: list[FusionGroup], batch: int,
             use(name, end)
     tensors = [Tensor(name, itemsize * math.prod(shapes[name]), min(steps), max(steps))
                for name, steps in uses.items()]
-    buffers, assignment = assign_buffers(tensors)
-    return GradientPlan(tuple(group.name for group in order), tuple(tensors), shapes,
+    buffers, assignment = _tightest(tensors)
+    return BufferPlan(tuple(group.name for group in order), tuple(tensors), shapes,
                         tuple(buffers), assignment)
 
 
-__all__ = ["DTYPE_BYTES", "GradientPlan", "MemoryPlan", "Tensor", "assign_buffers",
-           "plan_gradients", "plan_memory"]
+# Stages whose backward reads neither its inputs nor (without an activation) its output.
+_MERGES = {Op.ADD, Op.CONCAT}
+
+
+def transient_outputs(network: Network, groups: list[FusionGroup]) -> dict[str, int]:
+    """Stage outputs that no backward reads, by name, with the step (index in `groups`)
+    of the last stage that reads them; once it has run, their memory is free.
+
+    Kept narrow, to what a residual network needs: the output of batch norm with no
+    activation (alone, or after a product in one stage), every reader of which is an
+    add or concat stage, and which is no declared output (the caller reads those)."""
+    step = {group.name: index for index, group in enumerate(groups)}
+    by_head = {group.head.name: group for group in groups}
+    declared = {output.name for output in network.outputs}
+    transient: dict[str, int] = {}
+    for group in groups:
+        last = group.layers[-1]
+        plain_norm = (last.op is Op.BATCHNORM
+                      and (last.act is None or last.act.kind is Activation.IDENTITY))
+        readers = [by_head.get(name) for name in network.graph.consumers(group.name)]
+        if (not plain_norm or group.name in declared or not readers
+                or any(reader is None or reader.head.op not in _MERGES
+                       for reader in readers)):
+            continue
+        transient[group.name] = max(step[reader.name] for reader in readers
+                                    if reader is not None)
+    return transient
+
+
+def plan_transient_outputs(network: Network, groups: list[FusionGroup], batch: int,
+                           dtype: str) -> BufferPlan:
+    """Buffers for the transient outputs (see transient_outputs) of a forward, shared
+    where their lifetimes, from the stage that writes one to the last that reads it,
+    never overlap. Steps are the stages in forward order."""
+    _check(batch, dtype)
+    itemsize = DTYPE_BYTES[dtype]
+    step = {group.name: index for index, group in enumerate(groups)}
+    shapes = {f"out:{name}": (batch, *network.shapes[name])
+              for name in transient_outputs(network, groups)}
+    tensors = [Tensor(name, itemsize * math.prod(shapes[name]), step[name[4:]], end)
+               for name, end in ((f"out:{n}", e) for n, e
+                                 in transient_outputs(network, groups).items())]
+    buffers, assignment = _tightest(tensors)
+    return BufferPlan(tuple(group.name for group in groups), tuple(tensors), shapes,
+                        tuple(buffers), assignment)
+
+
+__all__ = ["DTYPE_BYTES", "BufferPlan", "MemoryPlan", "Tensor", "assign_buffers",
+           "assign_in_order",
+           "plan_gradients", "plan_memory", "plan_transient_outputs",
+           "transient_outputs"]

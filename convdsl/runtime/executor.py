@@ -33,7 +33,7 @@ from convdsl.ir.training import DTYPES, INITS
 from convdsl.network import Network, load, loads
 from convdsl.passes.fusion import FusionGroup, fusion_groups
 from convdsl.passes.fusion import kind as _kind
-from convdsl.passes.memory import GradientPlan, plan_gradients
+from convdsl.passes.memory import BufferPlan, plan_gradients, plan_transient_outputs
 from convdsl.runtime import losses
 from convdsl.runtime.devices import Array, Device, device_named
 from convdsl.runtime.params import init_params, network_params
@@ -102,11 +102,18 @@ class CompiledNetwork:
         groups = fusion_groups(network, fuse)
         # On the CPU, gradients whose lifetimes never overlap share memory (a plan made
         # once); CUDA kernels allocate their own. share=False: a buffer per gradient.
-        self.gradient_plan: GradientPlan | None = (
+        self.gradient_plan: BufferPlan | None = (
             plan_gradients(network, groups, batch, dtype)
             if share and self.device.name == "cpu" else None)
         self._gradient_arrays = _planned_arrays(self.gradient_plan, dtype)
-        setups = _with_gradient_buffers(groups, self.setups, self._gradient_arrays)
+        # ... and so do outputs no backward reads, once the stages reading them have run
+        self.output_plan: BufferPlan | None = (
+            plan_transient_outputs(network, groups, batch, dtype)
+            if share and self.device.name == "cpu" else None)
+        transient = _planned_arrays(self.output_plan, dtype)
+        self._transient = {name.removeprefix("out:") for name in transient}
+        setups = _with_planned_buffers(groups, self.setups, self._gradient_arrays,
+                                       transient)
         self.stages: list[Stage] = [
             Stage(group.name, build_stage(group, setups), group.inputs, group.layers,
                   stage_arrays(group, self._layer_params),
@@ -228,6 +235,10 @@ class CompiledNetwork:
         if layer not in self._values:
             raise RunError(f"no output of '{layer}' from the last forward",
                            "run forward first, and name a layer of this network")
+        if layer in self._transient:
+            raise RunError(f"the output of '{layer}' is not kept: no backward reads it, so "
+                           "its memory serves later layers once its readers have run",
+                           "compile with share=False to read it")
         return self.device.get(self._values[layer])
 
     # --- loss -------------------------------------------------------------
@@ -568,7 +579,7 @@ def _check_options(batch: int, dtype: str, algo: str | None, init: str) -> None:
         raise RunError(f"unknown initialisation {init!r}", f"choose one of {', '.join(INITS)}")
 
 
-def _planned_arrays(plan: GradientPlan | None, dtype: str) -> dict[str, np.ndarray]:
+def _planned_arrays(plan: BufferPlan | None, dtype: str) -> dict[str, np.ndarray]:
     """Every planned tensor as a view of its buffer (tensors of one buffer never are
     alive at once); nothing without a plan."""
     if plan is None:
@@ -579,18 +590,22 @@ def _planned_arrays(plan: GradientPlan | None, dtype: str) -> dict[str, np.ndarr
             for name, shape in plan.shapes.items()}
 
 
-def _with_gradient_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
-                           arrays: Mapping[str, np.ndarray]) -> dict[str, LayerSetup]:
-    """The setups a stage's kernels are built from, the head's with the planned
-    buffers of the stage's input gradients."""
-    if not arrays:
-        return setups
+def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
+                          grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+                          ) -> dict[str, LayerSetup]:
+    """The setups a stage's kernels are built from: the head's with the planned buffers
+    of the stage's input gradients, and the batch norm's of a transient output with
+    its planned buffer (transient_outputs takes only batch norm stages)."""
     shared: dict[str, LayerSetup] = dict(setups)
     for group in groups:
         head = group.head.name
-        grads = tuple(arrays.get(f"grad:{group.name}:{index}")
-                      for index in range(len(group.inputs)))
-        shared[head] = with_buffers(setups[head], input_grads=grads)
+        if grads:
+            shared[head] = with_buffers(shared[head], input_grads=tuple(
+                grads.get(f"grad:{group.name}:{index}") for index in range(len(group.inputs))))
+        output = outputs.get(f"out:{group.name}")
+        if output is not None:
+            norm = group.norm.name if group.norm is not None else head
+            shared[norm] = with_buffers(shared[norm], output=output)
     return shared
 
 

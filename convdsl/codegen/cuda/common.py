@@ -133,13 +133,13 @@ class Launch:
         self._packed: Callable[[], Any] | None = None
 
     def __call__(self, *args: Any) -> None:
-        if self._packed is not None and _same(args, self._last):
+        if PACKED and self._packed is not None and _same(args, self._last):
             self._packed()
             return
         shaped = self._shaped(args)
         # once a call has packed, the kernel is compiled: new arguments (an optimizer's
         # learning rate, another batch's buffer) only need packing again
-        packed = _pack(self._configured, shaped) if self._packed is not None else None
+        packed = _pack(self._configured, shaped) if PACKED and self._packed else None
         if packed is None:
             self._configured(*shaped)  # numba.cuda's path: compiles or loads on first use
             packed = _pack(self._configured, shaped) if PACKED else None

@@ -554,7 +554,9 @@ def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32"
     compiled = CompiledNetwork(network, batch, dtype, algo, seed, init, check, fuse, device,
                                share)
     if warm:
-        compiled.warm_up()
+        from convdsl.codegen import parallel  # it reads this module's classes
+
+        parallel.warm(compiled)
     return compiled
 
 

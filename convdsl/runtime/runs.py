@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from convdsl.codegen import parallel
 from convdsl.errors import RunError
 from convdsl.ir.training import TrainSettings, resolve
 from convdsl.network import Network
@@ -74,7 +75,7 @@ def _resumed_recipe(out: Path, data_source: str | None, overrides: Mapping[str, 
 def compile_for_run(trainer: Trainer, log: Log = print) -> None:
     """Compile (or load from the cache) every kernel before the first step."""
     started = time.perf_counter()
-    trainer.net.warm_up()
+    parallel.warm(trainer.net)
     log(f"{trainer.network.name}: {len(trainer.x):,} training and {len(trainer.x_val):,} "
         f"validation examples, {trainer.steps_per_epoch} steps per epoch of "
         f"{trainer.settings.batch}; kernels ready in {time.perf_counter() - started:.1f} s")

@@ -8,10 +8,14 @@
     scores = compiled.forward(images)
 """
 
-from convdsl.errors import ConvDslError, Diagnostic
-from convdsl.network import Network, load, loads
-from convdsl.runtime.executor import CompiledNetwork, compile
-from convdsl.toeplitz import toeplitz
+from convdsl.threads import quiet_blas_threads
+
+quiet_blas_threads()  # before NumPy loads OpenBLAS: see convdsl/threads.py
+
+from convdsl.errors import ConvDslError, Diagnostic  # noqa: E402
+from convdsl.network import Network, load, loads  # noqa: E402
+from convdsl.runtime.executor import CompiledNetwork, compile  # noqa: E402
+from convdsl.toeplitz import toeplitz  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["CompiledNetwork", "ConvDslError", "Diagnostic", "Network", "__version__", "compile",

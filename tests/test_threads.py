@@ -47,3 +47,46 @@ def test_openblas_restarts_with_the_timeout_and_products_stay_right(
 def test_libraries_that_cannot_be_restarted_are_skipped(tmp_path: object) -> None:
     assert not threads._restart_loaded(["/nonexistent/libopenblas.so"])
     assert not threads._restart_loaded([])
+
+
+def _fresh_process(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in (threads.LAYER_VARIABLE, threads.SPIN_VARIABLE)}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+SHOW_POOL = ("import os, convdsl, numba; print(numba.threading_layer(), "
+             "os.environ.get('GOMP_SPINCOUNT'))")
+
+
+def test_kernels_run_on_the_openmp_pool_and_the_spin_setting_is_put_back() -> None:
+    """Where libgomp loads, the OpenMP pool is chosen; GOMP_SPINCOUNT was set only while
+    it loaded, so that other libraries' OpenMP later keeps its own default."""
+    layer, spin = _fresh_process(SHOW_POOL).split()
+    assert layer in ("omp", "workqueue")  # workqueue only where libgomp cannot load
+    assert spin == "None"
+
+
+def test_a_threading_layer_the_user_chose_is_kept() -> None:
+    code = "import convdsl, numba; print(numba.config.THREADING_LAYER)"
+    assert _fresh_process(code, NUMBA_THREADING_LAYER="workqueue") == "workqueue"
+
+
+def test_a_libgomp_loaded_before_convdsl_means_the_workqueue_pool() -> None:
+    """Its spinning was set by whoever loaded it (300,000 rounds by default), which
+    would take cores from OpenBLAS's products."""
+    code = ("import ctypes, ctypes.util\n"
+            "name = ctypes.util.find_library('gomp')\n"
+            "if name is None: print('workqueue'); raise SystemExit\n"
+            "ctypes.CDLL(name)\n"
+            "import convdsl, numba; print(numba.threading_layer())")
+    assert _fresh_process(code) == "workqueue"
+
+
+def test_results_are_the_same_on_either_pool() -> None:
+    code = ("import numpy as np, convdsl\n"
+            "net = convdsl.compile('networks/lenet5.cnn', batch=4)\n"
+            "x = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)\n"
+            "print(net.forward(x, train=False).tobytes().hex())")
+    assert _fresh_process(code) == _fresh_process(code, NUMBA_THREADING_LAYER="workqueue")

@@ -24,6 +24,7 @@ from typing import Any
 import numba
 from numba.core.dispatcher import Dispatcher
 
+from convdsl import threads
 from convdsl.codegen.spec import KernelSpec
 
 Renderer = Callable[[KernelSpec], str]
@@ -31,17 +32,7 @@ Renderer = Callable[[KernelSpec], str]
 Signatures = dict[str, list[Any]]
 
 
-def _prefer_workqueue_threads() -> None:
-    """Run parallel kernels on Numba's own thread pool, unless the user chose a layer.
-
-    With the default OpenMP layer, its threads keep spinning after a kernel returns
-    and starve OpenBLAS's threads in the matrix product that follows: on 2 cores a
-    LeNet-5 training step took 330 ms instead of 6 ms. The workqueue pool sleeps."""
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
-
-
-_prefer_workqueue_threads()
+threads.choose_kernel_threads()  # before any kernel runs: see convdsl/threads.py
 
 _RENDERERS: dict[str, Renderer] = {}
 _LOADED: dict[str, ModuleType] = {}

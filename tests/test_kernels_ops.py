@@ -66,11 +66,31 @@ def pool_options(draw: st.DrawFn, dilated: bool) -> tuple[int, str]:
 
 
 @SETTINGS
-@given(pool_options(dilated=True), DTYPES, SEEDS)
-@example((2, "3x2, stride=2x1, pad=1x1, dilation=1x2, round=ceil"), "float32", 1)
-def test_maxpool(options: tuple[int, str], dtype: str, seed: int) -> None:
+@given(pool_options(dilated=True), st.booleans(), DTYPES, SEEDS)
+@example((2, "3x2, stride=2x1, pad=1x1, dilation=1x2, round=ceil"), False, "float32", 1)
+@example((2, "2, stride=2"), False, "float32", 1)  # windows inside: written out tap by tap
+@example((2, "2, stride=2"), True, "float32", 1)
+def test_maxpool(options: tuple[int, str], train: bool, dtype: str, seed: int) -> None:
+    """Training records the positions as it pools; inference keeps only the maxima,
+    and a backward after it finds the positions again (check_layer runs backward)."""
     rank, text = options
-    check_layer(network(MAPS[rank], f"maxpool({text})"), "y", dtype=dtype, seed=seed)
+    check_layer(network(MAPS[rank], f"maxpool({text})"), "y", dtype=dtype, seed=seed,
+                train=train)
+
+
+@pytest.mark.parametrize("layer", ["maxpool(2, stride=2)", "maxpool(3, stride=2, pad=1)",
+                                   "global_maxpool"])
+def test_maxpool_inference_keeps_nan_and_minus_infinity_as_training_does(layer: str) -> None:
+    net = convdsl.loads(f"input x: 2x6x6\ny = {layer}\noutput y")
+    kernel = build_layer(layer_setups(net, 2, "float32")["y"])
+    x = random_array(np.random.default_rng(5), (2, 2, 6, 6)).astype(np.float32)
+    x[0, 0, 0, 1] = np.nan  # first window's second tap: NaN wins from then on
+    x[0, 1, :2, :2] = -np.inf  # a window of -inf alone
+    x[1, 0, 3, 3] = np.nan
+    trained = kernel.forward([x], {}, Mode(train=True)).copy()
+    inferred = kernel.forward([x], {}, Mode(train=False))
+    np.testing.assert_array_equal(inferred, trained)  # NaN equal to NaN here
+    assert np.isnan(inferred[0, 0].flat[0])
 
 
 @SETTINGS

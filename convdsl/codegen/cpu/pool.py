@@ -75,7 +75,56 @@ def _render_maxpool(spec: KernelSpec) -> str:
                     code.line(f"where = {flat([f'i{axis}' for axis in range(rank)], sizes)}")
             code.line(f"y[{here}] = best")
             code.line(f"arg[{here}] = where")
+    code.line()
+    code.line()
+    _render_maxpool_values(code, spec)
     return code.text()
+
+
+# Windows of up to this many taps, all inside the input, are written out tap by tap.
+UNROLL_TAPS = 16
+
+
+def _inside(spec: KernelSpec) -> bool:
+    """Whether every window lies wholly inside the input (no padding, no overhang)."""
+    _, sizes, outs = geometry(spec)
+    return all(
+        before == 0 and (out - 1) * step + (width - 1) * spread < size
+        for size, out, step, width, spread, (before, _) in zip(
+            sizes, outs, spec.option("stride"), spec.option("window"),
+            spec.option("dilation"), spec.option("pads")))
+
+
+def _render_maxpool_values(code: Code, spec: KernelSpec) -> None:
+    """forward_values(x, y): the maxima alone, for inference, where nothing reads the
+    positions: a third fewer stores, and windows wholly inside the input are written
+    out without bounds or loops. NaN propagates as in forward."""
+    planes, sizes, _ = geometry(spec)
+    rank = len(sizes)
+    here = index(["p", *(f"o{axis}" for axis in range(rank))])
+    windows, spreads = spec.option("window"), spec.option("dilation")
+    code.line(jit())
+    with code.block("def forward_values(x, y)"), code.block(f"for p in prange({planes})"), \
+            code.loops(_output_loops(spec)):
+        window_starts(code, spec)
+        if _inside(spec) and math.prod(windows) <= UNROLL_TAPS:
+            for tap, offsets in enumerate(np.ndindex(*windows)):
+                place = index(["p", *(f"a{axis} + {k * spreads[axis]}"
+                                      for axis, k in enumerate(offsets))])
+                if tap == 0:
+                    code.line(f"best = x[{place}]")
+                    continue
+                code.line(f"v = x[{place}]")
+                with code.block("if v > best or v != v"):
+                    code.line("best = v")
+        else:
+            code.line("best = -np.inf")
+            with ExitStack() as stack:
+                real_positions(code, stack, spec)
+                code.line(f"v = x[{index(['p', *(f'i{axis}' for axis in range(rank))])}]")
+                with code.block("if v > best or v != v"):
+                    code.line("best = v")
+        code.line(f"y[{here}] = best")
 
 
 @cache.template("argmax_scatter")
@@ -188,20 +237,32 @@ class MaxPoolLayer(_Pool):
             "argmax_scatter", setup.dtype,
             ((planes, math.prod(self.in_view[1:])), (planes, math.prod(self.out_view[1:]))))
         self.specs = [spec, self.scatter_spec]
-        self._forward = cache.load(spec).forward
+        module = cache.load(spec)
+        self._forward, self._forward_values = module.forward, module.forward_values
         self._backward = cache.load(self.scatter_spec).backward
         self.flat_view = (planes, -1)
         self.arg_flat = self.arg.reshape(self.flat_view)
         self.dx_flat = self.dx.reshape(self.flat_view)
+        self._x: np.ndarray | None = None  # the last forward's input, as planes
+        self._positions_current = False  # whether arg holds the last forward's positions
 
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
-        self._forward(inputs[0].reshape(self.in_view), self.out_planes, self.arg)
+        self._x = inputs[0].reshape(self.in_view)
+        if mode.train:
+            self._forward(self._x, self.out_planes, self.arg)
+        else:
+            self._forward_values(self._x, self.out_planes)
+        self._positions_current = mode.train
         return self.out
 
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False
                  ) -> list[np.ndarray | None]:
+        if not self._positions_current:  # an inference forward left no positions
+            assert self._x is not None, "backward before any forward"
+            self._forward(self._x, self.out_planes, self.arg)
+            self._positions_current = True
         self._backward(grad_output.reshape(self.flat_view), self.arg_flat, self.dx_flat)
         return [self.dx]
 

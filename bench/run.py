@@ -1,4 +1,4 @@
-"""convdsl against PyTorch on this machine, side by side in one process.
+"""convdsl against PyTorch on this machine, side by side, interleaved.
 
     python bench/run.py                      # the full benchmark (about 10 minutes, 2 cores)
     python bench/run.py --quick              # every case briefly: a smoke test
@@ -6,7 +6,9 @@
 
 Both sides get the same thread count (NUMBA_NUM_THREADS and the BLAS libraries' variables
 are set here before NumPy, Numba or PyTorch is imported; torch.set_num_threads after),
-the same batch of random data and the same weights. See bench/README.md for what each
+the same batch of random data and the same weights. Each side runs in a worker process
+of its own (`--serve convdsl|torch`, bench/sides.py), asked in turn for one timed run
+after another. See bench/README.md for what each
 column means. Compile time and peak memory are measured in child processes of this
 script (`--child ...`), so that each starts from nothing.
 """
@@ -60,7 +62,8 @@ def child(argv: list[str]) -> dict[str, Any]:
         convdsl.compile(ROOT / "networks" / f"{argv[1]}.cnn", batch=int(argv[2]))
         return {"import_s": imported - start, "compile_s": time.perf_counter() - imported}
     side, network, batch, steps = argv[1], argv[2], int(argv[3]), int(argv[4])
-    import suite  # imports torch too: both sides pay for both imports before the baseline
+    import suite
+    import torch  # noqa: F401  (both sides pay for both imports before the baseline)
     baseline_mb = _current_rss_mb()
     path = ROOT / "networks" / f"{network}.cnn"
     if side == "convdsl":
@@ -146,6 +149,8 @@ def machine() -> list[str]:
     import numba
     import numpy
     import torch
+
+    import convdsl  # noqa: F401  (main imported it before torch, as the convdsl worker does)
     cpu = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -155,9 +160,16 @@ def machine() -> list[str]:
                 break
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
+    try:
+        pool = f"Numba's {numba.threading_layer()} pool"  # type: ignore[attr-defined]
+    except ValueError:
+        pool = "Numba's pool not started"
+    spin = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default")
     return [f"CPU: {cpu}, {os.cpu_count()} logical cores; {platform.platform()}",
             f"Python {platform.python_version()}, NumPy {numpy.__version__}, "
-            f"Numba {numba.__version__}, PyTorch {torch.__version__}; convdsl {commit or '?'}"]
+            f"Numba {numba.__version__}, PyTorch {torch.__version__}; convdsl {commit or '?'}",
+            f"convdsl's kernels: {pool}, OPENBLAS_THREAD_TIMEOUT={spin}; each side in its "
+            "own process"]
 
 
 def ratio(a: float, b: float) -> str:
@@ -205,6 +217,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, metavar="PATH",
                         help="also write the table and the machine to this file")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("convdsl", "torch"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -214,17 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child)))
         return 0
-    import torch
-    torch.set_num_threads(args.threads)
+    if args.serve:
+        from sides import serve
+        serve(args.serve, args.threads)
+        return 0
     import suite
+    from sides import Worker
     started = time.perf_counter()
     wanted = set(args.only or [])
     rows: list[Row] = []
-    for case in suite.cases(args.quick):
-        if wanted and case.network not in wanted:
-            continue
-        log(f"{case.title}, batch {case.batch}")
-        rows.extend(suite.run_case(case, args.warmup if not args.quick else 1, log))
+    chosen = [case for case in suite.cases(args.quick) if not wanted or case.network in wanted]
+    if chosen:
+        sides = {side: Worker(side, args.threads) for side in ("convdsl", "torch")}
+        try:
+            for case in chosen:
+                log(f"{case.title}, batch {case.batch}")
+                rows.extend(suite.run_case(case, args.warmup if not args.quick else 1, log,
+                                           sides))
+        finally:
+            for worker in sides.values():
+                worker.close()
     extra: list[str] = []
     if not wanted or "compile" in wanted:
         extra += compile_table(COMPILE_NETWORK[args.quick], args.threads)

@@ -1,31 +1,34 @@
-"""The benchmark's cases and how they are measured (imported by bench/run.py only after
-it has fixed the thread counts, since Numba and the BLAS libraries read them at import).
+"""The benchmark's cases and how they are measured.
 
 A case is one network at one batch size. Its convdsl network (one per requested
 algorithm) and its PyTorch model (bench/torch_net.py, loaded with the same weights)
-run on the same random batch; the variants are timed interleaved (A B A B ...) after
-warm-up, so that a slow phase of a shared machine hits every variant alike, and each
-row reports the medians.
+run on the same random batch, each side in a worker process of its own (bench/sides.py,
+which says why). The variants are timed interleaved (A B A B ...) after warm-up, so that
+a slow phase of a shared machine hits every variant alike, and each row reports the
+medians. The workers import this module after bench/run.py has fixed the thread counts,
+since Numba and the BLAS libraries read them at import; PyTorch is imported only on its
+side.
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch_net import TorchModel
 
 import convdsl
 from convdsl.network import Network
 from convdsl.runtime.optim import SGD
 from convdsl.runtime.params import init_params
+
+if TYPE_CHECKING:
+    from sides import Worker
+    from torch_net import TorchModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ROOT / "networks"
@@ -98,6 +101,8 @@ def random_batch(network: Network, batch: int, seed: int = 0
 def torch_model(path: Path, batch: int) -> tuple[TorchModel, np.ndarray, np.ndarray]:
     """The PyTorch model alone, with convdsl's initial weights (seed 0) and the same batch
     as a convdsl network compiled from `path` gets, without compiling any kernel."""
+    from torch_net import TorchModel
+
     network = convdsl.load(path)
     model = TorchModel(network)
     model.load_arrays(init_params(network, 0, "pytorch", "float32"))
@@ -127,6 +132,9 @@ def convdsl_steps(net: convdsl.CompiledNetwork, x: np.ndarray, y: np.ndarray
 def torch_steps(model: TorchModel, x: np.ndarray, y: np.ndarray
                 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The same for PyTorch eager: the step a PyTorch user writes."""
+    import torch
+    import torch.nn.functional as F
+
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y).long()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
@@ -147,6 +155,8 @@ def torch_steps(model: TorchModel, x: np.ndarray, y: np.ndarray
 def compiled_inference(model: TorchModel, x: np.ndarray
                        ) -> tuple[Callable[[], None] | None, str]:
     """torch.compile'd inference, compiled now; (None, why) when compiling fails."""
+    import torch
+
     inputs = torch.from_numpy(x)
     model.eval()
     start = time.perf_counter()
@@ -165,63 +175,88 @@ def compiled_inference(model: TorchModel, x: np.ndarray
     return infer, f"torch.compile took {seconds:.0f} s"
 
 
-# --- timing --------------------------------------------------------------------------
+# --- each side of a case, in its worker ----------------------------------------------
 
 
-def interleaved(variants: dict[str, Callable[[], None]], reps: int, warmup: int = 2
+Made = tuple[dict[str, Callable[[], None]], dict[str, list[list[float]]], list[str]]
+
+
+def convdsl_side(case: Case) -> Made:
+    """convdsl's runs of a case, named `convdsl:ALGO:MODE`, and each network's inference
+    outputs on the batch (compared with PyTorch's by the coordinator)."""
+    path = NETWORKS / f"{case.network}.cnn"
+    runs: dict[str, Callable[[], None]] = {}
+    outputs: dict[str, list[list[float]]] = {}
+    for algo in case.algos:
+        net = convdsl.compile(path, batch=case.batch, algo=algo)
+        x, y = random_batch(net.network, case.batch)
+        outputs[algo] = net.forward(x, train=False).tolist()
+        runs[f"convdsl:{algo}:train"], runs[f"convdsl:{algo}:infer"] = convdsl_steps(net, x, y)
+    return runs, outputs, []
+
+
+def torch_side(case: Case) -> Made:
+    """PyTorch's runs of a case (`eager:MODE`, and `compiled:infer` where torch.compile
+    works), with convdsl's initial weights (seed 0), and eager's inference outputs."""
+    import torch
+
+    model, x, y = torch_model(NETWORKS / f"{case.network}.cnn", case.batch)
+    model.eval()
+    with torch.inference_mode():
+        outputs = {"eager": model(torch.from_numpy(x)).numpy().tolist()}
+    runs: dict[str, Callable[[], None]] = {}
+    runs["eager:train"], runs["eager:infer"] = torch_steps(model, x, y)
+    notes: list[str] = []
+    if case.torch_compile:
+        compiled, note = compiled_inference(model, x)
+        notes.append(note)
+        if compiled is not None:
+            runs["compiled:infer"] = compiled
+    return runs, outputs, notes
+
+
+# --- timing, from the coordinator ---------------------------------------------------------
+
+
+def interleaved(variants: dict[str, Callable[[], float]], reps: int, warmup: int = 2
                 ) -> dict[str, float]:
-    """Median milliseconds of each variant, run in turn A B C A B C ... after warm-up."""
+    """Median milliseconds of each variant, run in turn A B C A B C ... after warm-up;
+    each call runs its variant once and returns the seconds it took."""
     for _ in range(warmup):
         for run in variants.values():
             run()
-    gc.collect()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
         for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(run())
     return {name: 1e3 * median(values) for name, values in times.items()}
 
 
-# --- a case --------------------------------------------------------------------------
-
-
-def same_outputs(net: convdsl.CompiledNetwork, model: TorchModel, x: np.ndarray) -> str | None:
-    """None when both compute the same inference outputs (float32 tolerance), else a note:
-    the benchmark compares the same network or nothing."""
-    expected = net.forward(x, train=False)
-    model.eval()
-    with torch.inference_mode():
-        got = model(torch.from_numpy(x)).numpy()
+def difference(ours: list[list[float]], theirs: list[list[float]]) -> str | None:
+    """None when both computed the same inference outputs (float32 tolerance), else a
+    note: the benchmark compares the same network or nothing."""
+    expected, got = np.asarray(ours), np.asarray(theirs)
     scale = max(float(np.abs(expected).max()), 1e-6)
     error = float(np.abs(got - expected).max()) / scale
     return None if error < 1e-3 else f"OUTPUTS DIFFER from PyTorch's (relative {error:.1e})"
 
 
-def run_case(case: Case, warmup: int, log: Callable[[str], None]) -> list[Row]:
-    """Time a case's convdsl variants against PyTorch, train and inference."""
-    path = NETWORKS / f"{case.network}.cnn"
-    nets = {algo: convdsl.compile(path, batch=case.batch, algo=algo) for algo in case.algos}
-    first = nets[case.algos[0]]
-    model = TorchModel(first.network)
-    model.load_arrays(first.params)  # every variant starts from the same weights (seed 0)
-    x, y = random_batch(first.network, case.batch)
-    notes = [note for net in nets.values() if (note := same_outputs(net, model, x))]
+def run_case(case: Case, warmup: int, log: Callable[[str], None],
+             sides: dict[str, Worker]) -> list[Row]:
+    """Time a case's convdsl variants against PyTorch, train and inference, each side in
+    its worker."""
+    setup = {**asdict(case), "algos": list(case.algos)}
+    ours, theirs = sides["convdsl"].ask(setup=setup), sides["torch"].ask(setup=setup)
+    notes = [note for algo in case.algos
+             if (note := difference(ours["outputs"][algo], theirs["outputs"]["eager"]))]
     rows: list[Row] = []
     for mode in ("train", "infer"):
-        variants: dict[str, Callable[[], None]] = {}
-        for algo, net in nets.items():
-            train, infer = convdsl_steps(net, x, y)
-            variants[f"convdsl:{algo}"] = train if mode == "train" else infer
-        torch_train, torch_infer = torch_steps(model, x, y)
-        variants["eager"] = torch_train if mode == "train" else torch_infer
-        mode_notes = list(notes)
-        if mode == "infer" and case.torch_compile:
-            compiled, note = compiled_inference(model, x)
-            mode_notes.append(note)
-            if compiled is not None:
-                variants["compiled"] = compiled
+        variants: dict[str, Callable[[], float]] = {}
+        for side, reply in (("convdsl", ours), ("torch", theirs)):
+            for name in reply["variants"]:
+                if name.endswith(f":{mode}"):
+                    variants[name.rsplit(":", 1)[0]] = _runner(sides[side], name)
+        mode_notes = notes + (theirs["notes"] if mode == "infer" else [])
         log(f"  {case.title} batch {case.batch} {mode}: {case.reps} x {len(variants)} runs")
         medians = interleaved(variants, case.reps, warmup)
         for algo in case.algos:
@@ -231,5 +266,12 @@ def run_case(case: Case, warmup: int, log: Callable[[str], None]) -> list[Row]:
     return rows
 
 
-__all__ = ["Case", "Row", "cases", "convdsl_steps", "random_batch", "run_case", "torch_model",
-           "torch_steps"]
+def _runner(worker: Worker, name: str) -> Callable[[], float]:
+    def run() -> float:
+        seconds: float = worker.ask(run=name)["seconds"]
+        return seconds
+    return run
+
+
+__all__ = ["Case", "Row", "cases", "convdsl_side", "convdsl_steps", "random_batch",
+           "run_case", "torch_model", "torch_side", "torch_steps"]

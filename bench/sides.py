@@ -14,7 +14,7 @@ falls on both.
 A worker reads one JSON request per line and answers one JSON line:
 
     {"setup": {case fields}}  -> {"variants": [names], "outputs": {name: rows}, "notes": []}
-    {"run": name}             -> {"seconds": s}   (one run, timed in the worker)
+    {"run": name}             -> {"seconds": s}   (untimed runs for WARM_S, then one timed)
     {"quit": true}            -> the worker exits
 """
 
@@ -32,6 +32,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+# Before each timed run a worker runs the same variant untimed for this long (at least
+# once). PyTorch's OpenMP threads spin for a few milliseconds after it returns, and a
+# convdsl run that started at once lost a core to them: LeNet-5's step measured 10.4 ms
+# against 3.2 ms alone. Pausing instead is no cure: after 20 ms idle this VM's cores
+# take several runs to come back to speed (LeNet-5's step: 8.1 ms right after the
+# pause, 3.9 ms after five runs). Running untimed keeps the machine busy and warms this
+# side's threads and caches, as the previous steps of a training loop would.
+WARM_S = 0.05
 
 
 class Worker:
@@ -101,6 +109,10 @@ def _handle(side: str, request: dict[str, Any], runs: dict[str, Callable[[], Non
         gc.collect()  # before the timed runs, not during them
         return {"variants": list(runs), "outputs": outputs, "notes": notes}
     run = runs[request["run"]]
+    warm_until = time.perf_counter() + WARM_S
+    run()
+    while time.perf_counter() < warm_until:
+        run()
     started = time.perf_counter()
     run()
     return {"seconds": time.perf_counter() - started}

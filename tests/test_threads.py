@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_openblas_restarts_with_the_timeout_and_products_stay_right(
     np.testing.assert_array_equal(a @ b, before)
 
 
-def test_libraries_that_cannot_be_restarted_are_skipped(tmp_path: object) -> None:
+def test_libraries_that_cannot_be_restarted_are_skipped() -> None:
     assert not threads._restart_loaded(["/nonexistent/libopenblas.so"])
     assert not threads._restart_loaded([])
 
@@ -85,8 +86,9 @@ def test_a_libgomp_loaded_before_convdsl_means_the_workqueue_pool() -> None:
 
 
 def test_results_are_the_same_on_either_pool() -> None:
+    lenet = Path(__file__).resolve().parents[1] / "networks" / "lenet5.cnn"
     code = ("import numpy as np, convdsl\n"
-            "net = convdsl.compile('networks/lenet5.cnn', batch=4)\n"
+            f"net = convdsl.compile({str(lenet)!r}, batch=4)\n"
             "x = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)\n"
             "print(net.forward(x, train=False).tobytes().hex())")
     assert _fresh_process(code) == _fresh_process(code, NUMBA_THREADING_LAYER="workqueue")

@@ -55,6 +55,29 @@ def real_positions(code: Code, stack: ExitStack, spec: KernelSpec) -> None:
                 code.line("continue")
 
 
+def window_maximum(code: Code, spec: KernelSpec, there: str, minus_infinity: str,
+                   positions: bool) -> None:
+    """best = the maximum of x[there] over the real positions of the current window
+    (after window_starts); with `positions`, also where = the flat position of its first
+    maximum in row-major window order, as PyTorch records it. NaN propagates."""
+    _, sizes, _ = geometry(spec)
+    code.line(f"best = {minus_infinity}")
+    if positions:
+        code.line("where = -1")
+    with ExitStack() as stack:
+        real_positions(code, stack, spec)
+        code.line(f"v = x[{there}]")
+        if not positions:
+            with code.block("if v > best or v != v"):
+                code.line("best = v")
+            return
+        # the first real position always counts, so that a window of -inf still routes
+        # its gradient somewhere
+        with code.block("if where < 0 or v > best or v != v"):
+            code.line("best = v")
+            code.line(f"where = {flat([f'i{axis}' for axis in range(len(sizes))], sizes)}")
+
+
 def avg_divisor(code: Code, spec: KernelSpec, clip: bool = True) -> None:
     """PyTorch's rule (notes/semantics.md): per axis, the window clipped to the padded
     input counts when count_pad, else only its real part. Leaves `div`, and with

@@ -24,10 +24,10 @@ from convdsl.codegen import cache
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.pool_windows import (
     avg_divisor,
-    flat,
     geometry,
     real_positions,
     softpool_window,
+    window_maximum,
     window_options,
     window_starts,
 )
@@ -55,6 +55,7 @@ def _render_maxpool(spec: KernelSpec) -> str:
     planes, sizes, _ = geometry(spec)
     rank = len(sizes)
     here = index(["p", *(f"o{axis}" for axis in range(rank))])
+    there = index(["p", *(f"i{axis}" for axis in range(rank))])
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
@@ -63,16 +64,7 @@ def _render_maxpool(spec: KernelSpec) -> str:
         code.line('in the plane (row-major window order, as PyTorch), for the backward pass."""')
         with code.block(f"for p in prange({planes})"), code.loops(_output_loops(spec)):
             window_starts(code, spec)
-            code.line("best = -np.inf")
-            code.line("where = -1")
-            with ExitStack() as stack:
-                real_positions(code, stack, spec)
-                code.line(f"v = x[{index(['p', *(f'i{axis}' for axis in range(rank))])}]")
-                # the first real position always counts, so that a window of -inf still
-                # routes its gradient somewhere; NaN propagates as in PyTorch
-                with code.block("if where < 0 or v > best or v != v"):
-                    code.line("best = v")
-                    code.line(f"where = {flat([f'i{axis}' for axis in range(rank)], sizes)}")
+            window_maximum(code, spec, there, "-np.inf", positions=True)
             code.line(f"y[{here}] = best")
             code.line(f"arg[{here}] = where")
     code.line()
@@ -118,12 +110,8 @@ def _render_maxpool_values(code: Code, spec: KernelSpec) -> None:
                 with code.block("if v > best or v != v"):
                     code.line("best = v")
         else:
-            code.line("best = -np.inf")
-            with ExitStack() as stack:
-                real_positions(code, stack, spec)
-                code.line(f"v = x[{index(['p', *(f'i{axis}' for axis in range(rank))])}]")
-                with code.block("if v > best or v != v"):
-                    code.line("best = v")
+            there = index(["p", *(f"i{axis}" for axis in range(rank))])
+            window_maximum(code, spec, there, "-np.inf", positions=False)
         code.line(f"y[{here}] = best")
 
 

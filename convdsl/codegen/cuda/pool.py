@@ -33,8 +33,8 @@ from convdsl.codegen.pool_windows import (
     avg_divisor,
     flat,
     geometry,
-    real_positions,
     softpool_window,
+    window_maximum,
     window_options,
     window_starts,
 )
@@ -122,16 +122,7 @@ def _render_maxpool(spec: KernelSpec) -> str:
     with code.block("def forward(x, y, arg)"), ExitStack() as outer:
         here = _per_output(code, outer, spec)
         window_starts(code, spec)
-        code.line("best = -math.inf")
-        code.line("where = -1")
-        with ExitStack() as stack:
-            real_positions(code, stack, spec)
-            code.line(f"v = x[{there}]")
-            # the first real position always counts, so that a window of -inf still
-            # routes its gradient somewhere; NaN propagates as in PyTorch
-            with code.block("if where < 0 or v > best or v != v"):
-                code.line("best = v")
-                code.line(f"where = {flat(_names('i', rank), sizes)}")
+        window_maximum(code, spec, there, "-math.inf", positions=True)
         code.line(f"y[{here}] = best")
         code.line(f"arg[{here}] = where")
     code.line()

@@ -124,3 +124,17 @@ def _loaded_libraries() -> list[str]:
             return sorted({line.split()[-1] for line in maps if ".so" in line})
     except OSError:
         return []
+
+
+def describe() -> str:
+    """The CPU thread pools of this process in a few words, for reports: timings on
+    another pool or with spinning BLAS threads are not comparable."""
+    import numba
+
+    try:
+        pool = f"Numba's {numba.threading_layer()} pool"  # type: ignore[attr-defined]
+    except ValueError:  # no parallel kernel has started it yet
+        pool = "Numba's pool not started"
+    timeout = os.environ.get(VARIABLE, "OpenBLAS's default")
+    return (f"{numba.get_num_threads()} threads on {pool}, "
+            f"OPENBLAS_THREAD_TIMEOUT={timeout}")

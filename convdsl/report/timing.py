@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from convdsl import threads
 from convdsl.codegen.layer import Mode
 from convdsl.ir.ops import Activation, Layer, Op
 from convdsl.runtime.executor import CompiledNetwork, Stage
@@ -72,6 +73,7 @@ class Timing:
     train_step_s: float  # forward (train=True) + loss + backward, measured whole
     inference_s: float  # forward (train=False), measured whole
     device: str = "cpu"
+    threads: str = ""  # the CPU's thread pools (convdsl.threads.describe)
 
     @property
     def stages_s(self) -> float:
@@ -102,7 +104,7 @@ class Timing:
         """Everything as plain numbers, times in milliseconds, for `--json`."""
         return {
             "network": self.network, "batch": self.batch, "dtype": self.dtype,
-            "device": self.device,
+            "device": self.device, "threads": self.threads,
             "iterations": self.iterations,
             "stages": [{
                 "name": s.name, "ops": s.ops, "algorithm": s.algorithm,
@@ -143,8 +145,9 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
             net.device.fill(array, 0.0)
     stages = tuple(_stage_time(net, stage, forward[stage.name], backward[stage.name])
                    for stage in net.stages)
+    pools = threads.describe() if net.device.name == "cpu" else ""
     return Timing(net.network.name, net.batch, net.dtype, iterations, stages,
-                  train_step, inference, net.device.name)
+                  train_step, inference, net.device.name, pools)
 
 
 # --- measuring ------------------------------------------------------------------
@@ -283,6 +286,8 @@ def timing_table(timing: Timing) -> str:
     lines = [f"{timing.network}: batch {timing.batch}, {timing.dtype}, {timing.device}, median of "
              f"{timing.iterations} iteration{'s' if timing.iterations != 1 else ''} "
              f"after {WARM_UP} warm-up"]
+    if timing.threads:
+        lines.append(f"threads: {timing.threads}")
     for index, row in enumerate(rows):
         if index == len(rows) - 1:
             lines.append("  ".join("-" * width for width in widths))

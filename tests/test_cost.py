@@ -104,10 +104,43 @@ def test_calibration_is_measured_once_and_cached(tmp_path: Path,
     monkeypatch.setattr(cost, "calibrate", fake)
     assert cost.rates() == measured
     stored = json.loads((tmp_path / cost.CALIBRATION_FILE).read_text())
-    assert stored["rates"]["blas"] == 1e11
+    assert [entry["rates"]["blas"] for entry in stored["calibrations"]] == [1e11]
     monkeypatch.setattr(cost, "_RATES", None)  # a new process reads the file
     assert cost.rates() == measured
     assert len(calls) == 1
+
+
+def test_each_machine_signature_keeps_its_own_calibration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with another thread count measures its own rates and keeps the others'."""
+    monkeypatch.delenv(cost.NO_CALIBRATE)
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    two = cost.Rates(blas=2e11, loops=2e10, fft=5e9, copy=1e10, call=1e-5)
+    one = cost.Rates(blas=1e11, loops=1e10, fft=3e9, copy=1e10, call=1e-5)
+    signature = {"threads": 2}
+    monkeypatch.setattr(cost, "_machine", lambda: dict(signature))
+    for threads, rates in ((2, two), (1, one)):
+        signature["threads"] = threads
+        monkeypatch.setattr(cost, "_RATES", None)
+        monkeypatch.setattr(cost, "calibrate", lambda rates=rates: rates)
+        assert cost.rates() == rates
+    monkeypatch.setattr(cost, "calibrate", lambda: pytest.fail("measured again"))
+    for threads, rates in ((2, two), (1, one)):
+        signature["threads"] = threads
+        monkeypatch.setattr(cost, "_RATES", None)
+        assert cost.rates() == rates
+
+
+def test_a_calibration_in_the_earlier_one_entry_layout_is_still_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cost.NO_CALIBRATE)
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "_RATES", None)
+    rates = cost.Rates(blas=1e11, loops=1e10, fft=5e9, copy=1e10, call=1e-5)
+    (tmp_path / cost.CALIBRATION_FILE).write_text(json.dumps(
+        {"machine": cost._machine(), "rates": {**rates.__dict__}}))
+    monkeypatch.setattr(cost, "calibrate", lambda: pytest.fail("measured again"))
+    assert cost.rates() == rates
 
 
 def test_tuning_times_once_and_reuses_the_decision(tmp_path: Path,

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -226,20 +227,42 @@ def _machine() -> dict[str, object]:
             "numpy": np.__version__, "numba": numba.__version__}
 
 
-def _read_calibration() -> Rates | None:
-    path = cache.cache_dir() / CALIBRATION_FILE
+KEPT_CALIBRATIONS = 8  # machine signatures remembered, the least recent dropped
+
+
+def _stored_calibrations() -> list[dict[str, Any]]:
+    """The calibrations in the cache, one per machine signature (thread count, NumPy,
+    ...): a run with another thread count adds its own instead of replacing the others,
+    each of which cost a measurement and could come out disturbed the next time."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("machine") == _machine():
-            return Rates(**stored["rates"])
-    except (OSError, ValueError, TypeError, KeyError):
-        pass  # missing, unreadable or stale: measure again
+        stored = json.loads((cache.cache_dir() / CALIBRATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # missing or unreadable: measure again
+    if not isinstance(stored, dict):
+        return []
+    if "machine" in stored:  # the one-entry layout of earlier versions
+        return [stored]
+    entries = stored.get("calibrations", [])
+    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(
+        entries, list) else []
+
+
+def _read_calibration() -> Rates | None:
+    machine = _machine()
+    for entry in _stored_calibrations():
+        if entry.get("machine") == machine:
+            try:
+                return Rates(**entry["rates"])
+            except (KeyError, TypeError):
+                return None  # damaged: measure again
     return None
 
 
 def _write_calibration(measured: Rates) -> Rates:
-    _write_json(cache.cache_dir() / CALIBRATION_FILE,
-                {"machine": _machine(), "rates": asdict(measured)})
+    machine = _machine()
+    others = [entry for entry in _stored_calibrations() if entry.get("machine") != machine]
+    kept = [*others, {"machine": machine, "rates": asdict(measured)}][-KEPT_CALIBRATIONS:]
+    _write_json(cache.cache_dir() / CALIBRATION_FILE, {"calibrations": kept})
     return measured
 
 

@@ -1,6 +1,6 @@
 """convdsl against PyTorch on this machine, side by side, interleaved.
 
-    python bench/run.py                      # the full benchmark (about 10 minutes, 2 cores)
+    python bench/run.py                      # the full benchmark (about 3 minutes, 2 cores)
     python bench/run.py --quick              # every case briefly: a smoke test
     python bench/run.py --only resnet18_cifar --threads 2 --markdown results.md
 

@@ -150,7 +150,7 @@ def machine() -> list[str]:
     import numpy
     import torch
 
-    import convdsl  # noqa: F401  (main imported it before torch, as the convdsl worker does)
+    from convdsl import threads  # main imported convdsl before torch, as its worker does
     cpu = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -160,16 +160,10 @@ def machine() -> list[str]:
                 break
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
-    try:
-        pool = f"Numba's {numba.threading_layer()} pool"  # type: ignore[attr-defined]
-    except ValueError:
-        pool = "Numba's pool not started"
-    spin = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default")
     return [f"CPU: {cpu}, {os.cpu_count()} logical cores; {platform.platform()}",
             f"Python {platform.python_version()}, NumPy {numpy.__version__}, "
             f"Numba {numba.__version__}, PyTorch {torch.__version__}; convdsl {commit or '?'}",
-            f"convdsl's kernels: {pool}, OPENBLAS_THREAD_TIMEOUT={spin}; each side in its "
-            "own process"]
+            f"convdsl's kernels: {threads.describe()}; each side in its own process"]
 
 
 def ratio(a: float, b: float) -> str:

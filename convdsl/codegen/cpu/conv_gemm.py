@@ -168,6 +168,33 @@ def _gather_grad(code: Code, g: Geometry) -> None:
     code.line()
 
 
+# Side of the square blocks the weight gradient is transposed in: a 32 x 32 block of
+# float32 is 4 KiB, so a block's rows and columns both stay in the L1 cache.
+TRANSPOSE_BLOCK = 32
+
+
+def _store_weight_grad(code: Code, g: Geometry) -> None:
+    """dw[g, o, r] (+)= dwt[g, r, o] in square blocks. NumPy's transposing copy walks one
+    side with a stride of the other: 12 ms for ResNet's 512-channel 3x3 layer (4608 x 512),
+    against 1.7 ms blocked."""
+    rows, og, block = g.cg * g.volume, g.og, TRANSPOSE_BLOCK
+    blocks = -(-og // block)
+    code.line(jit())
+    with code.block("def store_weight_grad(dwt, dw, add)"), \
+            code.block(f"for job in prange({g.groups * blocks})"):
+        code.line(f"grp = job // {blocks}")
+        code.line(f"o0 = (job - grp * {blocks}) * {block}")
+        code.line(f"o1 = min(o0 + {block}, {og})")
+        with code.block(f"for r0 in range(0, {rows}, {block})"):
+            code.line(f"r1 = min(r0 + {block}, {rows})")
+            with code.block("for o in range(o0, o1)"):
+                with code.block("if add"), code.block("for r in range(r0, r1)"):
+                    code.line("dw[grp, o, r] += dwt[grp, r, o]")
+                with code.block("else"), code.block("for r in range(r0, r1)"):
+                    code.line("dw[grp, o, r] = dwt[grp, r, o]")
+    code.line()
+
+
 def transposed(g: Geometry) -> Geometry:
     """The input gradient of a stride-1 convolution as a convolution of dy: correlation
     with the kernel transposed (channels swapped) and flipped, dilation kept, padded by
@@ -288,13 +315,9 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
                 # 64-row result over a long reduction) can drop to a few GFLOP/s
                 code.line("np.matmul(col[:, :, :cols], yt[:, :, :cols].transpose(0, 2, 1), "
                           "out=ws['dwt'])")
-                if len(starts) == 1:
-                    code.line("np.copyto(dw3, ws['dwt'].transpose(0, 2, 1))")
-                else:
-                    with code.block(f"if n0 == {starts[-1]}"):
-                        code.line("np.copyto(dw3, ws['dwt'].transpose(0, 2, 1))")
-                    with code.block("else"):
-                        code.line("dw3 += ws['dwt'].transpose(0, 2, 1)")
+                # the first chunk visited (the last) stores, later ones add
+                add = "False" if len(starts) == 1 else f"n0 != {starts[-1]}"
+                code.line(f"store_weight_grad(ws['dwt'], dw3, {add})")
             code.line("ws['fresh'] = False  # col is overwritten next")
             with code.block("if dx is not None"):
                 if by_conv:
@@ -391,6 +414,8 @@ def render(spec: KernelSpec) -> str:
     _im2col(code, g)
     _scatter_output(code, g)
     _gather_grad(code, g)
+    if g.weight_grad:
+        _store_weight_grad(code, g)
     if as_convolution(g):
         _im2col(code, transposed(g), "im2col_grad")
         _scatter_output(code, transposed(g), "scatter_input")

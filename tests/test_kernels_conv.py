@@ -1,4 +1,5 @@
-"""Convolution and filter kernels (direct, GEMM, FFT) against the NumPy reference.
+"""Convolution and filter kernels (direct, GEMM, FFT) against the NumPy reference
+(Winograd: tests/test_kernels_winograd.py).
 
 Every case runs forward and backward through tests/kernel_harness.py. Fixed cases cover
 each option at least once for every algorithm (1-D, 2-D and 3-D; every padding mode,
@@ -201,7 +202,8 @@ def test_algorithm_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cost.NO_CALIBRATE, "1")
     cases = {
         "input x: 4x256\nc = conv(4, 64)\noutput c": "fft",  # large window, stride 1
-        "input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c": "gemm",  # 576 products
+        "input x: 64x8x8\nc = conv(64, 3, stride=2, pad=1)\noutput c": "gemm",  # 576 products
+        "input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c": "winograd",  # at stride 1
         "input x: 1x28x28\nc = conv(6, 5, pad=2)\noutput c": "direct",  # 6 outputs
         "input x: 3x32x32\nc = conv(64, 3, pad=1)\noutput c": "gemm",  # 27 products
         "input x: 32x8x8\nc = conv(32, 3, groups=32)\noutput c": "direct",  # depthwise
@@ -217,12 +219,12 @@ def test_algorithm_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert conv.choose_algorithm(_setup("input x: 64x8x8\nc = conv(64, 3)\noutput c",
                                         "fft")) == ("fft", "requested")
     with pytest.raises(ValueError, match="unknown convolution algorithm"):
-        conv.choose_algorithm(_setup("input x: 4x8\nc = conv(4, 3)\noutput c", "winograd"))
+        conv.choose_algorithm(_setup("input x: 4x8\nc = conv(4, 3)\noutput c", "strassen"))
 
 
 def test_layer_reports_its_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cost.NO_CALIBRATE, "1")
-    kernel = build_layer(_setup("input x: 64x8x8\nc = conv(64, 3, pad=1)\noutput c"))
+    kernel = build_layer(_setup("input x: 64x8x8\nc = conv(64, 3, stride=2, pad=1)\noutput c"))
     assert (kernel.algorithm, kernel.specs[0].template) == ("gemm", "conv_gemm")
     assert "products per output" in kernel.reason
 

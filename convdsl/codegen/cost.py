@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.cpu import conv_fft, conv_gemm
+from convdsl.codegen.cpu import conv_fft, conv_gemm, conv_winograd
 from convdsl.codegen.cpu.conv_common import Geometry
 from convdsl.codegen.cpu.conv_direct import UNROLL
 from convdsl.codegen.spec import KernelSpec
 
-CHOICES = ("auto", "tune", "direct", "gemm", "fft")
+CHOICES = ("auto", "tune", "direct", "gemm", "fft", "winograd")
 NO_CALIBRATE = "CONVDSL_NO_CALIBRATE"
 CALIBRATION_FILE = "calibration.json"
 TUNING_FILE = "tuning.json"
@@ -77,6 +77,14 @@ STRIDED = 2.0  # loops along a strided row: this many times slower
 BLAS_HALF = (12.0, 16.0, 16.0)  # sides (m, k, n) at which a product runs at half speed
 IM2COL_PASSES = 2.0  # bytes moved per column byte (read of x, write of the column)
 SPECTRUM_PASSES = 2.0  # complex bytes moved per spectrum entry and reordering
+# Winograd's estimate times (WINOGRAD_SLACK + WINOGRAD_FEW / channels): its 16 products
+# per pass are short (a reduction over C, not 9C) and its transforms touch 16 planes, so
+# few channels cost more than the products and copies say. Fitted to forward + backward
+# times against GEMM (`python bench/conv_layers.py`: 3x3, pad 1, batch 32): 64 channels
+# on 32x32 maps 0.81 of GEMM's time, 128 on 16x16 0.64, 256 on 8x8 0.55, 512 on 4x4
+# 0.57, 16 and 32 channels 1.0-1.05, 3 -> 64 channels 2.3.
+WINOGRAD_SLACK = 1.15
+WINOGRAD_FEW = 16.0
 SMALL_PRODUCT = 0.2e-6  # seconds per (group, frequency) matrix product of the FFT path
 FFT_ROW = 0.1e-6  # seconds per 1-D transform that a transform of a map is made of
 # What the kernels reach of the micro-benchmarks' rates: their products are smaller and
@@ -178,6 +186,33 @@ def estimate_fft(g: Geometry, rates: Rates, scale: float = 1.0) -> float:
     return transform + multiply + (spectra + real) / rates.copy + 12 * rates.call
 
 
+def estimate_winograd(g: Geometry, chunk: int, rates: Rates, scale: float = 1.0) -> float:
+    """16 products per chunk and pass, each 4/9 of GEMM's multiply-adds per output, and
+    the transforms: patches (forward, and backward again unless one chunk), products to
+    outputs, output gradients, and patch gradients back to the input (conv_winograd.py).
+    The transforms move 16 values per tile and map through memory, so they are costed
+    as copies."""
+    item = 4 * scale
+    points, per_sample = conv_winograd.POINTS, conv_winograd.tiles_per_sample(g)
+    columns = chunk * per_sample
+    flops = 2 * g.batch * per_sample * points * g.out_channels * g.channels * scale
+    o, c = g.out_channels, g.channels
+    seconds = _blas_seconds(flops, o, c, columns, rates)  # forward
+    seconds += _blas_seconds(flops, c, o, columns, rates)  # input gradient
+    if g.weight_grad:
+        seconds += _blas_seconds(flops, c, columns, o, rates)
+    chunks = -(-g.batch // chunk)
+    patches = g.batch * per_sample * points * item  # one transformed map
+    inputs = g.batch * math.prod(g.sizes) * item
+    outputs = g.batch * g.positions * item
+    input_passes = 1 + (1 if g.weight_grad and chunks > 1 else 0)
+    copies = (c * (patches + inputs) * (input_passes + 1)  # patches in, their gradient out
+              + o * (patches + outputs) * 2)  # products out, output gradients in
+    calls = 8 * rates.call * chunks
+    slack = WINOGRAD_SLACK + WINOGRAD_FEW / min(c, o)
+    return (seconds + copies / rates.copy) * slack + calls
+
+
 def estimate(spec: KernelSpec, rates: Rates) -> float:
     """Seconds of one forward and one backward pass of a convolution kernel spec."""
     g, scale, rates = Geometry.from_spec(spec), _scale(spec), _effective(rates)
@@ -187,6 +222,8 @@ def estimate(spec: KernelSpec, rates: Rates) -> float:
         return estimate_gemm(g, int(spec.option("chunk")), rates, scale)
     if spec.template == "conv_fft":
         return estimate_fft(g, rates, scale)
+    if spec.template == "conv_winograd":
+        return estimate_winograd(g, int(spec.option("chunk")), rates, scale)
     raise ValueError(f"no cost model for kernel template {spec.template!r}")
 
 

@@ -24,7 +24,7 @@ from convdsl.runtime.params import layer_params
 if TYPE_CHECKING:
     from convdsl.network import Network
 
-ALGORITHMS = ("direct", "gemm", "fft")
+ALGORITHMS = ("direct", "gemm", "fft", "winograd")
 
 
 @dataclass(frozen=True)

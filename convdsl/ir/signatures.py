@@ -220,7 +220,7 @@ SIGNATURES: dict[str, Signature] = {
         "channels": positive_int, "window": sizes(1), **_CONV_OPTIONS,
         "groups": positive_int, "bias": boolean,
         # convdsl.codegen.cost.CHOICES (the language does not import the code generator)
-        "algo": choice("auto", "tune", "direct", "gemm", "fft"),
+        "algo": choice("auto", "tune", "direct", "gemm", "fft", "winograd"),
     }, required=("channels", "window")),
     "filter": Signature(Op.FILTER, ("window",), {
         "window": sizes(1), "kernel": kernel_values, **_CONV_OPTIONS,

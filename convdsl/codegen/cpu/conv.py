@@ -6,8 +6,10 @@
             (conv_gemm.py): the workhorse for many channels; 1x1 layers skip im2col
     fft     zero-padded numpy.fft transforms, products summed over channels by BLAS
             (conv_fft.py): its cost does not grow with the window
+    winograd  F(2x2, 3x3) tiles, 16 BLAS products per pass (conv_winograd.py): 4
+            multiplications per output instead of 9, for 3x3 layers at stride 1
 
-All three render one module per kernel spec with the same driver (conv_common.py), so
+All four render one module per kernel spec with the same driver (conv_common.py), so
 this file only picks the algorithm, describes the layer as a spec, allocates buffers and
 calls the driver. A filter layer is a depthwise convolution (groups = channels) with
 its fixed kernel as weight and no weight or bias gradient.
@@ -33,7 +35,12 @@ import numpy as np
 
 from convdsl.codegen import cache, cost
 from convdsl.codegen.activations import ActivationStep, act_options, is_elementwise
-from convdsl.codegen.cpu import conv_direct, conv_fft, conv_gemm  # noqa: F401  (templates)
+from convdsl.codegen.cpu import (  # noqa: F401  (templates)
+    conv_direct,
+    conv_fft,
+    conv_gemm,
+    conv_winograd,
+)
 from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.spec import KernelSpec
@@ -59,15 +66,27 @@ def choose_algorithm(setup: LayerSetup) -> tuple[str, str]:
     if setup.algo not in cost.CHOICES:
         raise ValueError(f"unknown convolution algorithm {setup.algo!r}; choose one of "
                          f"{', '.join(cost.CHOICES)}")
-    if setup.algo in ALGORITHMS:
+    if setup.algo in ALGORITHMS and applies(setup, setup.algo):
         return setup.algo, "requested"
     rates = cost.rates()
     estimates = {algorithm: cost.estimate(conv_spec(setup, algorithm), rates) * 1e3
-                 for algorithm in ALGORITHMS}
+                 for algorithm in ALGORITHMS if applies(setup, algorithm)}
     best = min(estimates, key=estimates.__getitem__)
     if setup.algo == "tune":
         return _tune(setup, estimates)
-    return best, f"estimated {_listing(estimates)} ms forward + backward; {_shape(setup)}"
+    reason = f"estimated {_listing(estimates)} ms forward + backward; {_shape(setup)}"
+    if setup.algo in ALGORITHMS:  # asked for one that cannot compute this layer
+        why = conv_winograd.why_not(Geometry.from_spec(conv_spec(setup, "direct")))
+        reason = f"{setup.algo} does not apply ({why}); {reason}"
+    return best, reason
+
+
+def applies(setup: LayerSetup, algorithm: str) -> bool:
+    """Whether `algorithm` can compute the layer: direct, GEMM and FFT compute any
+    convolution; Winograd only 2-D 3x3 ones at stride 1 (conv_winograd.applies)."""
+    if algorithm != "winograd":
+        return True
+    return conv_winograd.applies(Geometry.from_spec(conv_spec(setup, "direct")))
 
 
 # Candidates the model expects to take more than this many times the best estimate
@@ -79,7 +98,7 @@ def _tune(setup: LayerSetup, estimates: dict[str, float]) -> tuple[str, str]:
     """Time each plausible candidate's forward + backward once (after a warm-up run that
     compiles or loads its kernels), or reuse the decision cached for this layer."""
     best = min(estimates.values())
-    candidates = [name for name in ALGORITHMS if estimates[name] <= TUNE_WITHIN * best]
+    candidates = [name for name in estimates if estimates[name] <= TUNE_WITHIN * best]
     if len(candidates) == 1:
         return candidates[0], (f"tune: only candidate within {TUNE_WITHIN:g}x of the best "
                                f"estimate ({_listing(estimates)} ms)")
@@ -137,16 +156,29 @@ def conv_spec(setup: LayerSetup, algorithm: str) -> KernelSpec:
     weight, layout = spec_layout(setup)
     act = setup.layer.act if is_elementwise(setup.layer.act) else None  # softmax: outside
     extra: dict[str, Any] = {}
-    if algorithm == "gemm":
-        per_sample = (weight[1] * layout["groups"] * math.prod(weight[2:])
-                      * math.prod(setup.out_shape[1:]) * np.dtype(setup.dtype).itemsize)
-        fits = max(1, min(setup.batch, GEMM_CHUNK_BYTES // per_sample))
-        chunks = -(-setup.batch // fits)
-        extra["chunk"] = -(-setup.batch // chunks)  # chunks of (nearly) equal size
+    if algorithm in ("gemm", "winograd"):
+        extra["chunk"] = _chunk(setup, weight, algorithm, layout["groups"])
     return KernelSpec.make(
         f"conv_{algorithm}", setup.dtype, (setup.batched_inputs[0], weight,
                                            setup.batched_output),
         **layout, **act_options(act), **extra)
+
+
+def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: int) -> int:
+    """Samples per chunk: as many as keep the largest scratch matrix (im2col's columns, or
+    Winograd's transformed patches or products) under GEMM_CHUNK_BYTES."""
+    item = np.dtype(setup.dtype).itemsize
+    if algorithm == "gemm":
+        per_sample = (weight[1] * groups * math.prod(weight[2:])
+                      * math.prod(setup.out_shape[1:]) * item)
+    else:
+        out = setup.out_shape[1:]
+        tiles = math.prod(-(-size // conv_winograd.TILE) for size in out)
+        channels = max(weight[0], weight[1] * groups)
+        per_sample = conv_winograd.POINTS * channels * tiles * item
+    fits = max(1, min(setup.batch, GEMM_CHUNK_BYTES // per_sample))
+    chunks = -(-setup.batch // fits)
+    return -(-setup.batch // chunks)  # chunks of (nearly) equal size
 
 
 class ConvLayer(KernelLayer):
@@ -163,7 +195,8 @@ class ConvLayer(KernelLayer):
         # buffers only their backward reads (see Scratch); the others keep their own,
         # small, workspace, made at the first call.
         self._shares_scratch = hasattr(self._module, "SCRATCH")
-        self._own_shapes = (conv_gemm.own_shapes(Geometry.from_spec(spec))
+        owner = conv_winograd if algorithm == "winograd" else conv_gemm
+        self._own_shapes = (owner.own_shapes(Geometry.from_spec(spec))
                             if self._shares_scratch else {})
         self._own_workspace: dict[str, Any] | None = None
         # The input gradient is made at the first backward: a layer that only ever runs

@@ -1,0 +1,99 @@
+"""Each convolution algorithm on single layers, forward and backward, interleaved.
+
+    python bench/conv_layers.py                      # ResNet's 3x3 layers, batch 32
+    python bench/conv_layers.py --layer 64x32x32:64 --layer 3x32x32:64 --rounds 9
+
+A layer is `CxHxW:O` (a 3x3 convolution with padding 1 and ReLU, C input channels on
+HxW maps, O outputs). For each layer every algorithm that computes it runs one forward
+and one backward (input, weight and bias gradients) per round, in turn, after an untimed
+round that compiles or loads the kernels; the table gives median milliseconds, the ratio
+of each algorithm to GEMM, and what the cost model (codegen/cost.py, this machine's
+calibration) estimated and chose. The Winograd constants of the model were fitted to
+these ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import convdsl
+from convdsl.codegen import cost
+from convdsl.codegen.cpu import conv
+from convdsl.codegen.layer import ALGORITHMS, Mode, layer_setups
+
+RESNET_LAYERS = ("3x32x32:64", "16x32x32:16", "32x16x16:32", "64x32x32:64",
+                 "128x16x16:128", "256x8x8:256", "512x4x4:512")
+
+
+def parse(layer: str) -> tuple[int, int, int, int]:
+    shape, _, outputs = layer.partition(":")
+    channels, height, width = (int(part) for part in shape.split("x"))
+    return channels, height, width, int(outputs)
+
+
+def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
+               ) -> dict[str, float]:
+    """Median seconds of one forward + backward per algorithm that applies."""
+    channels, height, width, outputs = parse(layer)
+    network = convdsl.loads(f"input x: {channels}x{height}x{width}\n"
+                            f"c = conv({outputs}, 3, pad=1, act=relu)\noutput c")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
+    dy = rng.standard_normal((batch, outputs, height, width), dtype=np.float32)
+    params = {"weight": rng.standard_normal((outputs, channels, 3, 3), dtype=np.float32),
+              "bias": rng.standard_normal(outputs, dtype=np.float32)}
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
+    layers = {}
+    for algorithm in algorithms:
+        setup = layer_setups(network, batch, "float32", algorithm)["c"]
+        if conv.applies(setup, algorithm):
+            layers[algorithm] = conv.ConvLayer(setup, algorithm, "bench", None)
+    seconds: dict[str, list[float]] = {name: [] for name in layers}
+    for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
+        for name, kernel in layers.items():
+            gradient = dy.copy()  # backward scales it in place by the ReLU's derivative
+            started = time.perf_counter()
+            kernel.forward([x], params, Mode(train=True))
+            kernel.backward(gradient, params, grads)
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def model_choice(layer: str, batch: int) -> str:
+    channels, height, width, outputs = parse(layer)
+    network = convdsl.loads(f"input x: {channels}x{height}x{width}\n"
+                            f"c = conv({outputs}, 3, pad=1, act=relu)\noutput c")
+    return conv.choose_algorithm(layer_setups(network, batch, "float32", None)["c"])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", action="append", help="CxHxW:O (repeatable)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fft", action="store_true", help="time FFT too (slow on these)")
+    args = parser.parse_args()
+    algorithms = tuple(name for name in ALGORITHMS
+                       if name != "direct" and (args.fft or name != "fft"))
+    print(f"batch {args.batch}, 3x3 pad 1 + ReLU, forward + backward, median of "
+          f"{args.rounds} rounds; model rates: {cost.rates()}")
+    header = ["layer", *(f"{name} ms" for name in algorithms),
+              *(f"{name}/gemm" for name in algorithms if name != "gemm"), "model"]
+    print("  ".join(f"{cell:>14}" for cell in header))
+    for layer in args.layer or RESNET_LAYERS:
+        ms = {name: 1e3 * value for name, value in
+              time_layer(layer, args.batch, args.rounds, algorithms).items()}
+        cells = [layer, *(f"{ms[name]:.2f}" if name in ms else "-" for name in algorithms),
+                 *(f"{ms[name] / ms['gemm']:.2f}" if name in ms else "-"
+                   for name in algorithms if name != "gemm"),
+                 model_choice(layer, args.batch)]
+        print("  ".join(f"{cell:>14}" for cell in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""The Winograd algorithm F(2x2, 3x3): 3x3 convolutions at stride 1 in 2.25x fewer products.
+
+Lavin and Gray's minimal filtering: cut the output into 2x2 tiles; the 4x4 input patch d
+that a tile reads and the 3x3 kernel g give the tile as
+
+    Y = A^T [ (G g G^T) . (B^T d B) ] A          (. elementwise; the matrices are below)
+
+that is 16 multiplications per tile and channel pair instead of 36. Summed over input
+channels, each of the 16 positions (xi, nu) of the transformed tile is a matrix product:
+
+    U[xi,nu] (O x C) = transformed kernels      V[xi,nu] (C x tiles) = transformed patches
+    M[xi,nu] = U[xi,nu] @ V[xi,nu]               then Y = A^T M A, tile by tile
+
+Backward uses the same transforms (Y is linear in U and in V):
+
+    Mg[xi,nu] = A dY A^T   (the output gradient of each tile, transformed)
+    dU[xi,nu]   = Mg[xi,nu] @ V[xi,nu]^T   ->  dW = G^T dU G        (summed over tiles)
+    dV[xi,nu]   = U[xi,nu]^T @ Mg[xi,nu]   ->  dx += B dV B^T        (tiles overlap by 2)
+
+so a layer's three passes are 3 x 16 BLAS products with 4 multiplications per output
+where im2col needs 9. The transforms are generated loops; the products are NumPy's. It
+applies to 2-D, 3x3, stride 1, undilated, ungrouped layers with any padding: the
+patches are read from a zero-padded copy of each input map, and the outputs of the
+last tile that fall past an odd output size are not written. Batches are processed in
+chunks, as im2col's are, so that V stays within the chunk budget; backward visits the
+last chunk first and reuses the V that forward left, as the GEMM algorithm does.
+
+Numerically the transforms add and halve, no more: float32 results differ from the
+direct sum by a few units in the last place times the channel count, as a GEMM's do.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from convdsl.codegen import cache
+from convdsl.codegen.activations import forward_expression
+from convdsl.codegen.cpu.conv_common import IMPORTS, Geometry, emit_prepare, prepare_call
+from convdsl.codegen.source import PRELUDE, Code, jit
+from convdsl.codegen.spec import KernelSpec
+
+Matrix = tuple[tuple[Fraction, ...], ...]
+
+
+def _matrix(rows: list[list[float]]) -> Matrix:
+    return tuple(tuple(Fraction(value) for value in row) for row in rows)
+
+
+def _transposed(matrix: Matrix) -> Matrix:
+    return tuple(zip(*matrix, strict=True))
+
+
+# Lavin and Gray's F(2x2, 3x3) with interpolation points 0, 1, -1 (and infinity).
+B_T = _matrix([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+G = _matrix([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+A_T = _matrix([[1, 1, 1, 0], [0, 1, -1, -1]])
+TILE = 2  # outputs per tile and axis
+PATCH = 4  # inputs per patch and axis: TILE + 3 - 1
+POINTS = PATCH * PATCH  # products per tile and channel pair
+
+
+def applies(g: Geometry) -> bool:
+    """Whether F(2x2, 3x3) computes this layer: 2-D, 3x3, stride 1, no dilation, one group
+    (grouped layers have too few channels per product to pay for the transforms)."""
+    return (g.rank == 2 and g.window == (3, 3) and g.stride == (1, 1)
+            and g.dilation == (1, 1) and g.groups == 1)
+
+
+def why_not(g: Geometry) -> str:
+    """What keeps F(2x2, 3x3) from a layer, for the report ('' if it applies)."""
+    reasons = []
+    if g.rank != 2:
+        reasons.append(f"{g.rank}-D")
+    elif g.window != (3, 3):
+        reasons.append(f"{g.window[0]}x{g.window[1]} window")
+    if any(s != 1 for s in g.stride):
+        reasons.append("strided")
+    if any(d != 1 for d in g.dilation):
+        reasons.append("dilated")
+    if g.groups != 1:
+        reasons.append(f"{g.groups} groups")
+    return ", ".join(reasons)
+
+
+def tiles(g: Geometry) -> tuple[int, int]:
+    """Tiles per output map along each axis (the last may stick out past an odd size)."""
+    return (-(-g.out[0] // TILE), -(-g.out[1] // TILE))
+
+
+def tiles_per_sample(g: Geometry) -> int:
+    return math.prod(tiles(g))
+
+
+def _padded(g: Geometry) -> tuple[int, int]:
+    """The padded map every patch is read from: the tiles' reach."""
+    rows, cols = tiles(g)
+    return (TILE * rows + 2, TILE * cols + 2)
+
+
+# Elements left unused after each of the 16 planes of a transformed array. A plane of a
+# power-of-two size (64 x 2048 floats) puts the 16 values a tile writes in one cache set,
+# which holds only 8: they evict each other on every store, and the input transform of
+# ResNet's 128-channel layer took 3.2 ms instead of 0.4.
+PLANE_GAP = 16
+
+
+def own_shapes(g: Geometry) -> dict[str, tuple[int, ...]]:
+    """What only one call reads and writes (codegen/cpu/conv.py lends the memory): u, the
+    transformed weight, and du, the transformed weight gradient of one chunk, each as 16
+    planes of O x C values and a gap (the driver views them as (16, O, C))."""
+    plane = (POINTS, g.out_channels * g.channels + PLANE_GAP)
+    return {"u": plane, "du": plane} if g.weight_grad else {"u": plane}
+
+
+def _planes(flat: str, rows: int, columns: int, item: int) -> str:
+    """Source of a (16, rows, columns) view of the flat array `flat`, planes PLANE_GAP
+    apart."""
+    plane = rows * columns + PLANE_GAP
+    return (f"as_strided({flat}, ({POINTS}, {rows}, {columns}), "
+            f"({plane * item}, {columns * item}, {item}))")
+
+
+# --- the transforms, as straight-line code ---------------------------------------------
+
+
+def _combination(row: tuple[Fraction, ...], terms: list[str]) -> str:
+    """sum(row[i] * terms[i]) without the zeros and ones: `d0 - d2`, `(g0 + g1) * HALF`."""
+    by_scale: dict[Fraction, list[tuple[bool, str]]] = {}
+    for weight, term in zip(row, terms, strict=True):
+        if weight:
+            by_scale.setdefault(abs(weight), []).append((weight < 0, term))
+    parts = []
+    for scale, signed in by_scale.items():
+        text = ("-" if signed[0][0] else "") + signed[0][1]
+        for negative, term in signed[1:]:
+            text += f" - {term}" if negative else f" + {term}"
+        if scale != 1:
+            assert scale == Fraction(1, 2), "only the halves of G occur"
+            text = f"({text}) * HALF"
+        parts.append(text)
+    return " + ".join(parts).replace("+ -", "- ")
+
+
+def _transform(code: Code, matrix: Matrix, source: str, target: str) -> None:
+    """target = matrix @ source @ matrix^T on scalars named `{source}{i}{j}`, through
+    `{target}_{i}{j}` for the left product: one line per entry."""
+    inner = len(matrix[0])
+    for i, row in enumerate(matrix):
+        for j in range(inner):
+            code.line(f"{target}_{i}{j} = "
+                      + _combination(row, [f"{source}{a}{j}" for a in range(inner)]))
+    for i in range(len(matrix)):
+        for j, row in enumerate(matrix):
+            code.line(f"{target}{i}{j} = "
+                      + _combination(row, [f"{target}_{i}{b}" for b in range(inner)]))
+
+
+def _weight_index(g: Geometry, i: int, j: int) -> str:
+    """The weight's tap (i, j) as stored: flipped for a convolution proper."""
+    return f"{2 - i}, {2 - j}" if g.flip else f"{i}, {j}"
+
+
+def _transform_weight(code: Code, g: Geometry) -> None:
+    """u[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]."""
+    code.line(jit())
+    with code.block("def transform_weight(w, u)"), \
+            code.block(f"for o in prange({g.out_channels})"), \
+            code.block(f"for c in range({g.channels})"):
+        for i in range(3):
+            for j in range(3):
+                code.line(f"g{i}{j} = w[o, c, {_weight_index(g, i, j)}]")
+        _transform(code, G, "g", "u")
+        for i in range(PATCH):
+            for j in range(PATCH):
+                code.line(f"u[{i * PATCH + j}, o, c] = u{i}{j}")
+    code.line()
+
+
+def _store_weight_grad(code: Code, g: Geometry) -> None:
+    """dw[o, c] (+)= G^T du[:, o, c] G, back in the weight's layout."""
+    code.line(jit())
+    with code.block("def store_weight_grad(du, dw, add)"), \
+            code.block(f"for o in prange({g.out_channels})"), \
+            code.block(f"for c in range({g.channels})"):
+        for i in range(PATCH):
+            for j in range(PATCH):
+                code.line(f"e{i}{j} = du[{i * PATCH + j}, o, c]")
+        _transform(code, _transposed(G), "e", "r")
+        with code.block("if add"):
+            for i in range(3):
+                for j in range(3):
+                    code.line(f"dw[o, c, {_weight_index(g, i, j)}] += r{i}{j}")
+        with code.block("else"):
+            for i in range(3):
+                for j in range(3):
+                    code.line(f"dw[o, c, {_weight_index(g, i, j)}] = r{i}{j}")
+    code.line()
+
+
+def _transform_input(code: Code, g: Geometry) -> None:
+    """v[xi*4 + nu, c, j*T + t] = (B^T d B)[xi, nu], d the 4x4 patch of tile t."""
+    (before, _), (left, _) = g.pads
+    rows, cols = tiles(g)
+    padded = _padded(g)
+    code.line(jit())
+    with code.block("def transform_input(x, v, n0, m)"), \
+            code.block(f"for job in prange(m * {g.channels})"):
+        code.line("c = job // m  # jobs map by map: a thread writes each row of v in one run")
+        code.line("j = job - c * m")
+        code.line("n = uintp(n0 + j)")
+        code.line("# the map with its padding, and zeros where the last tiles stick out")
+        code.line(f"pad = np.zeros({padded}, dtype=np.{g.dtype})")
+        with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
+            code.line(f"pad[uintp(i0 + {before}), uintp(i1 + {left})] = x[n, c, i0, i1]")
+        code.line(f"base = j * {rows * cols}")
+        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
+            code.line(f"p = uintp(base + t0 * {cols} + t1)")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"d{a}{b} = pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]")
+            _transform(code, B_T, "d", "v")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"v[{a * PATCH + b}, c, p] = v{a}{b}")
+    code.line()
+
+
+def _transform_output(code: Code, g: Geometry) -> None:
+    """y[n, o, tile] = act(b[o] + A^T M A) from the products mm[:, o, j*T + t]."""
+    rows, cols = tiles(g)
+    code.line(jit())
+    with code.block(f"def transform_output(mm, {'b, ' if g.bias else ''}y, n0, m)"), \
+            code.block(f"for job in prange(m * {g.out_channels})"):
+        code.line("o = job // m  # jobs map by map: a thread writes each row of v in one run")
+        code.line("j = job - o * m")
+        code.line("n = uintp(n0 + j)")
+        code.line("start = b[o]" if g.bias else f"start = {g.zero}")
+        code.line(f"base = j * {rows * cols}")
+        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
+            code.line(f"p = uintp(base + t0 * {cols} + t1)")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"m{a}{b} = mm[{a * PATCH + b}, o, p]")
+            _transform(code, A_T, "m", "s")
+            for a in range(TILE):
+                for b in range(TILE):
+                    _guarded_write(code, g, a, b,
+                                   f"y[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] = "
+                                   + forward_expression(g.act, f"(s{a}{b} + start)"))
+    code.line()
+
+
+def _guarded_write(code: Code, g: Geometry, a: int, b: int, statement: str) -> None:
+    """`statement` for output (2*t0 + a, 2*t1 + b), behind a test only where an odd output
+    size leaves the last tile's second row or column outside the map."""
+    checks = [f"2 * t{axis} + 1 < {g.out[axis]}"
+              for axis, offset in ((0, a), (1, b)) if offset == 1 and g.out[axis] % 2]
+    if checks:
+        with code.block(f"if {' and '.join(checks)}"):
+            code.line(statement)
+    else:
+        code.line(statement)
+
+
+def _transform_grad(code: Code, g: Geometry) -> None:
+    """mm[xi*4 + nu, o, j*T + t] = (A dy A^T)[xi, nu], dy the tile's 2x2 output gradient
+    (zero past an odd output size)."""
+    rows, cols = tiles(g)
+    code.line(jit())
+    with code.block("def transform_grad(dy, mm, n0, m)"), \
+            code.block(f"for job in prange(m * {g.out_channels})"):
+        code.line("o = job // m  # jobs map by map: a thread writes each row of v in one run")
+        code.line("j = job - o * m")
+        code.line("n = uintp(n0 + j)")
+        code.line(f"base = j * {rows * cols}")
+        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
+            code.line(f"p = uintp(base + t0 * {cols} + t1)")
+            for a in range(TILE):
+                for b in range(TILE):
+                    read = f"dy[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]"
+                    checks = [f"2 * t{axis} + 1 < {g.out[axis]}"
+                              for axis, offset in ((0, a), (1, b))
+                              if offset == 1 and g.out[axis] % 2]
+                    if checks:
+                        read = f"({read} if {' and '.join(checks)} else {g.zero})"
+                    code.line(f"q{a}{b} = {read}")
+            _transform(code, _transposed(A_T), "q", "z")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"mm[{a * PATCH + b}, o, p] = z{a}{b}")
+    code.line()
+
+
+def _restore_input(code: Code, g: Geometry) -> None:
+    """dx[n, c] = the sum over tiles of B dV B^T, each added where its patch was read."""
+    (before, _), (left, _) = g.pads
+    rows, cols = tiles(g)
+    padded = _padded(g)
+    code.line(jit())
+    with code.block("def restore_input(dv, dx, n0, m)"), \
+            code.block(f"for job in prange(m * {g.channels})"):
+        code.line("c = job // m  # jobs map by map: a thread writes each row of v in one run")
+        code.line("j = job - c * m")
+        code.line("n = uintp(n0 + j)")
+        code.line(f"pad = np.zeros({padded}, dtype=np.{g.dtype})")
+        code.line(f"base = j * {rows * cols}")
+        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
+            code.line(f"p = uintp(base + t0 * {cols} + t1)")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"e{a}{b} = dv[{a * PATCH + b}, c, p]")
+            _transform(code, _transposed(B_T), "e", "r")
+            for a in range(PATCH):
+                for b in range(PATCH):
+                    code.line(f"pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] += r{a}{b}")
+        code.line("# the padding's gradient is dropped")
+        with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
+            code.line(f"dx[n, c, i0, i1] = pad[uintp(i0 + {before}), uintp(i1 + {left})]")
+    code.line()
+
+
+# --- the driver ---------------------------------------------------------------------
+
+
+def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
+    starts = list(range(0, g.batch, chunk))
+    per_sample = tiles_per_sample(g)
+    dtype = f"np.{g.dtype}"
+    columns = chunk * per_sample
+    v_size = POINTS * (g.channels * columns + PLANE_GAP)
+    mm_size = POINTS * (g.out_channels * columns + PLANE_GAP)
+    item = 4 if g.dtype == "float32" else 8
+    bias = "b, " if g.bias else ""
+    code.line("# The two flat scratch buffers' sizes: a caller may share larger ones between")
+    code.line("# layers (codegen/cpu/conv.py), since a layer needs them only while it runs.")
+    code.line(f"SCRATCH = ({v_size}, {mm_size})")
+    code.line(f"HALF = {dtype}(0.5)")
+    code.line()
+    code.line()
+    with code.block("def own_buffers()"):
+        code.line('"""What one call reads and writes besides the scratch: u, the transformed')
+        code.line('weight, and du, the transformed weight gradient of one chunk."""')
+        code.line("return {")
+        for name, shape in own_shapes(g).items():
+            code.line(f"    {name!r}: np.zeros({shape}, dtype={dtype}),")
+        code.line("}")
+    code.line()
+    code.line()
+    with code.block("def workspace(cols=None, outs=None, own=None)"):
+        code.line('"""v: the transformed patches of one chunk (backward: then their gradient);')
+        code.line("mm: the chunk's products (backward: its transformed output gradients), as")
+        code.line("views of two flat buffers, `cols` and `outs` if given (at least SCRATCH")
+        code.line('long), else new ones; `own`: own_buffers(), made here if not given."""')
+        with code.block("if cols is None"):
+            code.line(f"cols = np.zeros({v_size}, dtype={dtype})")
+        with code.block("if outs is None"):
+            code.line(f"outs = np.zeros({mm_size}, dtype={dtype})")
+        code.line("ws = {")
+        code.line(f"    'v': {_planes('cols', g.channels, columns, item)},")
+        code.line(f"    'mm': {_planes('outs', g.out_channels, columns, item)},")
+        code.line("    'fresh': False,  # v holds the last chunk's patches of the last forward")
+        code.line("}")
+        code.line("own = own_buffers() if own is None else own")
+        code.line("# u and du: (16, O, C) views of their gapped planes")
+        for name in own_shapes(g):
+            code.line(f"ws[{name!r}] = own[{name!r}][:, :{g.out_channels * g.channels}]"
+                      f".reshape(({POINTS}, {g.out_channels}, {g.channels}))")
+        code.line("return ws")
+    code.line()
+    code.line()
+    with code.block("def forward(x, w, b, y, ws)"):
+        code.line("v, mm, u = ws['v'], ws['mm'], ws['u']")
+        code.line("transform_weight(w, u)")
+        with code.block(f"for n0 in {tuple(starts)!r}"):
+            code.line(f"m = min({chunk}, {g.batch} - n0)")
+            code.line(f"cols = m * {per_sample}")
+            code.line("transform_input(x, v, n0, m)")
+            code.line("np.matmul(u, v[:, :, :cols], out=mm[:, :, :cols])")
+            code.line(f"transform_output(mm, {bias}y, n0, m)")
+        code.line("ws['fresh'] = True")
+    code.line()
+    code.line()
+    with code.block("def backward(x, w, y, dy, dx, dw, db, ws, apply_act)"):
+        if prepared:
+            code.line(prepare_call(g))
+        code.line("v, mm, u = ws['v'], ws['mm'], ws['u']")
+        code.line("# dx is None when no one needs the input's gradient")
+        with code.block("if dx is not None"):
+            code.line("transform_weight(w, u)  # u is lent: another layer's call used it since")
+        with code.block(f"for n0 in {tuple(reversed(starts))!r}"):
+            code.line(f"m = min({chunk}, {g.batch} - n0)")
+            code.line(f"cols = m * {per_sample}")
+            code.line("transform_grad(dy, mm, n0, m)")
+            if g.weight_grad:
+                with code.block(f"if not (ws['fresh'] and n0 == {starts[-1]})"):
+                    code.line("transform_input(x, v, n0, m)")
+                code.line("np.matmul(mm[:, :, :cols], v[:, :, :cols].transpose(0, 2, 1), "
+                          "out=ws['du'])")
+                add = "False" if len(starts) == 1 else f"n0 != {starts[-1]}"
+                code.line(f"store_weight_grad(ws['du'], dw, {add})")
+            code.line("ws['fresh'] = False  # v is overwritten next")
+            with code.block("if dx is not None"):
+                code.line("np.matmul(u.transpose(0, 2, 1), mm[:, :, :cols], out=v[:, :, :cols])")
+                code.line("restore_input(v, dx, n0, m)")
+
+
+@cache.template("conv_winograd")
+def render(spec: KernelSpec) -> str:
+    g = Geometry.from_spec(spec)
+    if not applies(g):
+        raise ValueError(f"Winograd F(2x2, 3x3) does not apply: {why_not(g)}")
+    code = Code()
+    code.line(PRELUDE + IMPORTS.rstrip("\n"))
+    code.line("from numpy.lib.stride_tricks import as_strided")
+    code.line()
+    code.line()
+    _transform_weight(code, g)
+    _transform_input(code, g)
+    _transform_output(code, g)
+    _transform_grad(code, g)
+    _restore_input(code, g)
+    if g.weight_grad:
+        _store_weight_grad(code, g)
+    prepared = emit_prepare(code, g)
+    code.line()
+    _driver(code, g, int(spec.option("chunk")), prepared)
+    return code.text()

@@ -134,3 +134,24 @@ def test_the_model_takes_it_for_wide_layers(monkeypatch: pytest.MonkeyPatch) -> 
                             ("input x: 3x32x32\nc = conv(64, 3, pad=1)", "gemm")]:
         setup = layer_setups(convdsl.loads(layer + "\noutput c"), 32, "float32", None)["c"]
         assert conv.choose_algorithm(setup)[0] == expected, layer
+
+
+def test_batch_norm_folded_into_a_winograd_weight() -> None:
+    """In inference the weight with batch norm folded in is lent from the shared scratch
+    (fused.py); the Winograd forward writes its transformed weight into another part of
+    it while reading the folded one. Both layers, one after another, agree with GEMM."""
+    text = ("input x: 3x8x8\na = conv(6, 3, pad=1, bias=no, algo=winograd)\nb = bn(act=relu)\n"
+            "c = conv(5, 3, pad=1, algo=winograd)\nd = bn\noutput d")
+    rng = np.random.default_rng(2)
+    x = random_array(rng, (2, 3, 8, 8))
+    outputs = []
+    for algo in ("winograd", "gemm"):
+        net = convdsl.compile(text, batch=2, dtype="float64", algo=algo, seed=3, warm=False)
+        for _ in range(2):  # training steps move the running statistics off 0 and 1
+            net.forward(x, train=True)
+            net.backward(random_array(rng, (2, 5, 8, 8)))
+        net.load_state_dict({**net.state_dict(), **{  # the same statistics both times
+            name: np.linspace(0.5, 1.5, value.size).reshape(value.shape)
+            for name, value in net.state_dict().items() if "running" in name}})
+        outputs.append(net.forward(x, train=False).copy())
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)

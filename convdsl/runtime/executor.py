@@ -540,8 +540,9 @@ def compile(source: str | Path | Network, batch: int = 1, dtype: str = "float32"
     """Compile a `.cnn` file (a path), `.cnn` text, or a loaded Network.
 
     batch: the batch size the kernels are specialised for. dtype: float32 or
-    float64. algo: direct, gemm or fft for every convolution, overriding the
-    file. seed/init: the parameters' initialisation (see runtime/params.py).
+    float64. algo: direct, gemm, fft or winograd (auto, tune) for every convolution,
+    overriding the file; winograd falls back to the automatic choice where it does not
+    apply. seed/init: the parameters' initialisation (see runtime/params.py).
     check: stop with an error at the first NaN or infinity. warm: compile every
     kernel now (otherwise at first use). fuse: run fusable layers as one stage
     (convdsl/passes/fusion.py); False gives one stage per layer. device: "cpu", or

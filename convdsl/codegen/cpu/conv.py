@@ -181,6 +181,14 @@ def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: i
     return -(-setup.batch // chunks)  # chunks of (nearly) equal size
 
 
+def _own_shapes(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes of a GEMM or Winograd module's own_buffers(), which Scratch lends."""
+    g = Geometry.from_spec(spec)
+    if spec.template == "conv_winograd":
+        return conv_winograd.own_shapes(g, -(-g.batch // int(spec.option("chunk"))))
+    return conv_gemm.own_shapes(g)
+
+
 class ConvLayer(KernelLayer):
     """A convolution (or filter) computed by one generated module."""
 
@@ -195,9 +203,7 @@ class ConvLayer(KernelLayer):
         # buffers only their backward reads (see Scratch); the others keep their own,
         # small, workspace, made at the first call.
         self._shares_scratch = hasattr(self._module, "SCRATCH")
-        owner = conv_winograd if algorithm == "winograd" else conv_gemm
-        self._own_shapes = (owner.own_shapes(Geometry.from_spec(spec))
-                            if self._shares_scratch else {})
+        self._own_shapes = (_own_shapes(spec) if self._shares_scratch else {})
         self._own_workspace: dict[str, Any] | None = None
         # The input gradient is made at the first backward: a layer that only ever runs
         # forward (the folded twin of a convolution followed by batch norm) never has one.
@@ -254,9 +260,11 @@ class Scratch:
 
     A layer needs its columns and product buffers only while its forward or backward
     runs, so one pair, as large as the largest layer's, serves them all (on ResNet-18 at
-    batch 32, about 36 MB instead of about 400). So does a third buffer for what only a
-    backward reads and writes before it returns, the transposed weight and the weight
-    gradient before it is transposed back (ResNet-18-CIFAR: 19 MB instead of 79).
+    batch 32, about 36 MB instead of about 400). So does a third buffer for what only
+    one call reads and writes before it returns: the transposed weight and the weight
+    gradient before it is transposed back (ResNet-18-CIFAR: 19 MB instead of 79), or
+    Winograd's transformed weight and weight gradient. A fourth holds a weight with
+    batch norm folded in, between the fold and the convolution that reads it (lend).
     The buffers' last user may keep what they hold: a layer whose forward filled them
     and whose backward comes next (the last GEMM layer) skips one im2col. Any other
     layer gets a new workspace, which says the columns are not its own. The last user is
@@ -267,6 +275,7 @@ class Scratch:
         self.cols = np.zeros(0, dtype=dtype)
         self.outs = np.zeros(0, dtype=dtype)
         self.backward = np.zeros(0, dtype=dtype)
+        self.folded = np.zeros(0, dtype=dtype)  # see lend
         self.owner: weakref.ref[object] | None = None
         self.workspace: dict[str, Any] = {}
 
@@ -293,14 +302,15 @@ class Scratch:
 
 
     def lend(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A view of the backward buffer for an array that is written and then read
+        """A view of the folded buffer for an array that is written and then read
         between two layers' calls, such as the weight of a convolution or dense layer
-        with batch norm folded in (codegen/fused.py): no GEMM layer's call runs between,
-        and each writes its backward buffers before reading them."""
+        with batch norm folded in (codegen/fused.py): no other layer's call runs between.
+        Not the backward buffer: a Winograd layer's forward writes its transformed
+        weight there while reading the folded one."""
         size = math.prod(shape)
-        if self.backward.size < size:
-            self.backward = np.zeros(size, dtype=self.dtype)
-        return self.backward[:size].reshape(shape)
+        if self.folded.size < size:
+            self.folded = np.zeros(size, dtype=self.dtype)
+        return self.folded[:size].reshape(shape)
 
 
 _SCRATCH: dict[str, Scratch] = {}

@@ -105,12 +105,14 @@ def _padded(g: Geometry) -> tuple[int, int]:
 PLANE_GAP = 16
 
 
-def own_shapes(g: Geometry) -> dict[str, tuple[int, ...]]:
+def own_shapes(g: Geometry, chunks: int) -> dict[str, tuple[int, ...]]:
     """What only one call reads and writes (codegen/cpu/conv.py lends the memory): u, the
     transformed weight, and du, the transformed weight gradient of one chunk, each as 16
-    planes of O x C values and a gap (the driver views them as (16, O, C))."""
+    planes of O x C values and a gap (the driver views them as (16, O, C)). With one
+    chunk, backward is done with du before it needs u, and both share one buffer (16 MB
+    of ResNet's 512-channel layers)."""
     plane = (POINTS, g.out_channels * g.channels + PLANE_GAP)
-    return {"u": plane, "du": plane} if g.weight_grad else {"u": plane}
+    return {"u": plane, "du": plane} if g.weight_grad and chunks > 1 else {"u": plane}
 
 
 def _planes(flat: str, rows: int, columns: int, item: int) -> str:
@@ -342,7 +344,7 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         code.line('"""What one call reads and writes besides the scratch: u, the transformed')
         code.line('weight, and du, the transformed weight gradient of one chunk."""')
         code.line("return {")
-        for name, shape in own_shapes(g).items():
+        for name, shape in own_shapes(g, len(starts)).items():
             code.line(f"    {name!r}: np.zeros({shape}, dtype={dtype}),")
         code.line("}")
     code.line()
@@ -362,9 +364,10 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         code.line("    'fresh': False,  # v holds the last chunk's patches of the last forward")
         code.line("}")
         code.line("own = own_buffers() if own is None else own")
-        code.line("# u and du: (16, O, C) views of their gapped planes")
-        for name in own_shapes(g):
-            code.line(f"ws[{name!r}] = own[{name!r}][:, :{g.out_channels * g.channels}]"
+        code.line("# u and du: (16, O, C) views of their gapped planes, one buffer for one chunk")
+        for name in ("u", "du") if g.weight_grad else ("u",):
+            kept = name if name in own_shapes(g, len(starts)) else "u"
+            code.line(f"ws[{name!r}] = own[{kept!r}][:, :{g.out_channels * g.channels}]"
                       f".reshape(({POINTS}, {g.out_channels}, {g.channels}))")
         code.line("return ws")
     code.line()
@@ -386,8 +389,10 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
             code.line(prepare_call(g))
         code.line("v, mm, u = ws['v'], ws['mm'], ws['u']")
         code.line("# dx is None when no one needs the input's gradient")
-        with code.block("if dx is not None"):
-            code.line("transform_weight(w, u)  # u is lent: another layer's call used it since")
+        single = len(starts) == 1
+        if not single:
+            with code.block("if dx is not None"):
+                code.line("transform_weight(w, u)  # u is lent: another layer's call used it")
         with code.block(f"for n0 in {tuple(reversed(starts))!r}"):
             code.line(f"m = min({chunk}, {g.batch} - n0)")
             code.line(f"cols = m * {per_sample}")
@@ -401,6 +406,8 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
                 code.line(f"store_weight_grad(ws['du'], dw, {add})")
             code.line("ws['fresh'] = False  # v is overwritten next")
             with code.block("if dx is not None"):
+                if single:
+                    code.line("transform_weight(w, u)  # u is lent, and du, now used, shares it")
                 code.line("np.matmul(u.transpose(0, 2, 1), mm[:, :, :cols], out=v[:, :, :cols])")
                 code.line("restore_input(v, dx, n0, m)")
 

@@ -32,6 +32,7 @@ direct sum by a few units in the last place times the channel count, as a GEMM's
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from fractions import Fraction
 
 from convdsl.codegen import cache
@@ -173,9 +174,7 @@ def _transform_weight(code: Code, g: Geometry) -> None:
             for j in range(3):
                 code.line(f"g{i}{j} = w[o, c, {_weight_index(g, i, j)}]")
         _transform(code, G, "g", "u")
-        for i in range(PATCH):
-            for j in range(PATCH):
-                code.line(f"u[{i * PATCH + j}, o, c] = u{i}{j}")
+        _write_planes(code, "u[{ab}, o, c] = u{a}{b}")
     code.line()
 
 
@@ -185,9 +184,7 @@ def _store_weight_grad(code: Code, g: Geometry) -> None:
     with code.block("def store_weight_grad(du, dw, add)"), \
             code.block(f"for o in prange({g.out_channels})"), \
             code.block(f"for c in range({g.channels})"):
-        for i in range(PATCH):
-            for j in range(PATCH):
-                code.line(f"e{i}{j} = du[{i * PATCH + j}, o, c]")
+        _read_tile(code, "e", PATCH, "du[{ab}, o, c]")
         _transform(code, _transposed(G), "e", "r")
         with code.block("if add"):
             for i in range(3):
@@ -200,122 +197,117 @@ def _store_weight_grad(code: Code, g: Geometry) -> None:
     code.line()
 
 
+def _map_jobs(code: Code, maps: int, name: str, array: str) -> ExitStack:
+    """Open the parallel loop over (map `name`, sample j) jobs, map by map, so that a
+    thread goes along each row of `array` in one run, and bind n; the returned stack closes
+    the loop (and the tile loops `_tile_loops` adds to it)."""
+    stack = ExitStack()
+    stack.enter_context(code.block(f"for job in prange(m * {maps})"))
+    code.line(f"{name} = job // m  # map by map: a thread goes along each row of "
+              f"{array} in one run")
+    code.line(f"j = job - {name} * m")
+    code.line("n = uintp(n0 + j)")
+    return stack
+
+
+def _tile_loops(code: Code, stack: ExitStack, g: Geometry) -> None:
+    """`for t0`, `for t1` over the sample's tiles, with p the tile's column."""
+    rows, cols = tiles(g)
+    code.line(f"base = j * {rows * cols}")
+    stack.enter_context(code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]))
+    code.line(f"p = uintp(base + t0 * {cols} + t1)")
+
+
 def _transform_input(code: Code, g: Geometry) -> None:
     """v[xi*4 + nu, c, j*T + t] = (B^T d B)[xi, nu], d the 4x4 patch of tile t."""
     (before, _), (left, _) = g.pads
-    rows, cols = tiles(g)
-    padded = _padded(g)
     code.line(jit())
     with code.block("def transform_input(x, v, n0, m)"), \
-            code.block(f"for job in prange(m * {g.channels})"):
-        code.line("c = job // m  # jobs map by map: a thread writes each row of v in one run")
-        code.line("j = job - c * m")
-        code.line("n = uintp(n0 + j)")
+            _map_jobs(code, g.channels, "c", "v") as stack:
         code.line("# the map with its padding, and zeros where the last tiles stick out")
-        code.line(f"pad = np.zeros({padded}, dtype=np.{g.dtype})")
+        code.line(f"pad = np.zeros({_padded(g)}, dtype=np.{g.dtype})")
         with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
             code.line(f"pad[uintp(i0 + {before}), uintp(i1 + {left})] = x[n, c, i0, i1]")
-        code.line(f"base = j * {rows * cols}")
-        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
-            code.line(f"p = uintp(base + t0 * {cols} + t1)")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"d{a}{b} = pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]")
-            _transform(code, B_T, "d", "v")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"v[{a * PATCH + b}, c, p] = v{a}{b}")
+        _tile_loops(code, stack, g)
+        _read_tile(code, "d", PATCH, "pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]")
+        _transform(code, B_T, "d", "v")
+        _write_planes(code, "v[{ab}, c, p] = v{a}{b}")
     code.line()
+
+
+def _read_tile(code: Code, name: str, size: int, source: str) -> None:
+    """`{name}{a}{b} = source` for a, b below `size` (source formatted with a and b)."""
+    for a in range(size):
+        for b in range(size):
+            code.line(f"{name}{a}{b} = " + source.format(a=a, b=b, ab=a * PATCH + b))
+
+
+def _write_planes(code: Code, statement: str) -> None:
+    """`statement` for each of the 16 transformed values (formatted with a, b, ab)."""
+    for a in range(PATCH):
+        for b in range(PATCH):
+            code.line(statement.format(a=a, b=b, ab=a * PATCH + b))
 
 
 def _transform_output(code: Code, g: Geometry) -> None:
     """y[n, o, tile] = act(b[o] + A^T M A) from the products mm[:, o, j*T + t]."""
-    rows, cols = tiles(g)
     code.line(jit())
     with code.block(f"def transform_output(mm, {'b, ' if g.bias else ''}y, n0, m)"), \
-            code.block(f"for job in prange(m * {g.out_channels})"):
-        code.line("o = job // m  # jobs map by map: a thread writes each row of v in one run")
-        code.line("j = job - o * m")
-        code.line("n = uintp(n0 + j)")
+            _map_jobs(code, g.out_channels, "o", "mm") as stack:
         code.line("start = b[o]" if g.bias else f"start = {g.zero}")
-        code.line(f"base = j * {rows * cols}")
-        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
-            code.line(f"p = uintp(base + t0 * {cols} + t1)")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"m{a}{b} = mm[{a * PATCH + b}, o, p]")
-            _transform(code, A_T, "m", "s")
-            for a in range(TILE):
-                for b in range(TILE):
-                    _guarded_write(code, g, a, b,
-                                   f"y[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] = "
-                                   + forward_expression(g.act, f"(s{a}{b} + start)"))
+        _tile_loops(code, stack, g)
+        _read_tile(code, "m", PATCH, "mm[{ab}, o, p]")
+        _transform(code, A_T, "m", "s")
+        for a in range(TILE):
+            for b in range(TILE):
+                statement = (f"y[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] = "
+                             + forward_expression(g.act, f"(s{a}{b} + start)"))
+                checks = _outside_checks(g, a, b)
+                if checks:
+                    with code.block(f"if {checks}"):
+                        code.line(statement)
+                else:
+                    code.line(statement)
     code.line()
 
 
-def _guarded_write(code: Code, g: Geometry, a: int, b: int, statement: str) -> None:
-    """`statement` for output (2*t0 + a, 2*t1 + b), behind a test only where an odd output
-    size leaves the last tile's second row or column outside the map."""
-    checks = [f"2 * t{axis} + 1 < {g.out[axis]}"
-              for axis, offset in ((0, a), (1, b)) if offset == 1 and g.out[axis] % 2]
-    if checks:
-        with code.block(f"if {' and '.join(checks)}"):
-            code.line(statement)
-    else:
-        code.line(statement)
+def _outside_checks(g: Geometry, a: int, b: int) -> str:
+    """The test that output (2*t0 + a, 2*t1 + b) lies in the map: needed only where an odd
+    output size leaves the last tile's second row or column outside ('' if none)."""
+    return " and ".join(f"2 * t{axis} + 1 < {g.out[axis]}"
+                        for axis, offset in ((0, a), (1, b)) if offset == 1 and g.out[axis] % 2)
 
 
 def _transform_grad(code: Code, g: Geometry) -> None:
     """mm[xi*4 + nu, o, j*T + t] = (A dy A^T)[xi, nu], dy the tile's 2x2 output gradient
     (zero past an odd output size)."""
-    rows, cols = tiles(g)
     code.line(jit())
     with code.block("def transform_grad(dy, mm, n0, m)"), \
-            code.block(f"for job in prange(m * {g.out_channels})"):
-        code.line("o = job // m  # jobs map by map: a thread writes each row of v in one run")
-        code.line("j = job - o * m")
-        code.line("n = uintp(n0 + j)")
-        code.line(f"base = j * {rows * cols}")
-        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
-            code.line(f"p = uintp(base + t0 * {cols} + t1)")
-            for a in range(TILE):
-                for b in range(TILE):
-                    read = f"dy[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]"
-                    checks = [f"2 * t{axis} + 1 < {g.out[axis]}"
-                              for axis, offset in ((0, a), (1, b))
-                              if offset == 1 and g.out[axis] % 2]
-                    if checks:
-                        read = f"({read} if {' and '.join(checks)} else {g.zero})"
-                    code.line(f"q{a}{b} = {read}")
-            _transform(code, _transposed(A_T), "q", "z")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"mm[{a * PATCH + b}, o, p] = z{a}{b}")
+            _map_jobs(code, g.out_channels, "o", "mm") as stack:
+        _tile_loops(code, stack, g)
+        for a in range(TILE):
+            for b in range(TILE):
+                read = f"dy[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]"
+                checks = _outside_checks(g, a, b)
+                code.line(f"q{a}{b} = ({read} if {checks} else {g.zero})" if checks
+                          else f"q{a}{b} = {read}")
+        _transform(code, _transposed(A_T), "q", "z")
+        _write_planes(code, "mm[{ab}, o, p] = z{a}{b}")
     code.line()
 
 
 def _restore_input(code: Code, g: Geometry) -> None:
     """dx[n, c] = the sum over tiles of B dV B^T, each added where its patch was read."""
     (before, _), (left, _) = g.pads
-    rows, cols = tiles(g)
-    padded = _padded(g)
     code.line(jit())
     with code.block("def restore_input(dv, dx, n0, m)"), \
-            code.block(f"for job in prange(m * {g.channels})"):
-        code.line("c = job // m  # jobs map by map: a thread writes each row of v in one run")
-        code.line("j = job - c * m")
-        code.line("n = uintp(n0 + j)")
-        code.line(f"pad = np.zeros({padded}, dtype=np.{g.dtype})")
-        code.line(f"base = j * {rows * cols}")
-        with code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]):
-            code.line(f"p = uintp(base + t0 * {cols} + t1)")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"e{a}{b} = dv[{a * PATCH + b}, c, p]")
+            _map_jobs(code, g.channels, "c", "dx"):
+        code.line(f"pad = np.zeros({_padded(g)}, dtype=np.{g.dtype})")
+        with ExitStack() as tiles_stack:
+            _tile_loops(code, tiles_stack, g)
+            _read_tile(code, "e", PATCH, "dv[{ab}, c, p]")
             _transform(code, _transposed(B_T), "e", "r")
-            for a in range(PATCH):
-                for b in range(PATCH):
-                    code.line(f"pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] += r{a}{b}")
+            _write_planes(code, "pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] += r{a}{b}")
         code.line("# the padding's gradient is dropped")
         with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
             code.line(f"dx[n, c, i0, i1] = pad[uintp(i0 + {before}), uintp(i1 + {left})]")

@@ -22,7 +22,7 @@ import numpy as np
 
 import convdsl
 from convdsl.codegen import cost
-from convdsl.codegen.cpu import conv
+from convdsl.codegen.cpu import conv, conv_winograd
 from convdsl.codegen.layer import ALGORITHMS, Mode, layer_setups
 
 RESNET_LAYERS = ("3x32x32:64", "16x32x32:16", "32x16x16:32", "64x32x32:64",
@@ -37,7 +37,8 @@ def parse(layer: str) -> tuple[int, int, int, int]:
 
 def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
                ) -> dict[str, float]:
-    """Median seconds of one forward + backward per algorithm that applies."""
+    """Median seconds of one forward + backward per algorithm that applies; `winograd2`
+    and `winograd4` are Winograd with 2x2 and 4x4 output tiles."""
     channels, height, width, outputs = parse(layer)
     network = convdsl.loads(f"input x: {channels}x{height}x{width}\n"
                             f"c = conv({outputs}, 3, pad=1, act=relu)\noutput c")
@@ -48,10 +49,12 @@ def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
               "bias": rng.standard_normal(outputs, dtype=np.float32)}
     grads = {name: np.zeros_like(value) for name, value in params.items()}
     layers = {}
-    for algorithm in algorithms:
+    for name in algorithms:
+        algorithm = name.rstrip("24")
         setup = layer_setups(network, batch, "float32", algorithm)["c"]
         if conv.applies(setup, algorithm):
-            layers[algorithm] = conv.ConvLayer(setup, algorithm, "bench", None)
+            tile = int(name[-1]) if algorithm == "winograd" else None
+            layers[name] = conv.ConvLayer(setup, algorithm, "bench", None, tile)
     seconds: dict[str, list[float]] = {name: [] for name in layers}
     for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
         for name, kernel in layers.items():
@@ -78,8 +81,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fft", action="store_true", help="time FFT too (slow on these)")
     args = parser.parse_args()
+    tiles = tuple(f"winograd{tile}" for tile in conv_winograd.TILINGS)
     algorithms = tuple(name for name in ALGORITHMS
-                       if name != "direct" and (args.fft or name != "fft"))
+                       if name not in ("direct", "winograd") and (args.fft or name != "fft"))
+    algorithms += tiles
     print(f"batch {args.batch}, 3x3 pad 1 + ReLU, forward + backward, median of "
           f"{args.rounds} rounds; model rates: {cost.rates()}")
     header = ["layer", *(f"{name} ms" for name in algorithms),

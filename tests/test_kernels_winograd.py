@@ -1,11 +1,13 @@
-"""Winograd F(2x2, 3x3) convolutions against the NumPy reference, and when they apply.
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions against the NumPy reference, and
+when they apply.
 
 The transforms are exact in rational arithmetic, so the float64 results must match the
 reference to rounding; every case runs forward and backward (input, weight and bias
-gradients) through tests/kernel_harness.py. Fixed cases cover what changes the generated
-code: odd and even output sizes (the last tile sticks out), every padding mode,
-asymmetric and wide padding, flip, bias, activations (softmax runs outside), one input
-channel (a filter), and several batch chunks. Hypothesis then draws random 3x3 layers.
+gradients) through tests/kernel_harness.py, with each tile size. Fixed cases cover what
+changes the generated code: output sizes that the tiles divide or not (the last tile
+sticks out), every padding mode, asymmetric and wide padding, flip, bias, activations
+(softmax runs outside), one input channel (a filter), and several batch chunks.
+Hypothesis then draws random 3x3 layers.
 """
 
 from __future__ import annotations
@@ -41,10 +43,18 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=sorted(conv_winograd.TILINGS))
+def tile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Each tile size in turn, as the only one the layers may choose."""
+    monkeypatch.setattr(conv, "WINOGRAD_TILES", (request.param,))
+    return int(request.param)
+
+
 @pytest.mark.parametrize(("text", "name", "batch", "dtype"), CASES)
-def test_fixed_cases(text: str, name: str, batch: int, dtype: str) -> None:
+def test_fixed_cases(text: str, name: str, batch: int, dtype: str, tile: int) -> None:
     kernel = check_layer(text, name, batch=batch, dtype=dtype, algo="winograd")
     assert (kernel.algorithm, kernel.specs[0].template) == ("winograd", "conv_winograd")
+    assert kernel.specs[0].option("tile") == tile
 
 
 @st.composite
@@ -64,24 +74,28 @@ def layers(draw: st.DrawFn) -> tuple[str, int, str]:
     return text, draw(st.integers(1, 3)), draw(st.sampled_from(("float32", "float64")))
 
 
-@settings(max_examples=8, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.usefixtures("tile")
+@settings(max_examples=4, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=layers())
 def test_random_layers(case: tuple[str, int, str]) -> None:
     text, batch, dtype = case
     check_layer(text, "c", batch=batch, dtype=dtype, algo="winograd")
 
 
-def test_batch_chunks_sum_the_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_chunks_sum_the_weight_gradient(monkeypatch: pytest.MonkeyPatch,
+                                              tile: int) -> None:
     """A small budget splits the batch (5 = 2 + 2 + 1): backward visits the chunks last
     first, transforms the earlier chunks' patches again and adds their gradients."""
-    tiles = 2 * 2  # a 4x4 output in 2x2 tiles
-    monkeypatch.setattr(conv, "GEMM_CHUNK_BYTES", 2 * 16 * 4 * tiles * 8)  # float64
+    tiling = conv_winograd.TILINGS[tile]
+    tiles = (4 // tile) ** 2  # a 4x4 output
+    monkeypatch.setattr(conv, "GEMM_CHUNK_BYTES", 2 * tiling.points * 4 * tiles * 8)
     kernel = check_layer("input x: 3x4x4\nc = conv(4, 3, pad=1, act=relu)\noutput c", "c",
                          batch=5, dtype="float64", algo="winograd")
     assert kernel.specs[0].option("chunk") == 2
 
 
+@pytest.mark.usefixtures("tile")
 def test_shares_the_scratch_with_gemm_layers() -> None:
     """Winograd and GEMM layers borrow the same scratch buffers, interleaved forward and
     backward; the gradients still equal those of a network computed directly."""
@@ -126,16 +140,26 @@ def test_what_it_does_not_compute(layer: str, why: str) -> None:
 
 
 def test_the_model_takes_it_for_wide_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the built-in rates: 64 and more channels go to Winograd, a 3-channel input
-    layer stays with GEMM (its products would be 3 deep)."""
+    """With the built-in rates: 16 and more channels go to Winograd, 4x4 tiles where the
+    maps hold several; a 3-channel input layer stays with GEMM (its products would be 3
+    deep), and so does a strided one."""
     monkeypatch.setenv(cost.NO_CALIBRATE, "1")
-    for layer, expected in [("input x: 64x32x32\nc = conv(64, 3, pad=1)", "winograd"),
-                            ("input x: 256x8x8\nc = conv(256, 3, pad=1)", "winograd"),
-                            ("input x: 3x32x32\nc = conv(64, 3, pad=1)", "gemm")]:
+    for layer, expected, tile in [
+            ("input x: 16x32x32\nc = conv(16, 3, pad=1)", "winograd", 4),
+            ("input x: 64x32x32\nc = conv(64, 3, pad=1)", "winograd", 4),
+            ("input x: 256x8x8\nc = conv(256, 3, pad=1)", "winograd", 4),
+            ("input x: 512x4x4\nc = conv(512, 3, pad=1)", "winograd", 2),
+            ("input x: 3x32x32\nc = conv(64, 3, pad=1)", "gemm", None),
+            ("input x: 64x32x32\nc = conv(64, 3, stride=2, pad=1)", "gemm", None)]:
         setup = layer_setups(convdsl.loads(layer + "\noutput c"), 32, "float32", None)["c"]
-        assert conv.choose_algorithm(setup)[0] == expected, layer
+        algorithm, reason = conv.choose_algorithm(setup)
+        assert algorithm == expected, (layer, reason)
+        if tile:
+            assert reason.endswith(f"; {tile}x{tile} output tiles")
+            assert conv.conv_spec(setup, algorithm).option("tile") == tile
 
 
+@pytest.mark.usefixtures("tile")
 def test_batch_norm_folded_into_a_winograd_weight() -> None:
     """In inference the weight with batch norm folded in is lent from the shared scratch
     (fused.py); the Winograd forward writes its transformed weight into another part of

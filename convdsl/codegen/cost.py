@@ -85,6 +85,11 @@ SPECTRUM_PASSES = 2.0  # complex bytes moved per spectrum entry and reordering
 # 0.57, 16 and 32 channels 1.0-1.05, 3 -> 64 channels 2.3.
 WINOGRAD_SLACK = 1.15
 WINOGRAD_FEW = 16.0
+# ... and times this per tile size: 4x4 tiles' transforms combine 36 values with
+# coefficients up to 8, and on small maps their products are thin (a 4x4 map is one
+# tile). Fitted the same way: F4 / GEMM measured 0.77 (16 channels), 0.62, 0.67, 0.56,
+# 0.44 and 0.70 (512 channels on 4x4 maps, where F2's 0.56 wins).
+WINOGRAD_TILE_SLACK = {2: 1.0, 4: 1.45}
 SMALL_PRODUCT = 0.2e-6  # seconds per (group, frequency) matrix product of the FFT path
 FFT_ROW = 0.1e-6  # seconds per 1-D transform that a transform of a map is made of
 # What the kernels reach of the micro-benchmarks' rates: their products are smaller and
@@ -186,14 +191,16 @@ def estimate_fft(g: Geometry, rates: Rates, scale: float = 1.0) -> float:
     return transform + multiply + (spectra + real) / rates.copy + 12 * rates.call
 
 
-def estimate_winograd(g: Geometry, chunk: int, rates: Rates, scale: float = 1.0) -> float:
+def estimate_winograd(g: Geometry, chunk: int, tile: int, rates: Rates,
+                      scale: float = 1.0) -> float:
     """16 products per chunk and pass, each 4/9 of GEMM's multiply-adds per output, and
     the transforms: patches (forward, and backward again unless one chunk), products to
     outputs, output gradients, and patch gradients back to the input (conv_winograd.py).
     The transforms move 16 values per tile and map through memory, so they are costed
     as copies."""
     item = 4 * scale
-    points, per_sample = conv_winograd.POINTS, conv_winograd.tiles_per_sample(g)
+    t = conv_winograd.TILINGS[tile]
+    points, per_sample = t.points, conv_winograd.tiles_per_sample(g, t)
     columns = chunk * per_sample
     flops = 2 * g.batch * per_sample * points * g.out_channels * g.channels * scale
     o, c = g.out_channels, g.channels
@@ -209,7 +216,7 @@ def estimate_winograd(g: Geometry, chunk: int, rates: Rates, scale: float = 1.0)
     copies = (c * (patches + inputs) * (input_passes + 1)  # patches in, their gradient out
               + o * (patches + outputs) * 2)  # products out, output gradients in
     calls = 8 * rates.call * chunks
-    slack = WINOGRAD_SLACK + WINOGRAD_FEW / min(c, o)
+    slack = (WINOGRAD_SLACK + WINOGRAD_FEW / min(c, o)) * WINOGRAD_TILE_SLACK[tile]
     return (seconds + copies / rates.copy) * slack + calls
 
 
@@ -223,7 +230,8 @@ def estimate(spec: KernelSpec, rates: Rates) -> float:
     if spec.template == "conv_fft":
         return estimate_fft(g, rates, scale)
     if spec.template == "conv_winograd":
-        return estimate_winograd(g, int(spec.option("chunk")), rates, scale)
+        return estimate_winograd(g, int(spec.option("chunk")), int(spec.option("tile")),
+                                 rates, scale)
     raise ValueError(f"no cost model for kernel template {spec.template!r}")
 
 

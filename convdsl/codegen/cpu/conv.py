@@ -54,6 +54,10 @@ from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
 # -1% / -6%; 2 MiB and less lost again to the number of calls.
 GEMM_CHUNK_BYTES = 8 << 20
 
+# The Winograd output tiles the cost model chooses from (conv_winograd.TILINGS): 2x2
+# tiles (F2) or 4x4 (F4, fewer products, heavier transforms, thin products on small maps).
+WINOGRAD_TILES = (2, 4)
+
 
 def choose_algorithm(setup: LayerSetup) -> tuple[str, str]:
     """The algorithm for a convolution or filter layer, and why.
@@ -75,6 +79,9 @@ def choose_algorithm(setup: LayerSetup) -> tuple[str, str]:
     if setup.algo == "tune":
         return _tune(setup, estimates)
     reason = f"estimated {_listing(estimates)} ms forward + backward; {_shape(setup)}"
+    if best == "winograd":
+        tile = _winograd_tile(setup)
+        reason += f"; {tile}x{tile} output tiles"
     if setup.algo in ALGORITHMS:  # asked for one that cannot compute this layer
         why = conv_winograd.why_not(Geometry.from_spec(conv_spec(setup, "direct")))
         reason = f"{setup.algo} does not apply ({why}); {reason}"
@@ -151,20 +158,33 @@ def _per_group(setup: LayerSetup) -> tuple[int, int]:
     return setup.in_shapes[0][0] // attrs.groups, attrs.out_channels // attrs.groups
 
 
-def conv_spec(setup: LayerSetup, algorithm: str) -> KernelSpec:
-    """The kernel spec of a conv or filter layer computed by `algorithm`."""
+def conv_spec(setup: LayerSetup, algorithm: str, tile: int | None = None) -> KernelSpec:
+    """The kernel spec of a conv or filter layer computed by `algorithm`; Winograd's
+    `tile` (2 or 4) defaults to the one the cost model expects to run faster."""
     weight, layout = spec_layout(setup)
     act = setup.layer.act if is_elementwise(setup.layer.act) else None  # softmax: outside
     extra: dict[str, Any] = {}
+    if algorithm == "winograd":
+        extra["tile"] = tile or _winograd_tile(setup)
     if algorithm in ("gemm", "winograd"):
-        extra["chunk"] = _chunk(setup, weight, algorithm, layout["groups"])
+        extra["chunk"] = _chunk(setup, weight, algorithm, layout["groups"], extra.get("tile"))
     return KernelSpec.make(
         f"conv_{algorithm}", setup.dtype, (setup.batched_inputs[0], weight,
                                            setup.batched_output),
         **layout, **act_options(act), **extra)
 
 
-def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: int) -> int:
+def _winograd_tile(setup: LayerSetup) -> int:
+    """The tile of WINOGRAD_TILES with the lowest estimate for this layer."""
+    if len(WINOGRAD_TILES) == 1:
+        return WINOGRAD_TILES[0]
+    rates = cost.rates()
+    return min(WINOGRAD_TILES,
+               key=lambda tile: cost.estimate(conv_spec(setup, "winograd", tile), rates))
+
+
+def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: int,
+           tile: int | None) -> int:
     """Samples per chunk: as many as keep the largest scratch matrix (im2col's columns, or
     Winograd's transformed patches or products) under GEMM_CHUNK_BYTES."""
     item = np.dtype(setup.dtype).itemsize
@@ -172,10 +192,11 @@ def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: i
         per_sample = (weight[1] * groups * math.prod(weight[2:])
                       * math.prod(setup.out_shape[1:]) * item)
     else:
-        out = setup.out_shape[1:]
-        tiles = math.prod(-(-size // conv_winograd.TILE) for size in out)
+        assert tile is not None
+        tiling = conv_winograd.TILINGS[tile]
+        tiles = math.prod(-(-size // tile) for size in setup.out_shape[1:])
         channels = max(weight[0], weight[1] * groups)
-        per_sample = conv_winograd.POINTS * channels * tiles * item
+        per_sample = tiling.points * channels * tiles * item
     fits = max(1, min(setup.batch, GEMM_CHUNK_BYTES // per_sample))
     chunks = -(-setup.batch // fits)
     return -(-setup.batch // chunks)  # chunks of (nearly) equal size
@@ -185,7 +206,8 @@ def _own_shapes(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
     """The shapes of a GEMM or Winograd module's own_buffers(), which Scratch lends."""
     g = Geometry.from_spec(spec)
     if spec.template == "conv_winograd":
-        return conv_winograd.own_shapes(g, -(-g.batch // int(spec.option("chunk"))))
+        return conv_winograd.own_shapes(g, conv_winograd.tiling(spec),
+                                        -(-g.batch // int(spec.option("chunk"))))
     return conv_gemm.own_shapes(g)
 
 
@@ -193,10 +215,10 @@ class ConvLayer(KernelLayer):
     """A convolution (or filter) computed by one generated module."""
 
     def __init__(self, setup: LayerSetup, algorithm: str, reason: str,
-                 fixed_weight: np.ndarray | None) -> None:
+                 fixed_weight: np.ndarray | None, tile: int | None = None) -> None:
         super().__init__(setup)
         self.algorithm, self.reason = algorithm, reason
-        spec = conv_spec(setup, algorithm)
+        spec = conv_spec(setup, algorithm, tile)
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
         # GEMM layers borrow the im2col buffers every such layer shares, and the

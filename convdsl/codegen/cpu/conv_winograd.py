@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
+from dataclasses import dataclass
 from fractions import Fraction
 
 from convdsl.codegen import cache
@@ -44,7 +45,7 @@ from convdsl.codegen.spec import KernelSpec
 Matrix = tuple[tuple[Fraction, ...], ...]
 
 
-def _matrix(rows: list[list[float]]) -> Matrix:
+def _matrix(rows: list[list[float | Fraction]]) -> Matrix:
     return tuple(tuple(Fraction(value) for value in row) for row in rows)
 
 
@@ -52,13 +53,45 @@ def _transposed(matrix: Matrix) -> Matrix:
     return tuple(zip(*matrix, strict=True))
 
 
-# Lavin and Gray's F(2x2, 3x3) with interpolation points 0, 1, -1 (and infinity).
-B_T = _matrix([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
-G = _matrix([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-A_T = _matrix([[1, 1, 1, 0], [0, 1, -1, -1]])
-TILE = 2  # outputs per tile and axis
-PATCH = 4  # inputs per patch and axis: TILE + 3 - 1
-POINTS = PATCH * PATCH  # products per tile and channel pair
+@dataclass(frozen=True)
+class Tiling:
+    """F(m x m, 3x3): m outputs per tile and axis, from patches of m + 2 inputs, through
+    the input transform b_t, the kernel transform g and the output transform a_t."""
+
+    size: int  # m
+    b_t: Matrix  # (m+2) x (m+2)
+    g: Matrix  # (m+2) x 3
+    a_t: Matrix  # m x (m+2)
+
+    @property
+    def patch(self) -> int:
+        """Inputs per patch and axis."""
+        return self.size + 2
+
+    @property
+    def points(self) -> int:
+        """Products per tile and channel pair: the planes of a transformed array."""
+        return self.patch * self.patch
+
+
+# Lavin and Gray's F(2x2, 3x3), interpolation points 0, 1, -1 (and infinity): exact in
+# binary, 4 multiplications per output.
+F2 = Tiling(2, b_t=_matrix([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+            g=_matrix([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+            a_t=_matrix([[1, 1, 1, 0], [0, 1, -1, -1]]))
+# F(4x4, 3x3), points 0, 1, -1, 2, -2 (and infinity): 2.25 multiplications per output,
+# at the price of coefficients up to 8 and sixths, which cost float32 some accuracy.
+F4 = Tiling(4, b_t=_matrix([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                            [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+            g=_matrix([[Fraction(1, 4), 0, 0],
+                       [Fraction(-1, 6), Fraction(-1, 6), Fraction(-1, 6)],
+                       [Fraction(-1, 6), Fraction(1, 6), Fraction(-1, 6)],
+                       [Fraction(1, 24), Fraction(1, 12), Fraction(1, 6)],
+                       [Fraction(1, 24), Fraction(-1, 12), Fraction(1, 6)],
+                       [0, 0, 1]]),
+            a_t=_matrix([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                         [0, 1, -1, 8, -8, 1]]))
+TILINGS = {tiling.size: tiling for tiling in (F2, F4)}
 
 
 def applies(g: Geometry) -> bool:
@@ -84,19 +117,19 @@ def why_not(g: Geometry) -> str:
     return ", ".join(reasons)
 
 
-def tiles(g: Geometry) -> tuple[int, int]:
-    """Tiles per output map along each axis (the last may stick out past an odd size)."""
-    return (-(-g.out[0] // TILE), -(-g.out[1] // TILE))
+def tiles(g: Geometry, t: Tiling) -> tuple[int, int]:
+    """Tiles per output map along each axis (the last may stick out past the map)."""
+    return (-(-g.out[0] // t.size), -(-g.out[1] // t.size))
 
 
-def tiles_per_sample(g: Geometry) -> int:
-    return math.prod(tiles(g))
+def tiles_per_sample(g: Geometry, t: Tiling) -> int:
+    return math.prod(tiles(g, t))
 
 
-def _padded(g: Geometry) -> tuple[int, int]:
+def _padded(g: Geometry, t: Tiling) -> tuple[int, int]:
     """The padded map every patch is read from: the tiles' reach."""
-    rows, cols = tiles(g)
-    return (TILE * rows + 2, TILE * cols + 2)
+    rows, cols = tiles(g, t)
+    return (t.size * rows + 2, t.size * cols + 2)
 
 
 # Elements left unused after each of the 16 planes of a transformed array. A plane of a
@@ -106,29 +139,42 @@ def _padded(g: Geometry) -> tuple[int, int]:
 PLANE_GAP = 16
 
 
-def own_shapes(g: Geometry, chunks: int) -> dict[str, tuple[int, ...]]:
+def own_shapes(g: Geometry, t: Tiling, chunks: int) -> dict[str, tuple[int, ...]]:
     """What only one call reads and writes (codegen/cpu/conv.py lends the memory): u, the
     transformed weight, and du, the transformed weight gradient of one chunk, each as 16
     planes of O x C values and a gap (the driver views them as (16, O, C)). With one
     chunk, backward is done with du before it needs u, and both share one buffer (16 MB
     of ResNet's 512-channel layers)."""
-    plane = (POINTS, g.out_channels * g.channels + PLANE_GAP)
+    plane = (t.points, g.out_channels * g.channels + PLANE_GAP)
     return {"u": plane, "du": plane} if g.weight_grad and chunks > 1 else {"u": plane}
 
 
-def _planes(flat: str, rows: int, columns: int, item: int) -> str:
+def _planes(flat: str, t: Tiling, rows: int, columns: int, item: int) -> str:
     """Source of a (16, rows, columns) view of the flat array `flat`, planes PLANE_GAP
     apart."""
     plane = rows * columns + PLANE_GAP
-    return (f"as_strided({flat}, ({POINTS}, {rows}, {columns}), "
+    return (f"as_strided({flat}, ({t.points}, {rows}, {columns}), "
             f"({plane * item}, {columns * item}, {item}))")
 
 
 # --- the transforms, as straight-line code ---------------------------------------------
 
 
+def constant_name(value: Fraction) -> str:
+    """The generated module's name for a coefficient: C1_2 for 1/2, C4 for 4."""
+    return f"C{value.numerator}" if value.denominator == 1 else \
+        f"C{value.numerator}_{value.denominator}"
+
+
+def _constants(t: Tiling) -> list[Fraction]:
+    """The coefficients other than 0 and 1 that the transforms multiply by."""
+    return sorted({abs(value) for matrix in (t.b_t, t.g, t.a_t) for row in matrix
+                   for value in row} - {Fraction(0), Fraction(1)})
+
+
 def _combination(row: tuple[Fraction, ...], terms: list[str]) -> str:
-    """sum(row[i] * terms[i]) without the zeros and ones: `d0 - d2`, `(g0 + g1) * HALF`."""
+    """sum(row[i] * terms[i]) without the zeros and ones, terms with equal factors
+    grouped: `d0 - d2`, `(g0 + g1) * C1_2`."""
     by_scale: dict[Fraction, list[tuple[bool, str]]] = {}
     for weight, term in zip(row, terms, strict=True):
         if weight:
@@ -139,8 +185,7 @@ def _combination(row: tuple[Fraction, ...], terms: list[str]) -> str:
         for negative, term in signed[1:]:
             text += f" - {term}" if negative else f" + {term}"
         if scale != 1:
-            assert scale == Fraction(1, 2), "only the halves of G occur"
-            text = f"({text}) * HALF"
+            text = f"({text}) * {constant_name(scale)}"
         parts.append(text)
     return " + ".join(parts).replace("+ -", "- ")
 
@@ -164,8 +209,8 @@ def _weight_index(g: Geometry, i: int, j: int) -> str:
     return f"{2 - i}, {2 - j}" if g.flip else f"{i}, {j}"
 
 
-def _transform_weight(code: Code, g: Geometry) -> None:
-    """u[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]."""
+def _transform_weight(code: Code, g: Geometry, t: Tiling) -> None:
+    """u[xi*P + nu, o, c] = (G w[o, c] G^T)[xi, nu]  (P = m + 2)."""
     code.line(jit())
     with code.block("def transform_weight(w, u)"), \
             code.block(f"for o in prange({g.out_channels})"), \
@@ -173,19 +218,19 @@ def _transform_weight(code: Code, g: Geometry) -> None:
         for i in range(3):
             for j in range(3):
                 code.line(f"g{i}{j} = w[o, c, {_weight_index(g, i, j)}]")
-        _transform(code, G, "g", "u")
-        _write_planes(code, "u[{ab}, o, c] = u{a}{b}")
+        _transform(code, t.g, "g", "u")
+        _write_planes(code, t, "u[{ab}, o, c] = u{a}{b}")
     code.line()
 
 
-def _store_weight_grad(code: Code, g: Geometry) -> None:
+def _store_weight_grad(code: Code, g: Geometry, t: Tiling) -> None:
     """dw[o, c] (+)= G^T du[:, o, c] G, back in the weight's layout."""
     code.line(jit())
     with code.block("def store_weight_grad(du, dw, add)"), \
             code.block(f"for o in prange({g.out_channels})"), \
             code.block(f"for c in range({g.channels})"):
-        _read_tile(code, "e", PATCH, "du[{ab}, o, c]")
-        _transform(code, _transposed(G), "e", "r")
+        _read_tile(code, t, "e", t.patch, "du[{ab}, o, c]")
+        _transform(code, _transposed(t.g), "e", "r")
         with code.block("if add"):
             for i in range(3):
                 for j in range(3):
@@ -210,59 +255,63 @@ def _map_jobs(code: Code, maps: int, name: str, array: str) -> ExitStack:
     return stack
 
 
-def _tile_loops(code: Code, stack: ExitStack, g: Geometry) -> None:
-    """`for t0`, `for t1` over the sample's tiles, with p the tile's column."""
-    rows, cols = tiles(g)
+def _tile_loops(code: Code, stack: ExitStack, g: Geometry, t: Tiling) -> None:
+    """`for t0`, `for t1` over the sample's tiles, with p the tile's column, and r0, r1
+    the tile's first row and column in the (padded) map."""
+    rows, cols = tiles(g, t)
     code.line(f"base = j * {rows * cols}")
     stack.enter_context(code.loops([("t0", f"range({rows})"), ("t1", f"range({cols})")]))
     code.line(f"p = uintp(base + t0 * {cols} + t1)")
+    code.line(f"r0 = {t.size} * t0")
+    code.line(f"r1 = {t.size} * t1")
 
 
-def _transform_input(code: Code, g: Geometry) -> None:
-    """v[xi*4 + nu, c, j*T + t] = (B^T d B)[xi, nu], d the 4x4 patch of tile t."""
+def _transform_input(code: Code, g: Geometry, t: Tiling) -> None:
+    """v[xi*P + nu, c, j*T + t] = (B^T d B)[xi, nu], d the patch of tile t."""
     (before, _), (left, _) = g.pads
     code.line(jit())
     with code.block("def transform_input(x, v, n0, m)"), \
             _map_jobs(code, g.channels, "c", "v") as stack:
         code.line("# the map with its padding, and zeros where the last tiles stick out")
-        code.line(f"pad = np.zeros({_padded(g)}, dtype=np.{g.dtype})")
+        code.line(f"pad = np.zeros({_padded(g, t)}, dtype=np.{g.dtype})")
         with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
             code.line(f"pad[uintp(i0 + {before}), uintp(i1 + {left})] = x[n, c, i0, i1]")
-        _tile_loops(code, stack, g)
-        _read_tile(code, "d", PATCH, "pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]")
-        _transform(code, B_T, "d", "v")
-        _write_planes(code, "v[{ab}, c, p] = v{a}{b}")
+        _tile_loops(code, stack, g, t)
+        _read_tile(code, t, "d", t.patch, "pad[uintp(r0 + {a}), uintp(r1 + {b})]")
+        _transform(code, t.b_t, "d", "v")
+        _write_planes(code, t, "v[{ab}, c, p] = v{a}{b}")
     code.line()
 
 
-def _read_tile(code: Code, name: str, size: int, source: str) -> None:
-    """`{name}{a}{b} = source` for a, b below `size` (source formatted with a and b)."""
+def _read_tile(code: Code, t: Tiling, name: str, size: int, source: str) -> None:
+    """`{name}{a}{b} = source` for a, b below `size` (source formatted with a, b and ab,
+    the plane of (a, b))."""
     for a in range(size):
         for b in range(size):
-            code.line(f"{name}{a}{b} = " + source.format(a=a, b=b, ab=a * PATCH + b))
+            code.line(f"{name}{a}{b} = " + source.format(a=a, b=b, ab=a * t.patch + b))
 
 
-def _write_planes(code: Code, statement: str) -> None:
-    """`statement` for each of the 16 transformed values (formatted with a, b, ab)."""
-    for a in range(PATCH):
-        for b in range(PATCH):
-            code.line(statement.format(a=a, b=b, ab=a * PATCH + b))
+def _write_planes(code: Code, t: Tiling, statement: str) -> None:
+    """`statement` for each transformed value (formatted with a, b and ab)."""
+    for a in range(t.patch):
+        for b in range(t.patch):
+            code.line(statement.format(a=a, b=b, ab=a * t.patch + b))
 
 
-def _transform_output(code: Code, g: Geometry) -> None:
+def _transform_output(code: Code, g: Geometry, t: Tiling) -> None:
     """y[n, o, tile] = act(b[o] + A^T M A) from the products mm[:, o, j*T + t]."""
     code.line(jit())
     with code.block(f"def transform_output(mm, {'b, ' if g.bias else ''}y, n0, m)"), \
             _map_jobs(code, g.out_channels, "o", "mm") as stack:
         code.line("start = b[o]" if g.bias else f"start = {g.zero}")
-        _tile_loops(code, stack, g)
-        _read_tile(code, "m", PATCH, "mm[{ab}, o, p]")
-        _transform(code, A_T, "m", "s")
-        for a in range(TILE):
-            for b in range(TILE):
-                statement = (f"y[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] = "
+        _tile_loops(code, stack, g, t)
+        _read_tile(code, t, "m", t.patch, "mm[{ab}, o, p]")
+        _transform(code, t.a_t, "m", "s")
+        for a in range(t.size):
+            for b in range(t.size):
+                statement = (f"y[n, o, uintp(r0 + {a}), uintp(r1 + {b})] = "
                              + forward_expression(g.act, f"(s{a}{b} + start)"))
-                checks = _outside_checks(g, a, b)
+                checks = _inside_checks(g, t, a, b)
                 if checks:
                     with code.block(f"if {checks}"):
                         code.line(statement)
@@ -271,43 +320,44 @@ def _transform_output(code: Code, g: Geometry) -> None:
     code.line()
 
 
-def _outside_checks(g: Geometry, a: int, b: int) -> str:
-    """The test that output (2*t0 + a, 2*t1 + b) lies in the map: needed only where an odd
-    output size leaves the last tile's second row or column outside ('' if none)."""
-    return " and ".join(f"2 * t{axis} + 1 < {g.out[axis]}"
-                        for axis, offset in ((0, a), (1, b)) if offset == 1 and g.out[axis] % 2)
+def _inside_checks(g: Geometry, t: Tiling, a: int, b: int) -> str:
+    """The test that output (r0 + a, r1 + b) lies in the map, needed only where the map's
+    size leaves that row or column of the last tile outside ('' if never)."""
+    return " and ".join(f"r{axis} + {offset} < {g.out[axis]}"
+                        for axis, offset in ((0, a), (1, b))
+                        if g.out[axis] % t.size and offset >= g.out[axis] % t.size)
 
 
-def _transform_grad(code: Code, g: Geometry) -> None:
-    """mm[xi*4 + nu, o, j*T + t] = (A dy A^T)[xi, nu], dy the tile's 2x2 output gradient
-    (zero past an odd output size)."""
+def _transform_grad(code: Code, g: Geometry, t: Tiling) -> None:
+    """mm[xi*P + nu, o, j*T + t] = (A dy A^T)[xi, nu], dy the tile's m x m output
+    gradient (zero past the map)."""
     code.line(jit())
     with code.block("def transform_grad(dy, mm, n0, m)"), \
             _map_jobs(code, g.out_channels, "o", "mm") as stack:
-        _tile_loops(code, stack, g)
-        for a in range(TILE):
-            for b in range(TILE):
-                read = f"dy[n, o, uintp(2 * t0 + {a}), uintp(2 * t1 + {b})]"
-                checks = _outside_checks(g, a, b)
+        _tile_loops(code, stack, g, t)
+        for a in range(t.size):
+            for b in range(t.size):
+                read = f"dy[n, o, uintp(r0 + {a}), uintp(r1 + {b})]"
+                checks = _inside_checks(g, t, a, b)
                 code.line(f"q{a}{b} = ({read} if {checks} else {g.zero})" if checks
                           else f"q{a}{b} = {read}")
-        _transform(code, _transposed(A_T), "q", "z")
-        _write_planes(code, "mm[{ab}, o, p] = z{a}{b}")
+        _transform(code, _transposed(t.a_t), "q", "z")
+        _write_planes(code, t, "mm[{ab}, o, p] = z{a}{b}")
     code.line()
 
 
-def _restore_input(code: Code, g: Geometry) -> None:
+def _restore_input(code: Code, g: Geometry, t: Tiling) -> None:
     """dx[n, c] = the sum over tiles of B dV B^T, each added where its patch was read."""
     (before, _), (left, _) = g.pads
     code.line(jit())
     with code.block("def restore_input(dv, dx, n0, m)"), \
             _map_jobs(code, g.channels, "c", "dx"):
-        code.line(f"pad = np.zeros({_padded(g)}, dtype=np.{g.dtype})")
+        code.line(f"pad = np.zeros({_padded(g, t)}, dtype=np.{g.dtype})")
         with ExitStack() as tiles_stack:
-            _tile_loops(code, tiles_stack, g)
-            _read_tile(code, "e", PATCH, "dv[{ab}, c, p]")
-            _transform(code, _transposed(B_T), "e", "r")
-            _write_planes(code, "pad[uintp(2 * t0 + {a}), uintp(2 * t1 + {b})] += r{a}{b}")
+            _tile_loops(code, tiles_stack, g, t)
+            _read_tile(code, t, "e", t.patch, "dv[{ab}, c, p]")
+            _transform(code, _transposed(t.b_t), "e", "r")
+            _write_planes(code, t, "pad[uintp(r0 + {a}), uintp(r1 + {b})] += r{a}{b}")
         code.line("# the padding's gradient is dropped")
         with code.loops([("i0", f"range({g.sizes[0]})"), ("i1", f"range({g.sizes[1]})")]):
             code.line(f"dx[n, c, i0, i1] = pad[uintp(i0 + {before}), uintp(i1 + {left})]")
@@ -317,26 +367,28 @@ def _restore_input(code: Code, g: Geometry) -> None:
 # --- the driver ---------------------------------------------------------------------
 
 
-def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
+def _driver(code: Code, g: Geometry, t: Tiling, chunk: int, prepared: bool) -> None:
     starts = list(range(0, g.batch, chunk))
-    per_sample = tiles_per_sample(g)
+    per_sample = tiles_per_sample(g, t)
     dtype = f"np.{g.dtype}"
     columns = chunk * per_sample
-    v_size = POINTS * (g.channels * columns + PLANE_GAP)
-    mm_size = POINTS * (g.out_channels * columns + PLANE_GAP)
+    v_size = t.points * (g.channels * columns + PLANE_GAP)
+    mm_size = t.points * (g.out_channels * columns + PLANE_GAP)
     item = 4 if g.dtype == "float32" else 8
     bias = "b, " if g.bias else ""
     code.line("# The two flat scratch buffers' sizes: a caller may share larger ones between")
     code.line("# layers (codegen/cpu/conv.py), since a layer needs them only while it runs.")
     code.line(f"SCRATCH = ({v_size}, {mm_size})")
-    code.line(f"HALF = {dtype}(0.5)")
+    code.line("# the transforms' coefficients, in the arrays' dtype")
+    for value in _constants(t):
+        code.line(f"{constant_name(value)} = {dtype}({value.numerator} / {value.denominator})")
     code.line()
     code.line()
     with code.block("def own_buffers()"):
         code.line('"""What one call reads and writes besides the scratch: u, the transformed')
         code.line('weight, and du, the transformed weight gradient of one chunk."""')
         code.line("return {")
-        for name, shape in own_shapes(g, len(starts)).items():
+        for name, shape in own_shapes(g, t, len(starts)).items():
             code.line(f"    {name!r}: np.zeros({shape}, dtype={dtype}),")
         code.line("}")
     code.line()
@@ -351,16 +403,17 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
         with code.block("if outs is None"):
             code.line(f"outs = np.zeros({mm_size}, dtype={dtype})")
         code.line("ws = {")
-        code.line(f"    'v': {_planes('cols', g.channels, columns, item)},")
-        code.line(f"    'mm': {_planes('outs', g.out_channels, columns, item)},")
+        code.line(f"    'v': {_planes('cols', t, g.channels, columns, item)},")
+        code.line(f"    'mm': {_planes('outs', t, g.out_channels, columns, item)},")
         code.line("    'fresh': False,  # v holds the last chunk's patches of the last forward")
         code.line("}")
         code.line("own = own_buffers() if own is None else own")
-        code.line("# u and du: (16, O, C) views of their gapped planes, one buffer for one chunk")
+        code.line("# u and du: (planes, O, C) views of their gapped planes, one buffer for one")
+        code.line("# chunk")
         for name in ("u", "du") if g.weight_grad else ("u",):
-            kept = name if name in own_shapes(g, len(starts)) else "u"
+            kept = name if name in own_shapes(g, t, len(starts)) else "u"
             code.line(f"ws[{name!r}] = own[{kept!r}][:, :{g.out_channels * g.channels}]"
-                      f".reshape(({POINTS}, {g.out_channels}, {g.channels}))")
+                      f".reshape(({t.points}, {g.out_channels}, {g.channels}))")
         code.line("return ws")
     code.line()
     code.line()
@@ -404,24 +457,29 @@ def _driver(code: Code, g: Geometry, chunk: int, prepared: bool) -> None:
                 code.line("restore_input(v, dx, n0, m)")
 
 
+def tiling(spec: KernelSpec) -> Tiling:
+    """The tiling a conv_winograd spec asks for (its option `tile`: 2 or 4)."""
+    return TILINGS[int(spec.option("tile"))]
+
+
 @cache.template("conv_winograd")
 def render(spec: KernelSpec) -> str:
-    g = Geometry.from_spec(spec)
+    g, t = Geometry.from_spec(spec), tiling(spec)
     if not applies(g):
-        raise ValueError(f"Winograd F(2x2, 3x3) does not apply: {why_not(g)}")
+        raise ValueError(f"Winograd F({t.size}x{t.size}, 3x3) does not apply: {why_not(g)}")
     code = Code()
     code.line(PRELUDE + IMPORTS.rstrip("\n"))
     code.line("from numpy.lib.stride_tricks import as_strided")
     code.line()
     code.line()
-    _transform_weight(code, g)
-    _transform_input(code, g)
-    _transform_output(code, g)
-    _transform_grad(code, g)
-    _restore_input(code, g)
+    _transform_weight(code, g, t)
+    _transform_input(code, g, t)
+    _transform_output(code, g, t)
+    _transform_grad(code, g, t)
+    _restore_input(code, g, t)
     if g.weight_grad:
-        _store_weight_grad(code, g)
+        _store_weight_grad(code, g, t)
     prepared = emit_prepare(code, g)
     code.line()
-    _driver(code, g, int(spec.option("chunk")), prepared)
+    _driver(code, g, t, int(spec.option("chunk")), prepared)
     return code.text()

@@ -6,8 +6,9 @@
             (conv_gemm.py): the workhorse for many channels; 1x1 layers skip im2col
     fft     zero-padded numpy.fft transforms, products summed over channels by BLAS
             (conv_fft.py): its cost does not grow with the window
-    winograd  F(2x2, 3x3) tiles, 16 BLAS products per pass (conv_winograd.py): 4
-            multiplications per output instead of 9, for 3x3 layers at stride 1
+    winograd  F(2x2, 3x3) or F(4x4, 3x3) tiles, 16 or 36 BLAS products per pass
+            (conv_winograd.py): 4 or 2.25 multiplications per output instead of 9, for
+            3x3 layers at stride 1
 
 All four render one module per kernel spec with the same driver (conv_common.py), so
 this file only picks the algorithm, describes the layer as a spec, allocates buffers and

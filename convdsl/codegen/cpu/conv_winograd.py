@@ -1,12 +1,14 @@
-"""The Winograd algorithm F(2x2, 3x3): 3x3 convolutions at stride 1 in 2.25x fewer products.
+"""The Winograd algorithm F(m x m, 3x3): 3x3 convolutions at stride 1 in fewer products.
 
-Lavin and Gray's minimal filtering: cut the output into 2x2 tiles; the 4x4 input patch d
-that a tile reads and the 3x3 kernel g give the tile as
+Lavin and Gray's minimal filtering: cut the output into m x m tiles (m = 2 or 4); the
+(m+2) x (m+2) input patch d that a tile reads and the 3x3 kernel g give the tile as
 
     Y = A^T [ (G g G^T) . (B^T d B) ] A          (. elementwise; the matrices are below)
 
-that is 16 multiplications per tile and channel pair instead of 36. Summed over input
-channels, each of the 16 positions (xi, nu) of the transformed tile is a matrix product:
+that is (m+2)^2 multiplications per tile and channel pair instead of 9 m^2: 16 instead
+of 36 for 2x2 tiles (F2), 36 instead of 144 for 4x4 tiles (F4). Summed over input
+channels, each of the P = (m+2)^2 positions (xi, nu) of the transformed tile is a matrix
+product:
 
     U[xi,nu] (O x C) = transformed kernels      V[xi,nu] (C x tiles) = transformed patches
     M[xi,nu] = U[xi,nu] @ V[xi,nu]               then Y = A^T M A, tile by tile
@@ -17,16 +19,18 @@ Backward uses the same transforms (Y is linear in U and in V):
     dU[xi,nu]   = Mg[xi,nu] @ V[xi,nu]^T   ->  dW = G^T dU G        (summed over tiles)
     dV[xi,nu]   = U[xi,nu]^T @ Mg[xi,nu]   ->  dx += B dV B^T        (tiles overlap by 2)
 
-so a layer's three passes are 3 x 16 BLAS products with 4 multiplications per output
-where im2col needs 9. The transforms are generated loops; the products are NumPy's. It
-applies to 2-D, 3x3, stride 1, undilated, ungrouped layers with any padding: the
-patches are read from a zero-padded copy of each input map, and the outputs of the
-last tile that fall past an odd output size are not written. Batches are processed in
-chunks, as im2col's are, so that V stays within the chunk budget; backward visits the
-last chunk first and reuses the V that forward left, as the GEMM algorithm does.
+so a layer's three passes are 3 x P BLAS products, with 4 (F2) or 2.25 (F4)
+multiplications per output where im2col needs 9. The transforms are generated loops; the
+products are NumPy's. It applies to 2-D, 3x3, stride 1, undilated, ungrouped layers with
+any padding: the patches are read from a zero-padded copy of each input map, and the
+outputs of a last tile that sticks out past the map are not written. Batches are
+processed in chunks, as im2col's are, so that V stays within the chunk budget; backward
+visits the last chunk first and reuses the V that forward left, as the GEMM algorithm
+does. The cost model (codegen/cost.py) picks the tile per layer.
 
-Numerically the transforms add and halve, no more: float32 results differ from the
-direct sum by a few units in the last place times the channel count, as a GEMM's do.
+Numerically F2's transforms add and halve, no more: float32 results differ from the
+direct sum about as a GEMM's do. F4's coefficients (up to 8, and sixths) lose a few more
+bits; the tests hold both to the same tolerances against the float64 reference.
 """
 
 from __future__ import annotations
@@ -95,14 +99,14 @@ TILINGS = {tiling.size: tiling for tiling in (F2, F4)}
 
 
 def applies(g: Geometry) -> bool:
-    """Whether F(2x2, 3x3) computes this layer: 2-D, 3x3, stride 1, no dilation, one group
+    """Whether Winograd computes this layer: 2-D, 3x3, stride 1, no dilation, one group
     (grouped layers have too few channels per product to pay for the transforms)."""
     return (g.rank == 2 and g.window == (3, 3) and g.stride == (1, 1)
             and g.dilation == (1, 1) and g.groups == 1)
 
 
 def why_not(g: Geometry) -> str:
-    """What keeps F(2x2, 3x3) from a layer, for the report ('' if it applies)."""
+    """What keeps Winograd from a layer, for the report ('' if it applies)."""
     reasons = []
     if g.rank != 2:
         reasons.append(f"{g.rank}-D")

@@ -219,9 +219,18 @@ class ConvLayer(KernelLayer):
                  fixed_weight: np.ndarray | None, tile: int | None = None) -> None:
         super().__init__(setup)
         self.algorithm, self.reason = algorithm, reason
-        spec = conv_spec(setup, algorithm, tile)
+        spec, epilogue = conv_spec(setup, algorithm, tile), None
+        if algorithm == "winograd":
+            # Winograd's bias and activation run in an epilogue module of their own
+            # (conv_winograd.split_epilogue); the other algorithms' in their kernels.
+            spec, epilogue = conv_winograd.split_epilogue(spec)
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
+        self._epilogue: ModuleType | None = None
+        if epilogue is not None:
+            self.specs.append(epilogue)
+            self._epilogue = cache.load(epilogue)
+        self._maps = (setup.batch, setup.out_shape[0], math.prod(setup.out_shape[1:]))
         # GEMM layers borrow the im2col buffers every such layer shares, and the
         # buffers only their backward reads (see Scratch); the others keep their own,
         # small, workspace, made at the first call.
@@ -254,8 +263,13 @@ class ConvLayer(KernelLayer):
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
         (x,) = inputs
-        self._module.forward(x, self._weight(params), params.get("bias"), self._y,
-                             self._workspace())
+        bias = params.get("bias")
+        self._module.forward(x, self._weight(params), None if self._epilogue else bias,
+                             self._y, self._workspace())
+        if self._epilogue is not None and bias is not None:
+            self._epilogue.finish(self._y.reshape(self._maps), bias)
+        elif self._epilogue is not None:
+            self._epilogue.finish(self._y.reshape(self._maps))
         if self._softmax is not None:
             self._softmax.forward(self._y, self._y)
         self._x = x
@@ -272,9 +286,17 @@ class ConvLayer(KernelLayer):
         if self._dx is None and self.input_grad_needed:
             self._dx = self.setup.input_buffer()
         dx = self._dx if self.input_grad_needed else None
+        db = grads.get("bias")
+        if self._epilogue is not None:  # dy *= act'(y), db = sum(dy), before the products
+            y, dyv = self._y.reshape(self._maps), dy.reshape(self._maps)
+            if db is not None:
+                self._epilogue.prepare(y, dyv, db, not skip_act)
+            else:
+                self._epilogue.prepare(y, dyv, not skip_act)
+            db = None
         self._module.backward(self._x, self._weight(params), self._y, dy, dx,
                               grads.get("weight") if self._fixed_weight is None else None,
-                              grads.get("bias"), self._workspace(), not skip_act)
+                              db, self._workspace(), not skip_act)
         return [dx]
 
 

@@ -345,7 +345,7 @@ def pointwise(g: Geometry) -> bool:
 POINTWISE_MIN_POSITIONS = 64
 
 
-def _finish_in_place(code: Code, g: Geometry) -> bool:
+def finish_in_place(code: Code, g: Geometry) -> bool:
     """finish(y[, b]) on an (N, O, P) view: y = act(y + b). False if there is nothing to do."""
     if not g.bias and not g.has_act:
         return False
@@ -406,7 +406,7 @@ def render(spec: KernelSpec) -> str:
     code = Code()
     code.line(PRELUDE + IMPORTS)
     if pointwise(g):
-        finished = _finish_in_place(code, g)
+        finished = finish_in_place(code, g)
         prepared = emit_prepare(code, g)
         code.line()
         _pointwise_driver(code, g, finished, prepared)

@@ -4,12 +4,12 @@
     python bench/conv_layers.py --layer 64x32x32:64 --layer 3x32x32:64 --rounds 9
 
 A layer is `CxHxW:O` (a 3x3 convolution with padding 1 and ReLU, C input channels on
-HxW maps, O outputs). For each layer every algorithm that computes it runs one forward
-and one backward (input, weight and bias gradients) per round, in turn, after an untimed
-round that compiles or loads the kernels; the table gives median milliseconds, the ratio
-of each algorithm to GEMM, and what the cost model (codegen/cost.py, this machine's
-calibration) estimated and chose. The Winograd constants of the model were fitted to
-these ratios.
+HxW maps, O outputs). For each layer GEMM and Winograd with each tile size (and FFT with
+--fft) run one forward and one backward (input, weight and bias gradients) per round, in
+turn, after an untimed round that compiles or loads the kernels; the table gives median
+milliseconds, the ratio of each to GEMM, and the algorithm the cost model
+(codegen/cost.py, this machine's calibration) chooses. The Winograd constants of the
+model were fitted to these ratios.
 """
 
 from __future__ import annotations

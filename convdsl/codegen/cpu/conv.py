@@ -10,7 +10,8 @@
             (conv_winograd.py): 4 or 2.25 multiplications per output instead of 9, for
             3x3 layers at stride 1
 
-All four render one module per kernel spec with the same driver (conv_common.py), so
+All four render one module per kernel spec with the same driver (conv_common.py; a
+Winograd layer's bias and activation are a second, small module), so
 this file only picks the algorithm, describes the layer as a spec, allocates buffers and
 calls the driver. A filter layer is a depthwise convolution (groups = channels) with
 its fixed kernel as weight and no weight or bias gradient.

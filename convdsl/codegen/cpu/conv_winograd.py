@@ -138,26 +138,26 @@ def _padded(g: Geometry, t: Tiling) -> tuple[int, int]:
     return (t.size * rows + 2, t.size * cols + 2)
 
 
-# Elements left unused after each of the 16 planes of a transformed array. A plane of a
-# power-of-two size (64 x 2048 floats) puts the 16 values a tile writes in one cache set,
-# which holds only 8: they evict each other on every store, and the input transform of
+# Elements left unused after each plane of a transformed array. Planes of a power-of-two
+# size (64 x 2048 floats) put the 16 values a 2x2 tile writes in one cache set, which
+# holds only 8: they evict each other on every store, and the input transform of
 # ResNet's 128-channel layer took 3.2 ms instead of 0.4.
 PLANE_GAP = 16
 
 
 def own_shapes(g: Geometry, t: Tiling, chunks: int) -> dict[str, tuple[int, ...]]:
     """What only one call reads and writes (codegen/cpu/conv.py lends the memory): u, the
-    transformed weight, and du, the transformed weight gradient of one chunk, each as 16
-    planes of O x C values and a gap (the driver views them as (16, O, C)). With one
-    chunk, backward is done with du before it needs u, and both share one buffer (16 MB
-    of ResNet's 512-channel layers)."""
+    transformed weight, and du, the transformed weight gradient of one chunk, each as
+    t.points planes of O x C values and a gap (the driver views them as (planes, O, C)).
+    With one chunk, backward is done with du before it needs u, and both share one buffer
+    (16 MB of ResNet's 512-channel layers)."""
     plane = (t.points, g.out_channels * g.channels + PLANE_GAP)
     return {"u": plane, "du": plane} if g.weight_grad and chunks > 1 else {"u": plane}
 
 
 def _planes(flat: str, t: Tiling, rows: int, columns: int, item: int) -> str:
-    """Source of a (16, rows, columns) view of the flat array `flat`, planes PLANE_GAP
-    apart."""
+    """Source of a (t.points, rows, columns) view of the flat array `flat`, planes
+    PLANE_GAP apart."""
     plane = rows * columns + PLANE_GAP
     return (f"as_strided({flat}, ({t.points}, {rows}, {columns}), "
             f"({plane * item}, {columns * item}, {item}))")

@@ -1,7 +1,8 @@
-"""A cost model for the three convolution algorithms, and tuning by measurement.
+"""A cost model for the four convolution algorithms, and tuning by measurement.
 
 `estimate(spec, rates)` says how many seconds one forward plus one backward pass of a
-convolution kernel spec (conv_direct, conv_gemm or conv_fft) should take, from what
+convolution kernel spec (conv_direct, conv_gemm, conv_fft or conv_winograd) should take,
+from what
 the kernels do (see their module docstrings) and from what this machine does per
 second (`Rates`):
 
@@ -12,7 +13,9 @@ second (`Rates`):
             smallest side of the matrices (6 outputs per group use BLAS badly);
     fft     2.5 L log2 L flops per real transform of L points, for every input, output
             and kernel map, plus the per-frequency complex products and the copies
-            that reorder the spectra.
+            that reorder the spectra;
+    winograd  (m+2)^2 BLAS products per pass over a reduction of C only, and the
+            transforms as copies of as many planes, times a slack fitted to measurements.
 
 The rates are measured once per machine by tiny micro-benchmarks (a few seconds,
 most of it compiling one small Numba kernel) and kept as JSON in the kernel cache
@@ -77,12 +80,12 @@ STRIDED = 2.0  # loops along a strided row: this many times slower
 BLAS_HALF = (12.0, 16.0, 16.0)  # sides (m, k, n) at which a product runs at half speed
 IM2COL_PASSES = 2.0  # bytes moved per column byte (read of x, write of the column)
 SPECTRUM_PASSES = 2.0  # complex bytes moved per spectrum entry and reordering
-# Winograd's estimate times (WINOGRAD_SLACK + WINOGRAD_FEW / channels): its 16 products
-# per pass are short (a reduction over C, not 9C) and its transforms touch 16 planes, so
+# Winograd's estimate times (WINOGRAD_SLACK + WINOGRAD_FEW / channels): its products
+# are short (a reduction over C, not 9C) and its transforms touch 16 or 36 planes, so
 # few channels cost more than the products and copies say. Fitted to forward + backward
-# times against GEMM (`python bench/conv_layers.py`: 3x3, pad 1, batch 32): 64 channels
-# on 32x32 maps 0.81 of GEMM's time, 128 on 16x16 0.64, 256 on 8x8 0.55, 512 on 4x4
-# 0.57, 16 and 32 channels 1.0-1.05, 3 -> 64 channels 2.3.
+# times of 2x2 tiles against GEMM (`python bench/conv_layers.py`: 3x3, pad 1, batch
+# 32): 64 channels on 32x32 maps 0.81 of GEMM's time, 128 on 16x16 0.64, 256 on 8x8
+# 0.55, 512 on 4x4 0.57, 16 and 32 channels 1.0-1.05, 3 -> 64 channels 2.3.
 WINOGRAD_SLACK = 1.15
 WINOGRAD_FEW = 16.0
 # ... and times this per tile size: 4x4 tiles' transforms combine 36 values with
@@ -193,11 +196,11 @@ def estimate_fft(g: Geometry, rates: Rates, scale: float = 1.0) -> float:
 
 def estimate_winograd(g: Geometry, chunk: int, tile: int, rates: Rates,
                       scale: float = 1.0) -> float:
-    """16 products per chunk and pass, each 4/9 of GEMM's multiply-adds per output, and
-    the transforms: patches (forward, and backward again unless one chunk), products to
-    outputs, output gradients, and patch gradients back to the input (conv_winograd.py).
-    The transforms move 16 values per tile and map through memory, so they are costed
-    as copies."""
+    """(m+2)^2 products per chunk and pass (16 for 2x2 tiles, 36 for 4x4), with 4/9 or
+    2.25/9 of GEMM's multiply-adds per output, and the transforms: patches (forward, and
+    backward again unless one chunk), products to outputs, output gradients, and patch
+    gradients back to the input (conv_winograd.py). The transforms move (m+2)^2 values
+    per tile and map through memory, so they are costed as copies."""
     item = 4 * scale
     t = conv_winograd.TILINGS[tile]
     points, per_sample = t.points, conv_winograd.tiles_per_sample(g, t)

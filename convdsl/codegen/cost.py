@@ -2,9 +2,8 @@
 
 `estimate(spec, rates)` says how many seconds one forward plus one backward pass of a
 convolution kernel spec (conv_direct, conv_gemm, conv_fft or conv_winograd) should take,
-from what
-the kernels do (see their module docstrings) and from what this machine does per
-second (`Rates`):
+from what the kernels do (see their module docstrings) and from what this machine does
+per second (`Rates`):
 
     direct  multiply-adds along rows, in generated loops: every pass (forward, input
             gradient, weight gradient) does all MACs, plus a cost per row (short rows,

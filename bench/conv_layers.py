@@ -25,6 +25,9 @@ from convdsl.codegen import cost
 from convdsl.codegen.cpu import conv, conv_winograd
 from convdsl.codegen.layer import ALGORITHMS, Mode, layer_setups
 
+# Winograd with each tile size, as a column of its own: name -> (algorithm, tile)
+VARIANTS = {f"winograd{tile}": ("winograd", tile) for tile in conv_winograd.TILINGS}
+
 RESNET_LAYERS = ("3x32x32:64", "16x32x32:16", "32x16x16:32", "64x32x32:64",
                  "128x16x16:128", "256x8x8:256", "512x4x4:512")
 
@@ -50,10 +53,9 @@ def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
     grads = {name: np.zeros_like(value) for name, value in params.items()}
     layers = {}
     for name in algorithms:
-        algorithm = name.rstrip("24")
+        algorithm, tile = VARIANTS.get(name, (name, None))
         setup = layer_setups(network, batch, "float32", algorithm)["c"]
         if conv.applies(setup, algorithm):
-            tile = int(name[-1]) if algorithm == "winograd" else None
             layers[name] = conv.ConvLayer(setup, algorithm, "bench", None, tile)
     seconds: dict[str, list[float]] = {name: [] for name in layers}
     for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
@@ -81,10 +83,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fft", action="store_true", help="time FFT too (slow on these)")
     args = parser.parse_args()
-    tiles = tuple(f"winograd{tile}" for tile in conv_winograd.TILINGS)
     algorithms = tuple(name for name in ALGORITHMS
                        if name not in ("direct", "winograd") and (args.fft or name != "fft"))
-    algorithms += tiles
+    algorithms += tuple(VARIANTS)
     print(f"batch {args.batch}, 3x3 pad 1 + ReLU, forward + backward, median of "
           f"{args.rounds} rounds; model rates: {cost.rates()}")
     header = ["layer", *(f"{name} ms" for name in algorithms),

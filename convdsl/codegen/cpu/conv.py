@@ -75,14 +75,15 @@ def choose_algorithm(setup: LayerSetup) -> tuple[str, str]:
     if setup.algo in ALGORITHMS and applies(setup, setup.algo):
         return setup.algo, "requested"
     rates = cost.rates()
-    estimates = {algorithm: cost.estimate(conv_spec(setup, algorithm), rates) * 1e3
-                 for algorithm in ALGORITHMS if applies(setup, algorithm)}
+    specs = {algorithm: conv_spec(setup, algorithm) for algorithm in ALGORITHMS
+             if applies(setup, algorithm)}
+    estimates = {algorithm: cost.estimate(spec, rates) * 1e3 for algorithm, spec in specs.items()}
     best = min(estimates, key=estimates.__getitem__)
     if setup.algo == "tune":
         return _tune(setup, estimates)
     reason = f"estimated {_listing(estimates)} ms forward + backward; {_shape(setup)}"
     if best == "winograd":
-        tile = _winograd_tile(setup)
+        tile = specs[best].option("tile")
         reason += f"; {tile}x{tile} output tiles"
     if setup.algo in ALGORITHMS:  # asked for one that cannot compute this layer
         why = conv_winograd.why_not(Geometry.from_spec(conv_spec(setup, "direct")))
@@ -196,7 +197,7 @@ def _chunk(setup: LayerSetup, weight: tuple[int, ...], algorithm: str, groups: i
     else:
         assert tile is not None
         tiling = conv_winograd.TILINGS[tile]
-        tiles = math.prod(-(-size // tile) for size in setup.out_shape[1:])
+        tiles = math.prod(conv_winograd.tile_counts(setup.out_shape[1:], tile))
         channels = max(weight[0], weight[1] * groups)
         per_sample = tiling.points * channels * tiles * item
     fits = max(1, min(setup.batch, GEMM_CHUNK_BYTES // per_sample))

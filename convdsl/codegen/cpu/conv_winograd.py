@@ -125,7 +125,13 @@ def why_not(g: Geometry) -> str:
 
 def tiles(g: Geometry, t: Tiling) -> tuple[int, int]:
     """Tiles per output map along each axis (the last may stick out past the map)."""
-    return (-(-g.out[0] // t.size), -(-g.out[1] // t.size))
+    rows, cols = tile_counts(g.out, t.size)
+    return rows, cols
+
+
+def tile_counts(out: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """Tiles of `size` along each axis of an output map of sizes `out`."""
+    return tuple(-(-length // size) for length in out)
 
 
 def tiles_per_sample(g: Geometry, t: Tiling) -> int:
@@ -246,14 +252,11 @@ def _store_weight_grad(code: Code, g: Geometry, t: Tiling) -> None:
             code.block(f"for c in range({g.channels})"):
         _read_tile(code, t, "e", t.patch, "du[{ab}, o, c]")
         _transform(code, _transposed(t.g), "e", "r")
-        with code.block("if add"):
-            for i in range(3):
-                for j in range(3):
-                    code.line(f"dw[o, c, {_weight_index(g, i, j)}] += r{i}{j}")
-        with code.block("else"):
-            for i in range(3):
-                for j in range(3):
-                    code.line(f"dw[o, c, {_weight_index(g, i, j)}] = r{i}{j}")
+        for header, store in (("if add", "+="), ("else", "=")):
+            with code.block(header):
+                for i in range(3):
+                    for j in range(3):
+                        code.line(f"dw[o, c, {_weight_index(g, i, j)}] {store} r{i}{j}")
 
 
 @contextmanager

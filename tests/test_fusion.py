@@ -33,6 +33,22 @@ out = dense(4) -> softmax
 output out
 """
 
+# The pooling fusions the networks above lack: max, average and global max pooling
+# after a product (with its own activation, a standalone one, or batch norm and one)
+# and after concat; overlapping and padded windows, and activations whose derivatives
+# differ. Kept small: each pattern compiles its kernels twice, fused and not.
+POOL_PATTERNS = """network pooled
+input 2x8x8
+a = conv(3, 3, pad=1) -> relu -> maxpool(3, stride=2, pad=1)
+b = conv(3, 3, pad=1, bias=no) -> bn -> relu -> maxpool(2, stride=1)
+d = conv(3, 3, pad=1, act=leaky_relu) -> avgpool(2, stride=1, pad=1, count_pad=no)
+e = d -> conv(2, 1, act=tanh) -> maxpool(3, stride=1, pad=1)
+h = concat(d, e, act=relu) -> maxpool(2)
+m = h -> conv(2, 1, act=sigmoid) -> global_maxpool
+out = dense(3)
+output out
+"""
+
 # Each network is compiled at the batch its PyTorch parity test uses, so that the
 # two tests share kernels. Cold compiles dominate this test (VGG-16-BN alone took
 # 107 s in CI), so CI runs the zoo networks whose kernels the parity tests share,
@@ -136,12 +152,17 @@ def test_the_ci_selection_covers_every_pattern_of_the_zoo() -> None:
                 for group in fusion_groups(network) if group.fused}
 
     everything = [convdsl.load(p) for p in ZOO]
-    tested = [convdsl.load(p) for p in fused_networks()] + [convdsl.loads(PATTERNS)]
+    tested = [convdsl.load(p) for p in fused_networks()] + [convdsl.loads(PATTERNS),
+                                                             convdsl.loads(POOL_PATTERNS)]
     assert patterns(everything) <= patterns(tested)
 
 
 def test_every_pattern_computes_what_its_layers_compute() -> None:
     assert_fusion_changes_nothing(convdsl.loads(PATTERNS), batch=3)
+
+
+def test_every_pooling_pattern_computes_what_its_layers_compute() -> None:
+    assert_fusion_changes_nothing(convdsl.loads(POOL_PATTERNS), batch=3)
 
 
 @pytest.mark.parametrize("path", fused_networks(), ids=lambda p: p.stem)

@@ -265,8 +265,9 @@ def test_a_gradient_lives_until_the_stage_of_its_value_reads_it() -> None:
     # both live until stem's step (a stage is named by its last layer: a.1 is a.0's
     # conv and a.1's batch norm)
     assert spans["grad:a.1:0"][1] == spans["grad:short.1:0"][1] == step["stem.1"]
-    # a network input's gradient is copied out at the end; add(x, x) writes two
-    assert spans["grad:twice:0"] == spans["grad:twice:1"] == (step["twice"], end)
+    # a network input's gradient is copied out at the end; add(x, x) writes two (its
+    # stage ends with the pooling that follows, side.0, and is named after it)
+    assert spans["grad:side.0:0"] == spans["grad:side.0:1"] == (step["side.0"], end)
     assert not any(name.startswith("sum:") for name in spans)
     # flatten and dropout may hand on what they receive: the dense layer's gradient
     # lives until out reads it

@@ -9,6 +9,12 @@
   w' = w * gamma / sqrt(var + eps) and b' = (b - mean) * gamma / sqrt(var + eps) + beta,
   and one product kernel with bias and activation computes the whole group.
 
+- any of these + max or average pooling: the group before the pooling runs, then the
+  pooling reads its output. Going back, the pooling's kernel scatters the gradient and
+  multiplies it by the activation's derivative in one pass (on the CPU; CUDA runs the
+  pooling's backward and then the activation's as before), and the group before it
+  starts from the gradient before its activation.
+
 A stage receives one dictionary of arrays: the host's own fields (`weight`,
 `bias`), and the batch norm's under `bn.` (`bn.weight`, `bn.running_mean`, ...).
 """
@@ -21,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from convdsl.codegen.activations import is_identity
 from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.cpu.conv import lend_scratch
 from convdsl.codegen.cpu.norm import BatchNormLayer
+from convdsl.codegen.cpu.pool import pool_after
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
 from convdsl.passes.fusion import FusionGroup
@@ -35,6 +43,9 @@ Arrays = dict[str, np.ndarray]
 
 def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelLayer:
     """The kernel layer that computes a whole group."""
+    if group.pool is not None:
+        return PooledLayer(build_stage(group.before_pool, setups), setups[group.pool.name],
+                           _last_act(group.before_pool))
     head = setups[group.head.name]
     if not group.fused:
         return build_layer(head)
@@ -43,6 +54,14 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
         return build_layer(dataclasses.replace(head, layer=_with_act(head.layer, act),
                                                out_shape=setups[group.name].out_shape))
     return ProductNormLayer(head, setups[group.norm.name], act)
+
+
+def _last_act(group: FusionGroup) -> ActSpec | None:
+    """The activation a group applies last (its own layer's, or a standalone one)."""
+    for layer in reversed(group.layers):
+        if layer.act is not None and not is_identity(layer.act):
+            return layer.act
+    return None
 
 
 def stage_arrays(group: FusionGroup, by_layer: Mapping[str, Arrays]) -> Arrays:
@@ -180,3 +199,30 @@ class ProductNormLayer(KernelLayer):
         assert grad_product is not None
         self.product.input_grad_needed = self.input_grad_needed
         return self.product.backward(grad_product, own, own_grads)
+
+
+class PooledLayer(KernelLayer):
+    """A stage (one layer, or a fused group) followed by max or average pooling, whose
+    backward folds in the derivative of the stage's last activation (on the CPU)."""
+
+    def __init__(self, inner: KernelLayer, pool: LayerSetup, act: ActSpec | None) -> None:
+        super().__init__(pool)
+        self.inner = inner
+        on_cpu = pool.device == "cpu"
+        # CUDA's pooling kernels fold nothing: the inner stage applies its derivative
+        self._folds = on_cpu and act is not None
+        self.pool = pool_after(pool, act) if self._folds else build_layer(pool)
+        self.specs = [*inner.specs, *self.pool.specs]
+        self.algorithm, self.reason = inner.algorithm, inner.reason
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        return self.pool.forward([self.inner.forward(inputs, params, mode)], {}, mode)
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        (grad_inner,) = self.pool.backward(grad_output, {}, {})
+        assert grad_inner is not None
+        self.inner.input_grad_needed = self.input_grad_needed
+        return self.inner.backward(grad_inner, params, grads, skip_act=self._folds)

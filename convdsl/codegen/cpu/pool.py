@@ -11,6 +11,12 @@ soft pooling) and a ceil-mode last window's overhang never contribute, so no pad
 of the input is made. Max pooling stores, per output, the flat position of the first
 maximum in row-major window order (as PyTorch does) and its backward scatters the gradient
 there. Global pooling is the same kernels with one window covering the whole plane.
+
+A max or average pooling fused after an activation (passes/fusion.py) folds that
+activation's derivative into its backward: the gradient it scatters is multiplied by
+act'(x), x being its own input (the activation's output; every derivative is written in
+terms of the output), so the layer before starts its backward from the gradient before
+its activation, with no pass of its own over it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from convdsl.codegen import cache
+from convdsl.codegen.activations import act_from_spec, act_options, derivative_expression
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.pool_windows import (
     avg_divisor,
@@ -33,7 +40,7 @@ from convdsl.codegen.pool_windows import (
 )
 from convdsl.codegen.source import PRELUDE, Code, index, jit
 from convdsl.codegen.spec import KernelSpec
-from convdsl.ir.ops import Op, PoolAttrs
+from convdsl.ir.ops import ActSpec, Op, PoolAttrs
 
 
 def _clear_plane(code: Code, spec: KernelSpec) -> None:
@@ -47,6 +54,18 @@ def _clear_plane(code: Code, spec: KernelSpec) -> None:
 def _output_loops(spec: KernelSpec) -> list[tuple[str, str]]:
     _, _, outs = geometry(spec)
     return [(f"o{axis}", f"range({size})") for axis, size in enumerate(outs)]
+
+
+def _folded_act(spec: KernelSpec) -> ActSpec | None:
+    """The activation whose derivative a backward kernel folds in (see the module's
+    docstring), or None: specs of a pooling that is not fused have no `act` option."""
+    return act_from_spec(spec) if any(key == "act" for key, _ in spec.options) else None
+
+
+def _times_derivative(spec: KernelSpec, value: str, y: str) -> str:
+    """`value`, times the folded activation's derivative at output `y` if there is one."""
+    act = _folded_act(spec)
+    return value if act is None else f"{value} * {derivative_expression(act, y)}"
 
 
 @cache.template("maxpool")
@@ -117,25 +136,28 @@ def _render_maxpool_values(code: Code, spec: KernelSpec) -> None:
 
 @cache.template("argmax_scatter")
 def _render_argmax_scatter(spec: KernelSpec) -> str:
-    """backward(dy, arg, dx) on flat (planes, positions) views: each output's gradient
-    goes to the input position its forward pass recorded."""
+    """backward(dy, arg, x, dx) on flat (planes, positions) views: each output's gradient
+    goes to the input position its forward pass recorded (times the folded activation's
+    derivative there, read from the input x)."""
     (planes, positions), (_, outputs) = spec.shapes
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block("def backward(dy, arg, dx)"), code.block(f"for p in prange({planes})"):
+    with code.block("def backward(dy, arg, x, dx)"), code.block(f"for p in prange({planes})"):
         with code.block(f"for i in range({positions})"):
             code.line("dx[p, i] = 0.0")
         with code.block(f"for q in range({outputs})"):
             code.line("where = arg[p, q]")
-            with code.block("if where >= 0"):
-                code.line("dx[p, where] += dy[p, q]")  # overlapping windows add up
+            with code.block("if where >= 0"):  # overlapping windows add up
+                share = _times_derivative(spec, "dy[p, q]", "x[p, where]")
+                code.line(f"dx[p, where] += {share}")
     return code.text()
 
 
 @cache.template("avgpool")
 def _render_avgpool(spec: KernelSpec) -> str:
-    """forward(x, y), backward(dy, dx) on (N*C, *spatial) views."""
+    """forward(x, y), backward(dy, x, dx) on (N*C, *spatial) views (backward reads x
+    only for a folded activation's derivative)."""
     planes, sizes, _ = geometry(spec)
     rank = len(sizes)
     here = index(["p", *(f"o{axis}" for axis in range(rank))])
@@ -154,7 +176,7 @@ def _render_avgpool(spec: KernelSpec) -> str:
         code.line(f"y[{here}] = total / div")
     code.line()
     code.line(jit())
-    with code.block("def backward(dy, dx)"), code.block(f"for p in prange({planes})"):
+    with code.block("def backward(dy, x, dx)"), code.block(f"for p in prange({planes})"):
         _clear_plane(code, spec)
         with code.loops(_output_loops(spec)):
             window_starts(code, spec)
@@ -162,6 +184,10 @@ def _render_avgpool(spec: KernelSpec) -> str:
             code.line(f"share = dy[{here}] / div")
             with code.loops(window_loops):
                 code.line(f"dx[{there}] += share")
+        if _folded_act(spec) is not None:  # the plane is still in cache
+            every = index(["p", *(f"i{axis}" for axis in range(rank))])
+            with code.loops([(f"i{axis}", f"range({size})") for axis, size in enumerate(sizes)]):
+                code.line(f"dx[{every}] = {_times_derivative(spec, f'dx[{every}]', f'x[{every}]')}")
     return code.text()
 
 
@@ -217,13 +243,16 @@ class _Pool(KernelLayer):
 
 
 class MaxPoolLayer(_Pool):
-    def __init__(self, setup: LayerSetup, spec: KernelSpec) -> None:
+    def __init__(self, setup: LayerSetup, spec: KernelSpec,
+                 folded: dict[str, str | float] | None = None) -> None:
+        """folded: act_options of an activation whose derivative backward folds in."""
         super().__init__(setup, spec.shapes[0], spec.shapes[1])
         planes = self.in_view[0]
         self.arg = np.full(self.out_view, -1, dtype=np.int64)
         self.scatter_spec = KernelSpec.make(
             "argmax_scatter", setup.dtype,
-            ((planes, math.prod(self.in_view[1:])), (planes, math.prod(self.out_view[1:]))))
+            ((planes, math.prod(self.in_view[1:])), (planes, math.prod(self.out_view[1:]))),
+            **(folded or {}))
         self.specs = [spec, self.scatter_spec]
         module = cache.load(spec)
         self._forward, self._forward_values = module.forward, module.forward_values
@@ -247,11 +276,13 @@ class MaxPoolLayer(_Pool):
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False
                  ) -> list[np.ndarray | None]:
+        if self._x is None:
+            raise RuntimeError(f"'{self.name}': backward before forward")
         if not self._positions_current:  # an inference forward left no positions
-            assert self._x is not None, "backward before any forward"
             self._forward(self._x, self.out_planes, self.arg)
             self._positions_current = True
-        self._backward(grad_output.reshape(self.flat_view), self.arg_flat, self.dx_flat)
+        self._backward(grad_output.reshape(self.flat_view), self.arg_flat,
+                       self._x.reshape(self.flat_view), self.dx_flat)
         return [self.dx]
 
 
@@ -260,16 +291,20 @@ class AvgPoolLayer(_Pool):
         super().__init__(setup, spec.shapes[0], spec.shapes[1])
         self.specs = [spec]
         self._module = cache.load(spec)
+        self._x: np.ndarray | None = None  # the last forward's input, as planes
 
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
-        self._module.forward(inputs[0].reshape(self.in_view), self.out_planes)
+        self._x = inputs[0].reshape(self.in_view)
+        self._module.forward(self._x, self.out_planes)
         return self.out
 
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False
                  ) -> list[np.ndarray | None]:
-        self._module.backward(grad_output.reshape(self.out_view), self.dx_planes)
+        if self._x is None:
+            raise RuntimeError(f"'{self.name}': backward before forward")
+        self._module.backward(grad_output.reshape(self.out_view), self._x, self.dx_planes)
         return [self.dx]
 
 
@@ -298,28 +333,38 @@ class SoftPoolLayer(_Pool):
         return [self.dx]
 
 
-@builder(Op.MAXPOOL, Op.AVGPOOL, Op.SOFTPOOL)
+@builder(Op.MAXPOOL, Op.AVGPOOL, Op.SOFTPOOL, Op.GLOBAL_MAXPOOL, Op.GLOBAL_AVGPOOL)
 def build_pool(setup: LayerSetup) -> KernelLayer:
+    return pool_after(setup, None)
+
+
+def pool_after(setup: LayerSetup, act: ActSpec | None) -> KernelLayer:
+    """A pooling layer whose backward folds in the derivative of `act`, the activation
+    that computed its input (None: none to fold; soft pooling folds none)."""
+    op = setup.layer.op
+    folded = act_options(act) if act is not None else None
+    if op in (Op.GLOBAL_MAXPOOL, Op.GLOBAL_AVGPOOL):
+        return _global_pool(setup, folded)
     window = setup.window
     assert window is not None, f"'{setup.layer.name}' has no resolved window"
     assert isinstance(setup.layer.attrs, PoolAttrs)
     shapes = (setup.batched_inputs[0], setup.batched_output)
     options = window_options(window)
-    op = setup.layer.op
     if op is Op.MAXPOOL:
-        return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes, **options))
+        return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes, **options),
+                            folded)
     if op is Op.SOFTPOOL:
+        assert folded is None, "soft pooling folds no activation"
         return SoftPoolLayer(setup, KernelSpec.make("softpool", setup.dtype, shapes, **options))
     if any(spread != 1 for spread in window.dilation):
         raise ValueError(f"'{setup.layer.name}': average pooling has no dilation")
     del options["dilation"]
     return AvgPoolLayer(setup, KernelSpec.make("avgpool", setup.dtype, shapes,
                                                count_pad=setup.layer.attrs.count_pad,
-                                               **options))
+                                               **options, **(folded or {})))
 
 
-@builder(Op.GLOBAL_MAXPOOL, Op.GLOBAL_AVGPOOL)
-def build_global_pool(setup: LayerSetup) -> KernelLayer:
+def _global_pool(setup: LayerSetup, folded: dict[str, str | float] | None) -> KernelLayer:
     """One window over each whole plane, seen as a flat (N, C, positions) array."""
     batch, channels, *sizes = setup.batched_inputs[0]
     positions = math.prod(sizes)
@@ -327,6 +372,6 @@ def build_global_pool(setup: LayerSetup) -> KernelLayer:
     whole = {"window": (positions,), "stride": (positions,), "pads": ((0, 0),)}
     if setup.layer.op is Op.GLOBAL_MAXPOOL:
         return MaxPoolLayer(setup, KernelSpec.make("maxpool", setup.dtype, shapes,
-                                                   dilation=(1,), **whole))
+                                                   dilation=(1,), **whole), folded)
     return AvgPoolLayer(setup, KernelSpec.make("avgpool", setup.dtype, shapes,
-                                               count_pad=True, **whole))
+                                               count_pad=True, **whole, **(folded or {})))

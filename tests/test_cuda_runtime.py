@@ -93,14 +93,15 @@ def test_optimizers_match_the_cpu(gpu, recipe: dict[str, object], dtype: str  # 
 
 
 # A network with the main kinds of op, small enough for the simulator: convolution +
-# batch norm + relu (fused), a residual add with relu, max and average pooling, a
+# batch norm + relu (fused), a residual add with relu (fused after convolution and
+# batch norm, and max pooling after it), max and average pooling, a
 # concatenation, dropout, dense with softmax and an auxiliary head.
 NETWORK = """
 input x: 2x6x6
 c1 = conv(3, 3, pad=same, bias=no)
 b1 = bn
 r1 = relu
-c2 = conv(3, 3, pad=same)
+c2 = conv(3, 3, pad=same, bias=no) -> bn
 s = add(c2, r1, act=relu)
 p = s -> maxpool(2)
 a = p -> avgpool(3, stride=1, pad=1)
@@ -228,8 +229,8 @@ def test_nan_check_names_the_stage_on_the_gpu() -> None:
     net = convdsl.compile(NETWORK, batch=2, dtype="float64", device="cuda", check=True,
                           warm=False)
     net.load_state_dict({**net.state_dict(),
-                         "c2.weight": np.full(net.state_dict()["c2.weight"].shape, np.inf)})
-    with pytest.raises(RunError, match="'c2'"):
+                         "h.weight": np.full(net.state_dict()["h.weight"].shape, np.inf)})
+    with pytest.raises(RunError, match="'h'"):
         net.forward(random_array(np.random.default_rng(0), (2, 2, 6, 6)), train=True)
 
 

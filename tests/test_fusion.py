@@ -19,12 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ZOO = sorted([*ROOT.glob("networks/*.cnn"), *ROOT.glob("examples/*.cnn")])
 
 # Every fusion pattern in one small network: conv+bn+relu, conv+relu, add+relu,
+# conv+bn+add (its residual the add's first input) with an activation and pooling after,
 # dense+bn+relu, dense+relu, and a softmax folded into the output layer.
 PATTERNS = """network patterns
 input 3x10x10
 c1 = conv(8, 3, pad=1, bias=no) -> bn -> relu
 c2 = conv(8, 3, pad=1) -> relu
 d = add(c1, c2) -> relu
+c3 = conv(8, 3, pad=1, bias=no) -> bn
+r = add(d, c3) -> tanh
 p = maxpool(2)
 flatten
 fc = dense(6) -> bn -> relu
@@ -161,6 +164,28 @@ def test_every_pattern_computes_what_its_layers_compute() -> None:
     assert_fusion_changes_nothing(convdsl.loads(PATTERNS), batch=3)
 
 
+def test_a_winograd_convolution_adds_the_residual_in_its_epilogue() -> None:
+    # In inference a Winograd layer with batch norm folded in adds the residual (either
+    # input of the add) before the activation in its epilogue module; other algorithms
+    # run the add's kernel after the convolution (the tests above).
+    network = convdsl.loads("""input 4x6x6
+    stem = conv(4, 3, pad=1)
+    a = conv(4, 3, pad=1, bias=no) -> bn
+    first = add(a, stem, act=elu)
+    b = conv(4, 3, pad=1, bias=no) -> bn
+    second = add(first, b) -> sigmoid
+    flatten
+    out = dense(3)
+    output out""")
+    net = convdsl.compile(network, batch=2, dtype="float64", warm=False, algo="winograd")
+    stages = {stage.name: stage for stage in net.stages}
+    assert stages["first"].description.endswith("(conv+bn+add)")
+    assert stages["second.1"].description.endswith("(conv+bn+add+sigmoid)")
+    assert all(any(spec.template == "conv_epilogue" and ("residual", True) in spec.options
+                   for spec in stages[name].kernel.specs) for name in ("first", "second.1"))
+    assert_fusion_changes_nothing(network, batch=2, algo="winograd")
+
+
 def test_every_pooling_pattern_computes_what_its_layers_compute() -> None:
     assert_fusion_changes_nothing(convdsl.loads(POOL_PATTERNS), batch=3)
 
@@ -170,9 +195,11 @@ def test_fused_stages_compute_what_the_layers_compute(path: Path) -> None:
     assert_fusion_changes_nothing(smaller(path), PARITY_BATCH.get(path.stem, 2))
 
 
-def assert_fusion_changes_nothing(network: convdsl.Network, batch: int) -> None:
-    fused = convdsl.compile(network, batch=batch, dtype="float64", warm=False)
-    plain = convdsl.compile(network, batch=batch, dtype="float64", warm=False, fuse=False)
+def assert_fusion_changes_nothing(network: convdsl.Network, batch: int,
+                                  algo: str | None = None) -> None:
+    fused = convdsl.compile(network, batch=batch, dtype="float64", warm=False, algo=algo)
+    plain = convdsl.compile(network, batch=batch, dtype="float64", warm=False, fuse=False,
+                            algo=algo)
     assert len(fused.stages) < len(plain.stages)
     plain.load_state_dict(fused.state_dict())
     rng = np.random.default_rng(0)

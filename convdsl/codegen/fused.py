@@ -22,17 +22,20 @@ A stage receives one dictionary of arrays: the host's own fields (`weight`,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from convdsl.codegen.activations import is_identity
+from convdsl.codegen import cache
+from convdsl.codegen.activations import act_options, is_identity
 from convdsl.codegen.buffers import with_buffers
-from convdsl.codegen.cpu.conv import lend_scratch
+from convdsl.codegen.cpu.conv import ConvLayer, lend_scratch
 from convdsl.codegen.cpu.norm import BatchNormLayer
 from convdsl.codegen.cpu.pool import pool_after
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
+from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ActSpec, BatchNormAttrs, ConvAttrs, DenseAttrs, Layer
 from convdsl.passes.fusion import FusionGroup
 from convdsl.runtime.devices import device_named
@@ -53,7 +56,17 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
     if group.norm is None:
         return build_layer(dataclasses.replace(head, layer=_with_act(head.layer, act),
                                                out_shape=setups[group.name].out_shape))
-    return ProductNormLayer(head, setups[group.norm.name], act)
+    add = group.residual
+    if add is None:
+        return ProductNormLayer(head, setups[group.norm.name], act)
+    act = _last_act(group)
+    if head.device == "cpu":
+        return ProductNormLayer(head, setups[group.norm.name], act, setups[add.name])
+    # CUDA's batch norm takes no residual: the add runs after it, in the same stage
+    return ResidualLayer(ProductNormLayer(head, setups[group.norm.name], None),
+                         build_layer(dataclasses.replace(
+                             setups[add.name], layer=_with_act(add, act))),
+                         add.inputs.index(group.norm.name))
 
 
 def _last_act(group: FusionGroup) -> ActSpec | None:
@@ -88,9 +101,11 @@ def _split(arrays: Mapping[str, np.ndarray]) -> tuple[Arrays, Arrays]:
 
 
 class ProductNormLayer(KernelLayer):
-    """A convolution or dense layer followed by batch norm (and an activation)."""
+    """A convolution or dense layer followed by batch norm (and an activation), on the
+    CPU also by a residual add before the activation: inputs [x, residual]."""
 
-    def __init__(self, product: LayerSetup, norm: LayerSetup, act: ActSpec | None) -> None:
+    def __init__(self, product: LayerSetup, norm: LayerSetup, act: ActSpec | None,
+                 residual: LayerSetup | None = None) -> None:
         super().__init__(product)
         attrs = norm.layer.attrs
         assert isinstance(attrs, BatchNormAttrs)
@@ -106,9 +121,18 @@ class ProductNormLayer(KernelLayer):
             self._shared = product.output_buffer()
             product = with_buffers(product, output=self._shared)
         self.product = build_layer(product)
-        self.norm = build_layer(dataclasses.replace(norm, layer=_with_act(norm.layer, act)))
+        norm = dataclasses.replace(norm, layer=_with_act(norm.layer, act))
+        self.norm = (build_layer(norm) if residual is None
+                     else BatchNormLayer(norm, residual))  # the CPU's, with the residual
         if isinstance(self.norm, BatchNormLayer):  # the CPU's: its gradient over dy
             self.norm.in_place = True
+        self.residual = residual is not None
+        # Inference with a residual: the folded twin without its activation, which
+        # adds the residual and applies the activation in its epilogue (Winograd), or
+        # the add's kernel does, in place, after it (the same sums as the add's).
+        residual_act, self._residual_add = act, None
+        if residual is not None:
+            act = None
         weight_shape = dict(product.param_shapes)["weight"]
         channels = weight_shape[0]
         product_attrs = product.layer.attrs
@@ -122,7 +146,14 @@ class ProductNormLayer(KernelLayer):
         self.folded_params = {"weight": (self._folded_weight() if self.device.name == "cpu"
                                          else self.device.zeros(weight_shape, product.dtype)),
                               "bias": self.device.zeros((channels,), product.dtype)}
-        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs]
+        add_specs: list[KernelSpec] = []
+        if residual is not None and not (isinstance(self.folded, ConvLayer)
+                                         and self.folded.take_residual(residual_act)):
+            size = math.prod(product.batched_output)
+            add_specs = [KernelSpec.make("add", product.dtype, ((size,),), inputs=2,
+                                         **act_options(residual_act))]
+            self._residual_add = cache.load(add_specs[0])
+        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs]
         self.algorithm = self.product.algorithm
         self.reason = (self.product.reason + "; batch norm folded into the weights for "
                        "inference" if self.product.reason else
@@ -134,15 +165,21 @@ class ProductNormLayer(KernelLayer):
                 mode: Mode) -> np.ndarray:
         own, norm = _split(params)
         self._inputs = inputs
+        sources, extra = inputs[:1], inputs[1:]  # extra: the residual, if fused
         if mode.train:
             self._folded_last = False
-            product = self.product.forward(inputs, own, mode)
-            return self.norm.forward([product], norm, mode)
+            product = self.product.forward(sources, own, mode)
+            return self.norm.forward([product, *extra], norm, mode)
         if self.device.name == "cpu":
             self.folded_params["weight"] = self._folded_weight()
         self._fold(own, norm)
         self._folded_last = True
-        return self.folded.forward(inputs, self.folded_params, mode)
+        if self._residual_add is None:  # the twin adds the residual, if there is one
+            return self.folded.forward(inputs, self.folded_params, mode)
+        out = self.folded.forward(sources, self.folded_params, mode)
+        flat = out.reshape(-1)
+        self._residual_add.forward(flat, extra[0].reshape(-1), flat)
+        return out
 
     def _folded_weight(self) -> np.ndarray:
         """Where the folded weight goes on the CPU: memory lent by the GEMM layers'
@@ -183,8 +220,8 @@ class ProductNormLayer(KernelLayer):
         # stage's output, which outlives backward(): it is kept aside and put back.
         kept = self.device.duplicate(self._shared) if self._shared is not None else None
         evaluate = Mode(train=False)
-        product = self.product.forward(self._inputs, _split(params)[0], evaluate)
-        self.norm.forward([product], _split(params)[1], evaluate)
+        product = self.product.forward(self._inputs[:1], _split(params)[0], evaluate)
+        self.norm.forward([product, *self._inputs[1:]], _split(params)[1], evaluate)
         results = self._backward(grad_output, params, grads, skip_act)
         if kept is not None and self._shared is not None:
             self.device.copy(kept, self._shared)
@@ -195,10 +232,41 @@ class ProductNormLayer(KernelLayer):
         """Back through batch norm, then the product, from their last forward."""
         own, norm = _split(params)
         own_grads, norm_grads = _split(grads)
-        (grad_product,) = self.norm.backward(grad_output, norm, norm_grads, skip_act)
+        grad_product, *grad_residual = self.norm.backward(grad_output, norm, norm_grads,
+                                                          skip_act)
         assert grad_product is not None
         self.product.input_grad_needed = self.input_grad_needed
-        return self.product.backward(grad_product, own, own_grads)
+        return [*self.product.backward(grad_product, own, own_grads), *grad_residual]
+
+
+class ResidualLayer(KernelLayer):
+    """A stage followed by a residual add (inputs: the stage's, then the residual), run
+    as the two layers' kernels in turn: where batch norm cannot add the residual."""
+
+    def __init__(self, inner: KernelLayer, add: KernelLayer, chain: int) -> None:
+        """chain: which of the add's two inputs the inner stage computes."""
+        super().__init__(inner.setup)
+        self.inner, self.add, self._chain = inner, add, chain
+        self.specs = [*inner.specs, *add.specs]
+        self.algorithm, self.reason = inner.algorithm, inner.reason
+
+    def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
+                mode: Mode) -> np.ndarray:
+        *sources, residual = inputs
+        value = self.inner.forward(sources, params, mode)
+        pair = [residual, residual]
+        pair[self._chain] = value
+        return self.add.forward(pair, {}, mode)
+
+    def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
+                 grads: dict[str, np.ndarray], skip_act: bool = False
+                 ) -> list[np.ndarray | None]:
+        grads_add = self.add.backward(grad_output, {}, {}, skip_act)
+        self.inner.input_grad_needed = self.input_grad_needed
+        grad_inner = grads_add[self._chain]
+        assert grad_inner is not None
+        inner = self.inner.backward(grad_inner, params, grads)
+        return [*inner, grads_add[1 - self._chain]]
 
 
 class PooledLayer(KernelLayer):

@@ -2,12 +2,17 @@
 
 A group starts at a layer and swallows the layer after it while that is legal:
 
-    conv | dense | filter    [-> bn]    [-> activation]    [-> pooling]
-    bn | add | concat                   [-> activation]    [-> pooling]
+    conv | dense | filter    [-> bn [-> add]]    [-> activation]    [-> pooling]
+    bn | add | concat                            [-> activation]    [-> pooling]
 
 - Batch norm joins only a convolution or dense layer without an activation of its
   own: in inference it folds into the weights (w * gamma / sigma, a new bias), and
   in training it runs right after the product with its activation as the epilogue.
+- A residual add of two inputs joins a product and its batch norm (without an
+  activation) that computed one of them: batch norm adds the other input, the
+  residual, before its activation, and its backward writes the residual's gradient
+  (the gradient after the activation) as it goes. The stage reads the residual as an
+  input after the head's, and runs where the add would have run, once both exist.
 - A standalone activation (`-> relu`) becomes the epilogue of the layer before it,
   which then applies it while its output is still in cache, and folds its
   derivative into its backward pass.
@@ -51,7 +56,23 @@ class FusionGroup:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return self.head.inputs
+        """What the stage reads: the head's inputs, then a fused add's residual."""
+        residual = self.residual_source
+        return self.head.inputs + ((residual,) if residual is not None else ())
+
+    @property
+    def residual(self) -> Layer | None:
+        """The residual add fused after a product and its batch norm, if any."""
+        return next((layer for layer in self.layers[1:] if layer.op is Op.ADD), None)
+
+    @property
+    def residual_source(self) -> str | None:
+        """The input of the fused add that is not computed in the group."""
+        add = self.residual
+        if add is None:
+            return None
+        members = {layer.name for layer in self.layers}
+        return next(source for source in add.inputs if source not in members)
 
     @property
     def norm(self) -> Layer | None:
@@ -94,18 +115,27 @@ def fusion_groups(network: Network, fuse: bool = True) -> list[FusionGroup]:
     for layer in network.layers:
         if layer.op is Op.INPUT:
             continue
-        source = layer.inputs[0]
-        head = head_of.get(source) if len(layer.inputs) == 1 else None
-        if (fuse and head is not None and source not in outputs
-                and graph.consumers(source) == [layer.name]
-                and _may_follow(members[head], layer)):
-            members[head].append(layer)
-            head_of[layer.name] = head
+        # the input a group may extend through: the only one, or either of an add's two
+        sources = (layer.inputs if layer.op is Op.ADD and len(set(layer.inputs)) == 2
+                   else layer.inputs[:1] if len(layer.inputs) == 1 else ())
+        joined = next((head_of[source] for source in sources
+                       if fuse and source in head_of and source not in outputs
+                       and members[head_of[source]][-1].name == source
+                       and graph.consumers(source) == [layer.name]
+                       and _may_follow(members[head_of[source]], layer)), None)
+        if joined is not None:
+            members[joined].append(layer)
+            head_of[layer.name] = joined
             continue
         members[layer.name] = [layer]
         head_of[layer.name] = layer.name
         order.append(layer.name)
-    return [FusionGroup(tuple(members[head])) for head in order]
+    # A group runs where its last layer ran: a fused add's residual may be computed
+    # after the group's head. Every input of a group precedes its last layer, and every
+    # reader of its output follows it, so this order keeps inputs before their readers.
+    position = {layer.name: index for index, layer in enumerate(network.layers)}
+    groups = [FusionGroup(tuple(members[head])) for head in order]
+    return sorted(groups, key=lambda group: position[group.name])
 
 
 def _may_follow(group: list[Layer], layer: Layer) -> bool:
@@ -114,8 +144,12 @@ def _may_follow(group: list[Layer], layer: Layer) -> bool:
         return False  # a pooling ends its group
     if layer.op is Op.BATCHNORM:
         return len(group) == 1 and head.op in (Op.CONV, Op.DENSE) and head.act is None
-    if layer.op is Op.ACTIVATION:
-        return last.op in EPILOGUE_HOSTS and last.act is None
+    if layer.op is Op.ADD:  # the residual of a product and its plain batch norm
+        return (len(group) == 2 and last.op is Op.BATCHNORM and _elementwise(layer.act)
+                and (last.act is None or last.act.kind is Activation.IDENTITY))
+    if layer.op is Op.ACTIVATION:  # a softmax never follows a fused residual add
+        return (last.op in EPILOGUE_HOSTS and last.act is None
+                and (last.op is not Op.ADD or len(group) == 1 or _elementwise(layer.act)))
     if layer.op in FUSED_POOLS:
         return head.op in EPILOGUE_HOSTS and _elementwise(_group_act(group))
     return False

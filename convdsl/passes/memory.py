@@ -432,18 +432,22 @@ def transient_outputs(network: Network, groups: list[FusionGroup]) -> dict[str, 
 
     Kept narrow, to what a residual network needs: the output of batch norm with no
     activation (alone, or after a product in one stage), every reader of which is an
-    add or concat stage, and which is no declared output (the caller reads those)."""
+    add or concat stage or reads it as the residual of a fused add, and which is no
+    declared output (the caller reads those)."""
     step = {group.name: index for index, group in enumerate(groups)}
-    by_head = {group.head.name: group for group in groups}
+    # the stage of each layer a reader may be: a group's head, or its fused add
+    by_stage = {layer.name: group for group in groups for layer in group.layers
+                if layer is group.head or layer is group.residual}
     declared = {output.name for output in network.outputs}
     transient: dict[str, int] = {}
     for group in groups:
         last = group.layers[-1]
         plain_norm = (last.op is Op.BATCHNORM
                       and (last.act is None or last.act.kind is Activation.IDENTITY))
-        readers = [by_head.get(name) for name in network.graph.consumers(group.name)]
+        readers = [by_stage.get(name) for name in network.graph.consumers(group.name)]
         if (not plain_norm or group.name in declared or not readers
-                or any(reader is None or reader.head.op not in _MERGES
+                or any(reader is None or (reader.head.op not in _MERGES
+                                          and reader.residual_source != group.name)
                        for reader in readers)):
             continue
         transient[group.name] = max(step[reader.name] for reader in readers

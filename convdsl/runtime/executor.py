@@ -597,14 +597,22 @@ def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetu
                           grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
                           ) -> dict[str, LayerSetup]:
     """The setups a stage's kernels are built from: the head's with the planned buffers
-    of the stage's input gradients, and the batch norm's of a transient output with
-    its planned buffer (transient_outputs takes only batch norm stages)."""
+    of the stage's input gradients (a fused add's, for its residual's), and the batch
+    norm's of a transient output with its planned buffer (transient_outputs takes only
+    batch norm stages)."""
     shared: dict[str, LayerSetup] = dict(setups)
     for group in groups:
         head = group.head.name
         if grads:
             shared[head] = with_buffers(shared[head], input_grads=tuple(
-                grads.get(f"grad:{group.name}:{index}") for index in range(len(group.inputs))))
+                grads.get(f"grad:{group.name}:{index}")
+                for index in range(len(group.head.inputs))))
+        add = group.residual
+        if grads and add is not None:  # the residual's gradient: the add's input buffer
+            planned = grads.get(f"grad:{group.name}:{len(group.head.inputs)}")
+            shared[add.name] = with_buffers(shared[add.name], input_grads=tuple(
+                planned if source == group.residual_source else None
+                for source in add.inputs))
         output = outputs.get(f"out:{group.name}")
         if output is not None:
             norm = group.norm.name if group.norm is not None else head

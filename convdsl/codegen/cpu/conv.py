@@ -46,7 +46,7 @@ from convdsl.codegen.cpu import (  # noqa: F401  (templates)
 from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
 from convdsl.codegen.layer import ALGORITHMS, KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.spec import KernelSpec
-from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
+from convdsl.ir.ops import ActSpec, ConvAttrs, FilterAttrs, Op
 
 # The im2col buffer of one batch chunk stays under this many bytes; larger batches are
 # processed in chunks. Smaller chunks keep the columns in cache between im2col's writes
@@ -229,6 +229,8 @@ class ConvLayer(KernelLayer):
         self.specs.append(spec)
         self._module: ModuleType = cache.load(spec)
         self._epilogue: ModuleType | None = None
+        self._epilogue_spec = epilogue
+        self._residual = False  # whether forward takes a residual (take_residual)
         if epilogue is not None:
             self.specs.append(epilogue)
             self._epilogue = cache.load(epilogue)
@@ -262,16 +264,29 @@ class ConvLayer(KernelLayer):
     def _weight(self, params: dict[str, np.ndarray]) -> np.ndarray:
         return self._fixed_weight if self._fixed_weight is not None else params["weight"]
 
+    def take_residual(self, act: ActSpec | None) -> bool:
+        """Make forward take a second input, a residual added before the activation
+        `act` (which replaces the layer's own) in the epilogue, where the layer has an
+        epilogue module of its own (Winograd with a bias); False where it has not. For a
+        forward-only layer: backward refuses (codegen/fused.py, ProductNormLayer)."""
+        if self._epilogue_spec is None or self._softmax is not None or not is_elementwise(act):
+            return False
+        spec = conv_winograd.with_residual(self._epilogue_spec, act_options(act))
+        self.specs[self.specs.index(self._epilogue_spec)] = spec
+        self._epilogue_spec, self._epilogue = spec, cache.load(spec)
+        self._residual = True
+        return True
+
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
-        (x,) = inputs
+        x, *residual = inputs  # a residual only after take_residual
         bias = params.get("bias")
         self._module.forward(x, self._weight(params), None if self._epilogue else bias,
                              self._y, self._workspace())
-        if self._epilogue is not None and bias is not None:
-            self._epilogue.finish(self._y.reshape(self._maps), bias)
-        elif self._epilogue is not None:
-            self._epilogue.finish(self._y.reshape(self._maps))
+        if self._epilogue is not None:
+            extra = [r.reshape(self._maps) for r in residual] if self._residual else []
+            self._epilogue.finish(self._y.reshape(self._maps),
+                                  *([bias] if bias is not None else []), *extra)
         if self._softmax is not None:
             self._softmax.forward(self._y, self._y)
         self._x = x
@@ -282,6 +297,9 @@ class ConvLayer(KernelLayer):
                  ) -> list[np.ndarray | None]:
         if self._x is None:
             raise RuntimeError(f"'{self.name}': backward before forward")
+        if self._residual:
+            raise RuntimeError(f"'{self.name}': a convolution that adds a residual in its "
+                               "epilogue runs forward only")
         dy = grad_output
         if self._softmax is not None and not skip_act:
             self._softmax.backward(self._y, dy, dy)  # in place: dy becomes d/d(pre-act)

@@ -345,19 +345,22 @@ def pointwise(g: Geometry) -> bool:
 POINTWISE_MIN_POSITIONS = 64
 
 
-def finish_in_place(code: Code, g: Geometry) -> bool:
-    """finish(y[, b]) on an (N, O, P) view: y = act(y + b). False if there is nothing to do."""
-    if not g.bias and not g.has_act:
+def finish_in_place(code: Code, g: Geometry, residual: bool = False) -> bool:
+    """finish(y[, b][, r]) on (N, O, P) views: y = act(y + b + r), r a residual added
+    before the activation. False if there is nothing to do."""
+    if not g.bias and not g.has_act and not residual:
         return False
     maps, positions = g.out_channels, g.positions
     code.line(jit())
-    with code.block(f"def finish(y{', b' if g.bias else ''})"), \
+    with code.block(f"def finish(y{', b' if g.bias else ''}{', r' if residual else ''})"), \
             code.block(f"for job in prange({g.batch * maps})"):
         code.line(f"n = job // {maps}")
         code.line(f"o = job - n * {maps}")
         code.line("start = b[o]" if g.bias else f"start = {g.zero}")
         with code.block(f"for q in range({positions})"):
             code.line("v = y[n, o, q] + start")
+            if residual:
+                code.line("v = v + r[n, o, q]")
             code.line(f"y[n, o, q] = {forward_expression(g.act, 'v')}")
     code.line()
     return True

@@ -492,14 +492,27 @@ def split_epilogue(spec: KernelSpec) -> tuple[KernelSpec, KernelSpec | None]:
 
 @cache.template("conv_epilogue")
 def render_epilogue(spec: KernelSpec) -> str:
-    """finish(y[, b]): y = act(y + b), and prepare(y, dy[, db], apply_act) (conv_common),
-    on (N, O, positions) views."""
+    """finish(y[, b][, r]): y = act(y + b + r), and prepare(y, dy[, db], apply_act)
+    (conv_common), on (N, O, positions) views. With the option `residual` (a residual
+    add fused after an inference convolution, codegen/fused.py) finish adds r, and
+    there is no prepare: the stage goes back through its unfolded layers."""
     g = Geometry.from_spec(spec)
+    residual = any(key == "residual" for key, _ in spec.options)
     code = Code()
     code.line(PRELUDE + IMPORTS)
-    finish_in_place(code, g)
-    emit_prepare(code, g)
+    finish_in_place(code, g, residual)
+    if not residual:
+        emit_prepare(code, g)
     return code.text()
+
+
+def with_residual(epilogue: KernelSpec, act: dict[str, str | float]) -> KernelSpec:
+    """An epilogue spec that also adds a residual, before the activation `act`
+    (act_options of it) instead of the spec's own."""
+    options = {key: value for key, value in epilogue.options
+               if key not in ("act", "slope", "alpha")}
+    return KernelSpec.make("conv_epilogue", epilogue.dtype, epilogue.shapes, **options,
+                           residual=True, **act)
 
 
 def tiling(spec: KernelSpec) -> Tiling:

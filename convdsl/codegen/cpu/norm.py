@@ -11,6 +11,10 @@ Training normalises with the batch mean and biased variance and updates the runn
 statistics in place with the unbiased variance, as PyTorch does; inference uses the running
 statistics. Forward keeps the mean and 1/sqrt(var + eps) it used per channel, so backward
 recomputes xhat = (x - mean) / std from the input instead of storing it.
+
+Fused with the residual add after it (passes/fusion.py), the kernels take the residual
+r as a second input, y = act(bn(x) + r), and backward writes r's gradient, the
+gradient after the activation, in the pass that sums it anyway.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     keep = 1.0 - momentum
     unbias = count / (count - 1) if count > 1 else math.nan  # the builder refuses count 1
     scale_arg, grad_args = ("w, b, ", ", dw, db") if affine else ("", "")
+    residual = bool(spec.option("residual"))
+    res_arg, dres_arg = ("res, ", "dres, ") if residual else ("", "")
     every_value = [("n", f"range({batch})"), ("s", f"range({positions})")]
 
     code = Code()
@@ -49,10 +55,12 @@ def _render_batchnorm(spec: KernelSpec) -> str:
         code.line("shift = b[c]" if affine else "shift = 0.0")
         with code.loops(every_value):
             code.line("v = (x[n, c, s] - mu) * scale + shift")
+            if residual:
+                code.line("v = v + res[n, c, s]")
             code.line(f"y[n, c, s] = {apply_act(spec, 'v')}")
 
     code.line(jit())
-    with code.block(f"def forward_train(x, {scale_arg}y, mean, inv, running_mean, "
+    with code.block(f"def forward_train(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
                     "running_var)"), code.block(f"for c in prange({channels})"):
         code.line("total = 0.0")
         with code.loops(every_value):
@@ -73,7 +81,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
         normalise_into_y()
     code.line()
     code.line(jit())
-    with code.block(f"def forward_eval(x, {scale_arg}y, mean, inv, running_mean, "
+    with code.block(f"def forward_eval(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
                     "running_var)"), code.block(f"for c in prange({channels})"):
         code.line("mu = running_mean[c]")
         code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
@@ -89,6 +97,8 @@ def _render_batchnorm(spec: KernelSpec) -> str:
         code.line("sum_gx = 0.0")
         with code.loops(every_value):
             gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+            if residual:
+                code.line("dres[n, c, s] = g")
             code.line("sum_g += g")
             code.line("sum_gx += g * (x[n, c, s] - mu) * r")
         if affine:
@@ -97,7 +107,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
         code.line("gain = r * w[c]" if affine else "gain = r")
 
     w_arg = "w, " if affine else ""
-    signature = f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad)"
+    signature = f"(x, y, dy, {w_arg}mean, inv, {dres_arg}dx{grad_args}, act_grad)"
     code.line()
     code.line(jit())
     with code.block(f"def backward_train{signature}"), \
@@ -122,7 +132,9 @@ def _render_batchnorm(spec: KernelSpec) -> str:
 
 
 class BatchNormLayer(KernelLayer):
-    def __init__(self, setup: LayerSetup) -> None:
+    def __init__(self, setup: LayerSetup, residual: LayerSetup | None = None) -> None:
+        """residual: the setup of a residual add fused after this layer (its other
+        input is this layer's second input; its gradient buffer is that add's)."""
         super().__init__(setup)
         attrs = setup.layer.attrs
         assert isinstance(attrs, BatchNormAttrs)
@@ -133,7 +145,7 @@ class BatchNormLayer(KernelLayer):
         self.act = FusedAct(attrs.act, setup.batched_output, setup.dtype)
         self.spec = KernelSpec.make("batchnorm", setup.dtype, (self.view,), eps=attrs.eps,
                                     momentum=attrs.momentum, affine=attrs.affine,
-                                    **self.act.options())
+                                    residual=residual is not None, **self.act.options())
         self.specs = [self.spec, *self.act.specs]
         self._module = cache.load(self.spec)
         self.out = setup.output_buffer()
@@ -150,12 +162,19 @@ class BatchNormLayer(KernelLayer):
         self.inv = np.zeros(channels, dtype=np.float64)
         self.x: np.ndarray | None = None
         self.train = False
+        self._residual_grad: np.ndarray | None = None
+        if residual is not None:  # the add's gradient buffer for its other input
+            (chain,) = [index for index, source in enumerate(residual.layer.inputs)
+                        if source == setup.layer.name]
+            self._residual_grad = residual.input_buffer(1 - chain)
 
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
         self.x = inputs[0].reshape(self.view)
         self.train = mode.train
         scale = [params["weight"], params["bias"]] if self.affine else []
+        if self._residual_grad is not None:  # the residual, before the scale
+            scale.insert(0, inputs[1].reshape(self.view))
         if mode.train:
             if self.count < 2:
                 raise ValueError(f"'{self.name}': batch norm in training needs more than "
@@ -186,9 +205,11 @@ class BatchNormLayer(KernelLayer):
             if self._dx is None:
                 self._dx = self.setup.input_buffer()
             dx = self._dx
-        run(self.x, self.out_view, dy, *weight, self.mean, self.inv, dx.reshape(self.view),
-            *param_grads, act_grad)
-        return [dx]
+        residual = ([] if self._residual_grad is None
+                    else [self._residual_grad.reshape(self.view)])
+        run(self.x, self.out_view, dy, *weight, self.mean, self.inv, *residual,
+            dx.reshape(self.view), *param_grads, act_grad)
+        return [dx, self._residual_grad] if self._residual_grad is not None else [dx]
 
 
 @builder(Op.BATCHNORM)

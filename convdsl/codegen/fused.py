@@ -32,7 +32,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import act_options, is_identity
 from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.cpu.conv import ConvLayer, lend_scratch
-from convdsl.codegen.cpu.norm import BatchNormLayer
+from convdsl.codegen.cpu.norm import BatchNormLayer, fold_weight, fold_weight_spec
 from convdsl.codegen.cpu.pool import pool_after
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.codegen.spec import KernelSpec
@@ -153,7 +153,9 @@ class ProductNormLayer(KernelLayer):
             add_specs = [KernelSpec.make("add", product.dtype, ((size,),), inputs=2,
                                          **act_options(residual_act))]
             self._residual_add = cache.load(add_specs[0])
-        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs]
+        folds = [fold_weight_spec(product.dtype)] if self.device.name == "cpu" else []
+        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs,
+                      *folds]
         self.algorithm = self.product.algorithm
         self.reason = (self.product.reason + "; batch norm folded into the weights for "
                        "inference" if self.product.reason else
@@ -201,11 +203,7 @@ class ProductNormLayer(KernelLayer):
         if self.affine:
             scale = scale * norm["weight"]
             shift = shift * norm["weight"] + norm["bias"]
-        weight = own["weight"]
-        per_output = scale.reshape(-1, *([1] * (weight.ndim - 1)))
-        # computed in float64 a few values at a time: no float64 copy of the weight
-        np.multiply(weight, per_output, out=self.folded_params["weight"], dtype=np.float64,
-                    casting="unsafe")
+        fold_weight(own["weight"], scale, self.folded_params["weight"])
         bias = shift + (own["bias"] * scale if "bias" in own else 0.0)
         np.copyto(self.folded_params["bias"], bias, casting="unsafe")
 

@@ -32,7 +32,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import act_options, is_identity
 from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.cpu.conv import ConvLayer, lend_scratch
-from convdsl.codegen.cpu.norm import BatchNormLayer, fold_weight, fold_weight_spec
+from convdsl.codegen.cpu.norm import BatchNormLayer
 from convdsl.codegen.cpu.pool import pool_after
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, build_layer
 from convdsl.codegen.spec import KernelSpec
@@ -153,9 +153,7 @@ class ProductNormLayer(KernelLayer):
             add_specs = [KernelSpec.make("add", product.dtype, ((size,),), inputs=2,
                                          **act_options(residual_act))]
             self._residual_add = cache.load(add_specs[0])
-        folds = [fold_weight_spec(product.dtype)] if self.device.name == "cpu" else []
-        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs,
-                      *folds]
+        self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs]
         self.algorithm = self.product.algorithm
         self.reason = (self.product.reason + "; batch norm folded into the weights for "
                        "inference" if self.product.reason else
@@ -191,7 +189,8 @@ class ProductNormLayer(KernelLayer):
         return lend_scratch(self.setup.dtype, self._weight_shape)
 
     def _fold(self, own: Arrays, norm: Arrays) -> None:
-        """Batch norm's inference affine map, moved into the weights (in float64)."""
+        """Batch norm's inference affine map, moved into the weights (scale and bias
+        computed in float64)."""
         if self.device.name == "cuda":
             from convdsl.codegen.cuda.arrays import fold_batch_norm
 
@@ -203,7 +202,13 @@ class ProductNormLayer(KernelLayer):
         if self.affine:
             scale = scale * norm["weight"]
             shift = shift * norm["weight"] + norm["bias"]
-        fold_weight(own["weight"], scale, self.folded_params["weight"])
+        weight = own["weight"]
+        # The scale is computed in float64 and rounded once to the weight's dtype; the
+        # products are taken in that dtype. In float64 for float32 weights (each product
+        # rounded once rather than twice) NumPy took 2.3 ms for a 512x512x3x3 weight,
+        # about 10 ms of a ResNet-18-CIFAR inference at batch 32, against 0.3 ms.
+        per_output = scale.astype(weight.dtype).reshape(-1, *([1] * (weight.ndim - 1)))
+        np.multiply(weight, per_output, out=self.folded_params["weight"])
         bias = shift + (own["bias"] * scale if "bias" in own else 0.0)
         np.copyto(self.folded_params["bias"], bias, casting="unsafe")
 

@@ -131,35 +131,6 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     return code.text()
 
 
-@cache.template("fold_weight")
-def _render_fold_weight(spec: KernelSpec) -> str:
-    """fold(weight, scale, out) on (O, rest) views: out[o] = weight[o] * scale[o], each
-    product taken in float64 (scale's type) and rounded once. Inference folds batch norm
-    into the weights at every call: NumPy's float64 multiply took 2.3 ms for a 512 x 512
-    x 3 x 3 weight, about 10 ms per ResNet-18 inference; this kernel keeps its rounding.
-    Shapes are not baked in: one module serves every layer of the dtype."""
-    code = Code()
-    code.line(PRELUDE)
-    code.line(jit())
-    with code.block("def fold(weight, scale, out)"), \
-            code.block("for o in prange(weight.shape[0])"):
-        code.line("s = scale[o]")
-        with code.block("for i in range(weight.shape[1])"):
-            code.line("out[o, i] = weight[o, i] * s")
-    return code.text()
-
-
-def fold_weight_spec(dtype: str) -> KernelSpec:
-    return KernelSpec.make("fold_weight", dtype, ())
-
-
-def fold_weight(weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
-    """out = weight * scale per output channel (the first axis), scale in float64."""
-    module = cache.load(fold_weight_spec(str(weight.dtype)))
-    rows = (weight.shape[0], -1)
-    module.fold(weight.reshape(rows), scale, out.reshape(rows))
-
-
 class BatchNormLayer(KernelLayer):
     def __init__(self, setup: LayerSetup, residual: LayerSetup | None = None) -> None:
         """residual: the setup of a residual add fused after this layer (its other

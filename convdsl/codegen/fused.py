@@ -9,6 +9,10 @@
   w' = w * gamma / sqrt(var + eps) and b' = (b - mean) * gamma / sqrt(var + eps) + beta,
   and one product kernel with bias and activation computes the whole group.
 
+- convolution or dense + batch norm + a residual add (+ activation): on the CPU batch
+  norm's kernels add the residual before the activation and write its gradient going
+  back; in inference the folded twin's epilogue adds it (Winograd), or the add's
+  kernel runs in place after the twin. CUDA runs the add's kernel after batch norm.
 - any of these + max or average pooling: the group before the pooling runs, then the
   pooling reads its output. Going back, the pooling's kernel scatters the gradient and
   multiplies it by the activation's derivative in one pass (on the CPU; CUDA runs the
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.activations import act_options, is_identity
+from convdsl.codegen.activations import act_options
 from convdsl.codegen.buffers import with_buffers
 from convdsl.codegen.cpu.conv import ConvLayer, lend_scratch
 from convdsl.codegen.cpu.norm import BatchNormLayer
@@ -48,7 +52,7 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
     """The kernel layer that computes a whole group."""
     if group.pool is not None:
         return PooledLayer(build_stage(group.before_pool, setups), setups[group.pool.name],
-                           _last_act(group.before_pool))
+                           group.before_pool.last_act)
     head = setups[group.head.name]
     if not group.fused:
         return build_layer(head)
@@ -59,7 +63,7 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
     add = group.residual
     if add is None:
         return ProductNormLayer(head, setups[group.norm.name], act)
-    act = _last_act(group)
+    act = group.last_act
     if head.device == "cpu":
         return ProductNormLayer(head, setups[group.norm.name], act, setups[add.name])
     # CUDA's batch norm takes no residual: the add runs after it, in the same stage
@@ -67,14 +71,6 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
                          build_layer(dataclasses.replace(
                              setups[add.name], layer=_with_act(add, act))),
                          add.inputs.index(group.norm.name))
-
-
-def _last_act(group: FusionGroup) -> ActSpec | None:
-    """The activation a group applies last (its own layer's, or a standalone one)."""
-    for layer in reversed(group.layers):
-        if layer.act is not None and not is_identity(layer.act):
-            return layer.act
-    return None
 
 
 def stage_arrays(group: FusionGroup, by_layer: Mapping[str, Arrays]) -> Arrays:

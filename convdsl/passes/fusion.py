@@ -85,6 +85,14 @@ class FusionGroup:
         return next((layer for layer in self.layers[1:] if layer.op is Op.ACTIVATION), None)
 
     @property
+    def last_act(self) -> ActSpec | None:
+        """The activation the group applies last: a standalone one, or a layer's own."""
+        for layer in reversed(self.layers):
+            if layer.act is not None and layer.act.kind is not Activation.IDENTITY:
+                return layer.act
+        return None
+
+    @property
     def pool(self) -> Layer | None:
         """The pooling that ends the group, if any."""
         last = self.layers[-1]
@@ -151,16 +159,8 @@ def _may_follow(group: list[Layer], layer: Layer) -> bool:
         return (last.op in EPILOGUE_HOSTS and last.act is None
                 and (last.op is not Op.ADD or len(group) == 1 or _elementwise(layer.act)))
     if layer.op in FUSED_POOLS:
-        return head.op in EPILOGUE_HOSTS and _elementwise(_group_act(group))
+        return head.op in EPILOGUE_HOSTS and _elementwise(FusionGroup(tuple(group)).last_act)
     return False
-
-
-def _group_act(group: list[Layer]) -> ActSpec | None:
-    """The activation a group applies last: a standalone one, or its last layer's own."""
-    for layer in reversed(group):
-        if layer.act is not None and layer.act.kind is not Activation.IDENTITY:
-            return layer.act
-    return None
 
 
 def _elementwise(act: ActSpec | None) -> bool:

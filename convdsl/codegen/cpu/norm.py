@@ -172,9 +172,9 @@ class BatchNormLayer(KernelLayer):
                 mode: Mode) -> np.ndarray:
         self.x = inputs[0].reshape(self.view)
         self.train = mode.train
-        scale = [params["weight"], params["bias"]] if self.affine else []
-        if self._residual_grad is not None:  # the residual, before the scale
-            scale.insert(0, inputs[1].reshape(self.view))
+        # the kernels' arguments after x: the residual (if fused), then w and b
+        residual = [inputs[1].reshape(self.view)] if self._residual_grad is not None else []
+        scale = residual + ([params["weight"], params["bias"]] if self.affine else [])
         if mode.train:
             if self.count < 2:
                 raise ValueError(f"'{self.name}': batch norm in training needs more than "

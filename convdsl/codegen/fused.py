@@ -56,14 +56,13 @@ def build_stage(group: FusionGroup, setups: Mapping[str, LayerSetup]) -> KernelL
     head = setups[group.head.name]
     if not group.fused:
         return build_layer(head)
-    act = group.activation.act if group.activation is not None else None
+    act = group.last_act  # a fused group's head has no activation of its own
     if group.norm is None:
         return build_layer(dataclasses.replace(head, layer=_with_act(head.layer, act),
                                                out_shape=setups[group.name].out_shape))
     add = group.residual
     if add is None:
         return ProductNormLayer(head, setups[group.norm.name], act)
-    act = group.last_act
     if head.device == "cpu":
         return ProductNormLayer(head, setups[group.norm.name], act, setups[add.name])
     # CUDA's batch norm takes no residual: the add runs after it, in the same stage
@@ -122,19 +121,17 @@ class ProductNormLayer(KernelLayer):
                      else BatchNormLayer(norm, residual))  # the CPU's, with the residual
         if isinstance(self.norm, BatchNormLayer):  # the CPU's: its gradient over dy
             self.norm.in_place = True
-        self.residual = residual is not None
         # Inference with a residual: the folded twin without its activation, which
         # adds the residual and applies the activation in its epilogue (Winograd), or
         # the add's kernel does, in place, after it (the same sums as the add's).
-        residual_act, self._residual_add = act, None
-        if residual is not None:
-            act = None
+        self._residual_add: Any = None
+        folded_act = act if residual is None else None
         weight_shape = dict(product.param_shapes)["weight"]
         channels = weight_shape[0]
         product_attrs = product.layer.attrs
         assert isinstance(product_attrs, (ConvAttrs, DenseAttrs))
         folded_layer = dataclasses.replace(
-            product.layer, attrs=dataclasses.replace(product_attrs, bias=True, act=act))
+            product.layer, attrs=dataclasses.replace(product_attrs, bias=True, act=folded_act))
         self.folded = build_layer(dataclasses.replace(
             product, layer=folded_layer,
             param_shapes=(("weight", weight_shape), ("bias", (channels,)))))
@@ -144,10 +141,10 @@ class ProductNormLayer(KernelLayer):
                               "bias": self.device.zeros((channels,), product.dtype)}
         add_specs: list[KernelSpec] = []
         if residual is not None and not (isinstance(self.folded, ConvLayer)
-                                         and self.folded.take_residual(residual_act)):
+                                         and self.folded.take_residual(act)):
             size = math.prod(product.batched_output)
             add_specs = [KernelSpec.make("add", product.dtype, ((size,),), inputs=2,
-                                         **act_options(residual_act))]
+                                         **act_options(act))]
             self._residual_add = cache.load(add_specs[0])
         self.specs = [*self.product.specs, *self.norm.specs, *self.folded.specs, *add_specs]
         self.algorithm = self.product.algorithm

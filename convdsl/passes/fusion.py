@@ -80,11 +80,6 @@ class FusionGroup:
         return next((layer for layer in self.layers[1:] if layer.op is Op.BATCHNORM), None)
 
     @property
-    def activation(self) -> Layer | None:
-        """The standalone activation layer that became the epilogue, if any."""
-        return next((layer for layer in self.layers[1:] if layer.op is Op.ACTIVATION), None)
-
-    @property
     def last_act(self) -> ActSpec | None:
         """The activation the group applies last: a standalone one, or a layer's own."""
         for layer in reversed(self.layers):

@@ -284,9 +284,9 @@ class ConvLayer(KernelLayer):
         self._module.forward(x, self._weight(params), None if self._epilogue else bias,
                              self._y, self._workspace())
         if self._epilogue is not None:
-            extra = [r.reshape(self._maps) for r in residual] if self._residual else []
             self._epilogue.finish(self._y.reshape(self._maps),
-                                  *([bias] if bias is not None else []), *extra)
+                                  *([bias] if bias is not None else []),
+                                  *(r.reshape(self._maps) for r in residual))
         if self._softmax is not None:
             self._softmax.forward(self._y, self._y)
         self._x = x

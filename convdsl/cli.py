@@ -97,7 +97,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import time
 
     from convdsl.codegen import cache
-    from convdsl.report.kernels import DUMPS, emit, kernel_sources, plan_lines
+    from convdsl.report.kernels import DUMPS, concat_lines, emit, kernel_sources, plan_lines
     from convdsl.runtime.executor import CompiledNetwork
 
     dumps = [d for d in args.dump.split(",") if d] if args.dump else []
@@ -132,6 +132,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     fused = [stage.description for stage in compiled.stages if stage.description]
     if fused:
         print(f"fused groups ({len(fused)}): " + "; ".join(fused))
+    joined = concat_lines(compiled)
+    if joined:
+        print(f"written into concatenations in inference ({len(joined)}): " + "; ".join(joined))
     print(f"{net.name}: {len(compiled.network.layers) - len(net.input_shapes)} layers in "
           f"{len(compiled.stages)} stages, {len(kernels)} distinct kernels, "
           f"batch {args.batch}, {args.dtype}, {args.device}")

@@ -13,7 +13,7 @@ import pytest
 
 import convdsl
 from convdsl.errors import ConvDslError, RunError
-from convdsl.passes.fusion import fusion_groups
+from convdsl.passes.fusion import concat_writes, fusion_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = sorted([*ROOT.glob("networks/*.cnn"), *ROOT.glob("examples/*.cnn")])
@@ -48,6 +48,30 @@ d = conv(3, 3, pad=1, act=leaky_relu) -> avgpool(2, stride=1, pad=1, count_pad=n
 e = d -> conv(2, 1, act=tanh) -> maxpool(3, stride=1, pad=1)
 h = concat(d, e, act=relu) -> maxpool(2)
 m = h -> conv(2, 1, act=sigmoid) -> global_maxpool
+out = dense(3)
+output out
+"""
+
+# Branches written straight into a concatenation's channels (passes/fusion.py,
+# concat_writes), by each convolution algorithm, with and without batch norm (in
+# inference folded into the weights), beside branches the concatenation still copies: a
+# pooling, a direct convolution (which declines), a value read twice. Batch 3, so that
+# every slice is strided across examples.
+CONCAT_PATTERNS = """network joined
+input x: 4x6x6
+a = conv(5, 1, act=relu, algo=gemm)
+b = x -> conv(3, 3, pad=1, bias=no, algo=winograd) -> bn -> relu
+c = x -> conv(2, 3, pad=1, bias=no, algo=gemm) -> bn
+d = x -> maxpool(3, stride=1, pad=1)
+e = x -> conv(2, 3, pad=1, algo=fft, act=tanh)
+f = x -> conv(2, 3, pad=1, algo=direct, act=elu)
+g = x -> conv(3, 1, algo=gemm)
+j = concat(a, b, c, d, e, f, g) -> maxpool(2)
+side = g -> global_avgpool -> flatten
+k = j -> conv(2, 1, act=sigmoid)
+h = x -> conv(2, 3, stride=2, pad=1, algo=gemm)
+late = concat(k, h, act=relu) -> global_avgpool -> flatten
+both = concat(late, side)
 out = dense(3)
 output out
 """
@@ -155,8 +179,8 @@ def test_the_ci_selection_covers_every_pattern_of_the_zoo() -> None:
                 for group in fusion_groups(network) if group.fused}
 
     everything = [convdsl.load(p) for p in ZOO]
-    tested = [convdsl.load(p) for p in fused_networks()] + [convdsl.loads(PATTERNS),
-                                                             convdsl.loads(POOL_PATTERNS)]
+    tested = [convdsl.load(p) for p in fused_networks()] + [
+        convdsl.loads(text) for text in (PATTERNS, POOL_PATTERNS, CONCAT_PATTERNS)]
     assert patterns(everything) <= patterns(tested)
 
 
@@ -184,6 +208,19 @@ def test_a_winograd_convolution_adds_the_residual_in_its_epilogue() -> None:
     assert all(any(spec.template == "conv_epilogue" and ("residual", True) in spec.options
                    for spec in stages[name].kernel.specs) for name in ("first", "second.1"))
     assert_fusion_changes_nothing(network, batch=2, algo="winograd")
+
+
+def test_branches_write_into_their_concatenation_and_compute_the_same() -> None:
+    network = convdsl.loads(CONCAT_PATTERNS)
+    assert set(concat_writes(network, fusion_groups(network))) == {
+        "a", "b.2", "c.1", "e", "f"}  # not d (pooling), g (read twice), k, h (act)
+    net = convdsl.compile(network, batch=3, dtype="float64", seed=2)
+    assert set(net.written_in_place()) == {"a", "b.2", "c.1", "e"}  # f: direct declines
+    x = np.random.default_rng(1).standard_normal((3, 4, 6, 6))
+    for train in (True, False):
+        net.forward(x, train=train)
+        assert set(net.written_in_place()) == {"a", "b.2", "c.1", "e"}
+    assert_fusion_changes_nothing(network, batch=3)
 
 
 def test_every_pooling_pattern_computes_what_its_layers_compute() -> None:

@@ -6,11 +6,16 @@ do; the CUDA ones allocate device memory themselves and never call these, so a
 `SharedSetup` changes nothing there.
 
 A `SharedSetup` is a setup whose calls return arrays given in advance instead of new
-ones. Two users:
-- the executor places input gradients whose lifetimes never overlap in one memory
-  (passes/memory.py, plan_gradients; runtime/executor.py);
+ones. Its users:
+- the executor places input gradients, and outputs no backward reads, whose lifetimes
+  never overlap in one memory (passes/memory.py, plan_gradients and
+  plan_transient_outputs; runtime/executor.py);
 - a convolution or dense layer followed by batch norm writes its inference twin's output
-  where its training product goes (codegen/fused.py): one of the two is ever needed.
+  where batch norm writes the stage's output in training (codegen/fused.py);
+- a branch's last stage writes its output into its channels of a concatenation
+  (passes/fusion.py, concat_writes): an output given as a channel slice, contiguous
+  within each example but not across them, which only layers that write their output
+  by subscript are given (a convolution, batch norm).
 
 Whoever hands memory in answers for the lifetimes: the layer overwrites a given array
 whenever it would overwrite its own.
@@ -38,7 +43,7 @@ class SharedSetup(LayerSetup):
     def output_buffer(self) -> np.ndarray:
         if self.output is None:
             return super().output_buffer()
-        _check(self.output, self.batched_output, self.dtype, "output")
+        _check(self.output, self.batched_output, self.dtype, "output", per_example=True)
         return self.output
 
     def input_buffer(self, index: int = 0) -> np.ndarray:
@@ -59,7 +64,11 @@ def with_buffers(setup: LayerSetup, output: np.ndarray | None = None,
     return SharedSetup(**fields, output=output, input_grads=input_grads or ())
 
 
-def _check(array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str) -> None:
-    if array.shape != shape or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
+def _check(array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str,
+           per_example: bool = False) -> None:
+    """A given buffer has the layer's shape and dtype, and is contiguous: as a whole, or
+    (per_example, a concatenation's channel slice) within each example."""
+    contiguous = array.flags.c_contiguous or (per_example and array[0].flags.c_contiguous)
+    if array.shape != shape or array.dtype != np.dtype(dtype) or not contiguous:
         raise ValueError(f"the {what} buffer given is {array.dtype} {array.shape}, not a "
                          f"contiguous {dtype} {shape}")

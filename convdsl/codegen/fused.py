@@ -108,19 +108,20 @@ class ProductNormLayer(KernelLayer):
         self.affine = attrs.affine
         act = act if act is not None else attrs.act
         self.device = device_named(product.device)
-        # On the CPU the folded twin writes its output where the training product goes:
-        # a forward runs one of them, never both (backward() puts the folded output
-        # back after the one path that needs both). CUDA layers allocate their own.
-        self._shared: np.ndarray | None = None
-        if self.device.name == "cpu":
-            self._shared = product.output_buffer()
-            product = with_buffers(product, output=self._shared)
         self.product = build_layer(product)
         norm = dataclasses.replace(norm, layer=_with_act(norm.layer, act))
         self.norm = (build_layer(norm) if residual is None
                      else BatchNormLayer(norm, residual))  # the CPU's, with the residual
+        # On the CPU the folded twin writes its output where batch norm writes the
+        # stage's in training (memory the executor may have handed in: planned, or a
+        # concatenation's channels): a forward runs one of them, never both (backward()
+        # puts the folded output back after the one path that needs both). CUDA layers
+        # allocate their own.
+        self._stage_output: np.ndarray | None = None
         if isinstance(self.norm, BatchNormLayer):  # the CPU's: its gradient over dy
             self.norm.in_place = True
+            self._stage_output = self.norm.out
+            product = with_buffers(product, output=self._stage_output)
         # Inference with a residual: the folded twin without its activation, which
         # adds the residual and applies the activation in its epilogue (Winograd), or
         # the add's kernel does, in place, after it (the same sums as the add's).
@@ -212,15 +213,16 @@ class ProductNormLayer(KernelLayer):
             return self._backward(grad_output, params, grads, skip_act)
         # The folded kernel kept no batch norm values: compute them the unfused way
         # (inference mode, as the forward was) before going back, at every backward
-        # until the next forward. On the CPU the product lands on the folded output, the
-        # stage's output, which outlives backward(): it is kept aside and put back.
-        kept = self.device.duplicate(self._shared) if self._shared is not None else None
+        # until the next forward. On the CPU batch norm writes over the folded output,
+        # the stage's output, which outlives backward(): it is kept aside and put back.
+        kept = (self.device.duplicate(self._stage_output)
+                if self._stage_output is not None else None)
         evaluate = Mode(train=False)
         product = self.product.forward(self._inputs[:1], _split(params)[0], evaluate)
         self.norm.forward([product, *self._inputs[1:]], _split(params)[1], evaluate)
         results = self._backward(grad_output, params, grads, skip_act)
-        if kept is not None and self._shared is not None:
-            self.device.copy(kept, self._shared)
+        if kept is not None and self._stage_output is not None:
+            self.device.copy(kept, self._stage_output)
         return results
 
     def _backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],

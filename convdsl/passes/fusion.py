@@ -25,6 +25,10 @@ A group starts at a layer and swallows the layer after it while that is legal:
   activation's derivative in one pass, reading the pooling's own input (the
   activation's output), so the product's backward starts from the gradient before
   the activation. A softmax (over channels) keeps the pooling out.
+
+Beyond the groups, a concatenation can be written where it stands (concat_writes): a
+branch's last stage writes its output straight into the concatenation's channels, and
+the concatenation copies only the branches that did not.
 """
 
 from __future__ import annotations
@@ -139,6 +143,56 @@ def fusion_groups(network: Network, fuse: bool = True) -> list[FusionGroup]:
     position = {layer.name: index for index, layer in enumerate(network.layers)}
     groups = [FusionGroup(tuple(members[head])) for head in order]
     return sorted(groups, key=lambda group: position[group.name])
+
+
+@dataclass(frozen=True)
+class ConcatWrite:
+    """Where a stage writes its output: channels [offset, offset + channels) of the
+    concatenation `concat`, instead of memory of its own."""
+
+    concat: str
+    offset: int
+    channels: int
+
+
+def concat_writes(network: Network, groups: list[FusionGroup]) -> dict[str, ConcatWrite]:
+    """The stages (by name) that write their output into a concatenation's channels.
+
+    A branch of shape (N, C_i, ...) is the channel slice [:, offset:offset + C_i] of the
+    concatenation's (N, C, ...) array: not one contiguous block, but one per example, and
+    the kernels that write such a slice by subscript are those of a convolution and of
+    batch norm (with an elementwise activation), so a stage qualifies when it is
+    - a convolution or filter, or one with batch norm (no residual, no pooling), ending
+      in an elementwise activation or none;
+    - read by the concatenation alone, once, and not a network output: nothing else
+      may see the value, nor a second copy of it be wanted;
+    and the concatenation's own stage applies no activation (the slices are its values).
+    """
+    declared = {output.name for output in network.outputs}
+    by_name = {group.name: group for group in groups}
+    writes: dict[str, ConcatWrite] = {}
+    for group in groups:
+        concat = group.head
+        if concat.op is not Op.CONCAT or group.last_act is not None:
+            continue
+        offset = 0
+        for source in concat.inputs:
+            channels = network.shapes[source][0]
+            producer = by_name.get(source)
+            if (producer is not None and source not in declared
+                    and concat.inputs.count(source) == 1
+                    and network.graph.consumers(source) == [concat.name]
+                    and _writes_by_subscript(producer)):
+                writes[source] = ConcatWrite(concat.name, offset, channels)
+            offset += channels
+    return writes
+
+
+def _writes_by_subscript(group: FusionGroup) -> bool:
+    """Whether a stage's last kernel writes its output element by element (see
+    concat_writes): a convolution's, or batch norm's after one."""
+    return (group.head.op in (Op.CONV, Op.FILTER) and group.residual is None
+            and group.pool is None and _elementwise(group.last_act))
 
 
 def _may_follow(group: list[Layer], layer: Layer) -> bool:

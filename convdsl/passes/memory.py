@@ -42,7 +42,7 @@ from typing import Any
 from convdsl.errors import RunError
 from convdsl.ir.ops import Activation, Layer, Loss, Op
 from convdsl.network import Network
-from convdsl.passes.fusion import FusionGroup
+from convdsl.passes.fusion import FusionGroup, concat_writes
 
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 INDEX_BYTES = 8  # maxpool's argmax indices are int64 whatever the dtype
@@ -433,19 +433,22 @@ def transient_outputs(network: Network, groups: list[FusionGroup]) -> dict[str, 
     Kept narrow, to what a residual network needs: the output of batch norm with no
     activation (alone, or after a product in one stage), every reader of which is an
     add or concat stage or reads it as the residual of a fused add, and which is no
-    declared output (the caller reads those)."""
+    declared output (the caller reads those) and not written into a concatenation
+    (fusion.concat_writes: its memory is the concatenation's)."""
     step = {group.name: index for index, group in enumerate(groups)}
     # the stage of each layer a reader may be: a group's head, or its fused add
     by_stage = {layer.name: group for group in groups for layer in group.layers
                 if layer is group.head or layer is group.residual}
     declared = {output.name for output in network.outputs}
+    in_concat = concat_writes(network, groups)
     transient: dict[str, int] = {}
     for group in groups:
         last = group.layers[-1]
         plain_norm = (last.op is Op.BATCHNORM
                       and (last.act is None or last.act.kind is Activation.IDENTITY))
         readers = [by_stage.get(name) for name in network.graph.consumers(group.name)]
-        if (not plain_norm or group.name in declared or not readers
+        if (not plain_norm or group.name in declared or group.name in in_concat
+                or not readers
                 or any(reader is None or (reader.head.op not in _MERGES
                                           and reader.residual_source != group.name)
                        for reader in readers)):

@@ -25,6 +25,20 @@ def plan_lines(net: CompiledNetwork) -> list[str]:
     return lines
 
 
+def concat_lines(net: CompiledNetwork) -> list[str]:
+    """Per concatenation that branches write into: which do, and which it copies
+    (after a forward; see CompiledNetwork.written_in_place)."""
+    in_place = net.written_in_place()
+    lines = []
+    for concat in dict.fromkeys(write.concat for write in net.concat_writes.values()):
+        planned = [stage for stage, write in net.concat_writes.items()
+                   if write.concat == concat]
+        declined = [stage for stage in planned if stage not in in_place]
+        line = f"{concat} <- {', '.join(stage for stage in planned if stage in in_place)}"
+        lines.append(line + (f" (copies {', '.join(declined)})" if declined else ""))
+    return lines
+
+
 def kernel_sources(net: CompiledNetwork) -> dict[str, Path]:
     """Every distinct kernel's source file in the cache, by file name."""
     files: dict[str, Path] = {}

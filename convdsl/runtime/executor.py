@@ -31,7 +31,7 @@ from convdsl.errors import RunError
 from convdsl.ir.ops import Activation, Layer, Loss
 from convdsl.ir.training import DTYPES, INITS
 from convdsl.network import Network, load, loads
-from convdsl.passes.fusion import FusionGroup, fusion_groups
+from convdsl.passes.fusion import ConcatWrite, FusionGroup, concat_writes, fusion_groups
 from convdsl.passes.fusion import kind as _kind
 from convdsl.passes.memory import BufferPlan, plan_gradients, plan_transient_outputs
 from convdsl.runtime import losses
@@ -112,8 +112,13 @@ class CompiledNetwork:
             if share and self.device.name == "cpu" else None)
         transient = _planned_arrays(self.output_plan, dtype)
         self._transient = {name.removeprefix("out:") for name in transient}
+        # ... and on the CPU a branch's last stage writes straight into its channels of a
+        # concatenation, where it can: the concatenation copies only the others
+        self.concat_writes: dict[str, ConcatWrite] = (
+            concat_writes(network, groups) if fuse and self.device.name == "cpu" else {})
+        self._joined = _concat_buffers(network, self.concat_writes, batch, dtype)
         setups = _with_planned_buffers(groups, self.setups, self._gradient_arrays,
-                                       transient)
+                                       {**transient, **self._joined})
         self.stages: list[Stage] = [
             Stage(group.name, build_stage(group, setups), group.inputs, group.layers,
                   stage_arrays(group, self._layer_params),
@@ -130,6 +135,7 @@ class CompiledNetwork:
         self.input_stages: set[str] = {stage.name for stage in self.stages
                                    if all(source in inputs for source in stage.inputs)}
         self._values: Arrays = {}  # every layer's output in the last forward
+        self._warm_up_values: Arrays = {}  # warm_up's, of the stages in concat_writes
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
         self._loss_through_softmax = False
@@ -206,6 +212,16 @@ class CompiledNetwork:
         if buffer is None:
             buffer = self._work_buffers[name] = self.device.zeros(shape, self.dtype)
         return buffer
+
+    def written_in_place(self) -> dict[str, ConcatWrite]:
+        """The stages whose last forward (or warm_up's) wrote their output straight into
+        a concatenation's channels: those of `concat_writes` but a direct convolution's,
+        which writes memory of its own that the concatenation copies (conv.py,
+        STRIDED_OUTPUT_SLOW). Empty before the first forward."""
+        values = self._values or self._warm_up_values
+        return {stage: write for stage, write in self.concat_writes.items()
+                if stage in values and np.may_share_memory(
+                    values[stage], self._joined[f"concat:{write.concat}"])}
 
     def first_nonfinite(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
                         step: int | None = None) -> Stage | None:
@@ -461,6 +477,7 @@ class CompiledNetwork:
                     grad = self.device.put(np.ones(values[stage.name].shape, self.dtype))
                     stage.kernel.backward(grad, stage.params, stage.grads)
                     seconds[stage.name] += time.perf_counter() - start
+        self._warm_up_values = {name: values[name] for name in self.concat_writes}
         self.load_state_dict(saved, strict=False)
         self.step = step
         for array in self.grads.values():
@@ -593,13 +610,29 @@ def _planned_arrays(plan: BufferPlan | None, dtype: str) -> dict[str, np.ndarray
             for name, shape in plan.shapes.items()}
 
 
+def _concat_buffers(network: Network, writes: Mapping[str, ConcatWrite], batch: int,
+                    dtype: str) -> dict[str, np.ndarray]:
+    """The output of every concatenation some stage writes into, by
+    `concat:<concatenation>`, and the channel slices of it those stages write, by
+    `out:<stage>`, as _with_planned_buffers takes them."""
+    buffers: dict[str, np.ndarray] = {}
+    for stage, write in writes.items():
+        key = f"concat:{write.concat}"
+        if key not in buffers:
+            buffers[key] = np.zeros((batch, *network.shapes[write.concat]), dtype=dtype)
+        buffers[f"out:{stage}"] = buffers[key][:, write.offset:write.offset + write.channels]
+    return buffers
+
+
 def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
                           grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
                           ) -> dict[str, LayerSetup]:
     """The setups a stage's kernels are built from: the head's with the planned buffers
-    of the stage's input gradients (a fused add's, for its residual's), and the batch
-    norm's of a transient output with its planned buffer (transient_outputs takes only
-    batch norm stages)."""
+    of the stage's input gradients (a fused add's, for its residual's), and the layer
+    that writes a stage's output (the batch norm's, if any, else the head's) with the
+    output's given buffer: planned memory for a transient output (transient_outputs
+    takes only batch norm stages), a concatenation's channels for a stage that writes
+    into one, and the concatenation's own array for the concatenation."""
     shared: dict[str, LayerSetup] = dict(setups)
     for group in groups:
         head = group.head.name
@@ -617,6 +650,9 @@ def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetu
         if output is not None:
             norm = group.norm.name if group.norm is not None else head
             shared[norm] = with_buffers(shared[norm], output=output)
+        joined = outputs.get(f"concat:{head}")  # a concatenation, maybe pooled after
+        if joined is not None:
+            shared[head] = with_buffers(shared[head], output=joined)
     return shared
 
 

@@ -7,10 +7,15 @@ an array the executor might later accumulate into.
 concat sees maps as (N, C_i, S) (S = 1 for flat vectors) and copies input i into channels
 [offset_i, offset_i + C_i) of the output, in parallel over the input's (n, c) rows;
 add works on flat arrays in parallel over elements. Writes are disjoint either way.
+
+An input a branch has already written into its channels of the output (the executor
+hands such branches the slice as their output, passes/fusion.py concat_writes) is not
+copied: concat's forward skips every input that is the very slice it would fill.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -29,16 +34,18 @@ def _names(prefix: str, count: int) -> list[str]:
 
 @cache.template("concat")
 def _render_concat(spec: KernelSpec) -> str:
-    """forward(x0, .., y), backward(y, dy, dx0, .., act_grad) on (N, C, S) views."""
+    """forward(x0, .., y, placed), backward(y, dy, dx0, .., act_grad) on (N, C, S)
+    views; placed[i]: input i is in place already, and is not copied."""
     *inputs, (batch, _, positions) = spec.shapes
     xs, dxs = _names("x", len(inputs)), _names("dx", len(inputs))
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block(f"def forward({', '.join(xs)}, y)"):
+    with code.block(f"def forward({', '.join(xs)}, y, placed)"):
         offset = 0
-        for x, (_, channels, _) in zip(xs, inputs):
-            with code.block(f"for nc in prange({batch * channels})"):
+        for index, (x, (_, channels, _)) in enumerate(zip(xs, inputs)):
+            with code.block(f"if not placed[{index}]"), \
+                    code.block(f"for nc in prange({batch * channels})"):
                 code.line(f"n = nc // {channels}")
                 code.line(f"c = nc % {channels}")
                 with code.block(f"for s in range({positions})"):
@@ -85,6 +92,8 @@ def _render_add(spec: KernelSpec) -> str:
 
 
 class _Merge(KernelLayer):
+    """add, or concat; forward's kernel takes the inputs and the output, then extra."""
+
     def __init__(self, setup: LayerSetup, spec: KernelSpec, act: FusedAct,
                  in_views: list[tuple[int, ...]], out_view: tuple[int, ...]) -> None:
         super().__init__(setup)
@@ -100,9 +109,12 @@ class _Merge(KernelLayer):
     def forward(self, inputs: list[np.ndarray], params: dict[str, np.ndarray],
                 mode: Mode) -> np.ndarray:
         self._module.forward(*(x.reshape(view) for x, view in zip(inputs, self.in_views)),
-                             self.out_view)
+                             self.out_view, *self._extra(inputs))
         self.act.forward(self.out)
         return self.out
+
+    def _extra(self, inputs: list[np.ndarray]) -> tuple[object, ...]:
+        return ()
 
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False
@@ -111,6 +123,26 @@ class _Merge(KernelLayer):
         self._module.backward(self.out_view, grad_output.reshape(self.out_view.shape),
                               *self.dx_views, act_grad)
         return list(self.dxs)
+
+
+class ConcatLayer(_Merge):
+    """concat, which skips the inputs a branch wrote into its channels already."""
+
+    def __init__(self, setup: LayerSetup, spec: KernelSpec, act: FusedAct,
+                 in_views: list[tuple[int, ...]], out_view: tuple[int, ...]) -> None:
+        super().__init__(setup, spec, act, in_views, out_view)
+        # where each input would lie in the output: (address, strides) of its slice
+        starts = np.cumsum([0, *(channels for _, channels, _ in in_views)]).tolist()
+        self._slots = [_where(self.out[:, start:stop])
+                       for start, stop in itertools.pairwise(starts)]
+
+    def _extra(self, inputs: list[np.ndarray]) -> tuple[object, ...]:
+        return (tuple(_where(x) == slot for x, slot in zip(inputs, self._slots)),)
+
+
+def _where(array: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    """An array's first element's address and its strides: which memory it is."""
+    return array.__array_interface__["data"][0], array.strides
 
 
 @builder(Op.CONCAT)
@@ -123,7 +155,7 @@ def build_concat(setup: LayerSetup) -> KernelLayer:
     in_views = [view(shape) for shape in setup.batched_inputs]
     out_view = view(setup.batched_output)
     spec = KernelSpec.make("concat", setup.dtype, (*in_views, out_view), **act.options())
-    return _Merge(setup, spec, act, in_views, out_view)
+    return ConcatLayer(setup, spec, act, in_views, out_view)
 
 
 @builder(Op.ADD)

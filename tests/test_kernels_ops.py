@@ -70,6 +70,9 @@ def pool_options(draw: st.DrawFn, dilated: bool) -> tuple[int, str]:
 @example((2, "3x2, stride=2x1, pad=1x1, dilation=1x2, round=ceil"), False, "float32", 1)
 @example((2, "2, stride=2"), False, "float32", 1)  # windows inside: written out tap by tap
 @example((2, "2, stride=2"), True, "float32", 1)
+@example((2, "3, stride=1, pad=1"), True, "float32", 1)  # tap by tap over rows of outputs
+@example((2, "3, stride=1, pad=1"), False, "float64", 2)
+@example((3, "2x3x2, stride=1x2x1, pad=1, dilation=2x1x1"), True, "float32", 1)
 def test_maxpool(options: tuple[int, str], train: bool, dtype: str, seed: int) -> None:
     """Training records the positions as it pools; inference keeps only the maxima,
     and a backward after it finds the positions again (check_layer runs backward)."""
@@ -79,7 +82,7 @@ def test_maxpool(options: tuple[int, str], train: bool, dtype: str, seed: int) -
 
 
 @pytest.mark.parametrize("layer", ["maxpool(2, stride=2)", "maxpool(3, stride=2, pad=1)",
-                                   "global_maxpool"])
+                                   "maxpool(3, stride=1, pad=1)", "global_maxpool"])
 def test_maxpool_inference_keeps_nan_and_minus_infinity_as_training_does(layer: str) -> None:
     net = convdsl.loads(f"input x: 2x6x6\ny = {layer}\noutput y")
     kernel = build_layer(layer_setups(net, 2, "float32")["y"])

@@ -11,7 +11,8 @@ ones. Its users:
   never overlap in one memory (passes/memory.py, plan_gradients and
   plan_transient_outputs; runtime/executor.py);
 - a convolution or dense layer followed by batch norm writes its inference twin's output
-  where batch norm writes the stage's output in training (codegen/fused.py);
+  where its training product goes, or into the concatenation's channels batch norm was
+  given (codegen/fused.py);
 - a branch's last stage writes its output into its channels of a concatenation
   (passes/fusion.py, concat_writes): an output given as a channel slice, contiguous
   within each example but not across them, which only layers that write their output
@@ -39,6 +40,7 @@ class SharedSetup(LayerSetup):
     output: np.ndarray | None = field(default=None, compare=False, repr=False)
     input_grads: tuple[np.ndarray | None, ...] = field(default=(), compare=False,
                                                         repr=False)
+    into_concat: bool = False  # `output` is a concatenation's channel slice
 
     def output_buffer(self) -> np.ndarray:
         if self.output is None:
@@ -55,13 +57,17 @@ class SharedSetup(LayerSetup):
 
 
 def with_buffers(setup: LayerSetup, output: np.ndarray | None = None,
-                 input_grads: tuple[np.ndarray | None, ...] | None = None) -> SharedSetup:
-    """`setup` with the buffers given; what is not given stays as `setup` had it."""
+                 input_grads: tuple[np.ndarray | None, ...] | None = None,
+                 into_concat: bool = False) -> SharedSetup:
+    """`setup` with the buffers given; what is not given stays as `setup` had it.
+    into_concat: `output` is a concatenation's channel slice (see the module's doc)."""
     fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(LayerSetup)}
     if isinstance(setup, SharedSetup):
-        output = setup.output if output is None else output
+        if output is None:
+            output, into_concat = setup.output, setup.into_concat
         input_grads = setup.input_grads if input_grads is None else input_grads
-    return SharedSetup(**fields, output=output, input_grads=input_grads or ())
+    return SharedSetup(**fields, output=output, input_grads=input_grads or (),
+                       into_concat=into_concat)
 
 
 def _check(array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str,

@@ -34,7 +34,7 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.activations import act_options
-from convdsl.codegen.buffers import with_buffers
+from convdsl.codegen.buffers import SharedSetup, with_buffers
 from convdsl.codegen.cpu.conv import ConvLayer, lend_scratch
 from convdsl.codegen.cpu.norm import BatchNormLayer
 from convdsl.codegen.cpu.pool import pool_after
@@ -108,20 +108,28 @@ class ProductNormLayer(KernelLayer):
         self.affine = attrs.affine
         act = act if act is not None else attrs.act
         self.device = device_named(product.device)
-        self.product = build_layer(product)
+        # On the CPU the folded twin writes its output where the training product goes,
+        # or into the concatenation's channels the executor gave batch norm as the
+        # stage's output (fusion.concat_writes): a forward runs one of the two paths,
+        # never both (backward() puts the folded output back after the one path that
+        # needs both). Not into other memory handed to batch norm: a transient output's
+        # (passes/memory.py) is free for the next once its readers have run, while a
+        # backward after an inference recomputes from this stage's inputs, which may be
+        # such an output. CUDA layers allocate their own.
+        self._twin_output: np.ndarray | None = None
+        training_product = product
+        if self.device.name == "cpu":
+            joined = isinstance(norm, SharedSetup) and norm.into_concat
+            self._twin_output = norm.output_buffer() if joined else product.output_buffer()
+            product = with_buffers(product, output=self._twin_output)  # the twin's
+            if not joined:
+                training_product = product
+        self.product = build_layer(training_product)
         norm = dataclasses.replace(norm, layer=_with_act(norm.layer, act))
         self.norm = (build_layer(norm) if residual is None
                      else BatchNormLayer(norm, residual))  # the CPU's, with the residual
-        # On the CPU the folded twin writes its output where batch norm writes the
-        # stage's in training (memory the executor may have handed in: planned, or a
-        # concatenation's channels): a forward runs one of them, never both (backward()
-        # puts the folded output back after the one path that needs both). CUDA layers
-        # allocate their own.
-        self._stage_output: np.ndarray | None = None
         if isinstance(self.norm, BatchNormLayer):  # the CPU's: its gradient over dy
             self.norm.in_place = True
-            self._stage_output = self.norm.out
-            product = with_buffers(product, output=self._stage_output)
         # Inference with a residual: the folded twin without its activation, which
         # adds the residual and applies the activation in its epilogue (Winograd), or
         # the add's kernel does, in place, after it (the same sums as the add's).
@@ -213,16 +221,17 @@ class ProductNormLayer(KernelLayer):
             return self._backward(grad_output, params, grads, skip_act)
         # The folded kernel kept no batch norm values: compute them the unfused way
         # (inference mode, as the forward was) before going back, at every backward
-        # until the next forward. On the CPU batch norm writes over the folded output,
-        # the stage's output, which outlives backward(): it is kept aside and put back.
-        kept = (self.device.duplicate(self._stage_output)
-                if self._stage_output is not None else None)
+        # until the next forward. On the CPU the product or batch norm writes over the
+        # folded output, the stage's output, which outlives backward(): it is kept aside
+        # and put back.
+        kept = (self.device.duplicate(self._twin_output)
+                if self._twin_output is not None else None)
         evaluate = Mode(train=False)
         product = self.product.forward(self._inputs[:1], _split(params)[0], evaluate)
         self.norm.forward([product, *self._inputs[1:]], _split(params)[1], evaluate)
         results = self._backward(grad_output, params, grads, skip_act)
-        if kept is not None and self._stage_output is not None:
-            self.device.copy(kept, self._stage_output)
+        if kept is not None and self._twin_output is not None:
+            self.device.copy(kept, self._twin_output)
         return results
 
     def _backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],

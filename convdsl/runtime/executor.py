@@ -116,9 +116,10 @@ class CompiledNetwork:
         # concatenation, where it can: the concatenation copies only the others
         self.concat_writes: dict[str, ConcatWrite] = (
             concat_writes(network, groups) if fuse and self.device.name == "cpu" else {})
-        self._joined = _concat_buffers(network, self.concat_writes, batch, dtype)
+        self._concats = _concat_buffers(network, self.concat_writes, batch, dtype)
         setups = _with_planned_buffers(groups, self.setups, self._gradient_arrays,
-                                       {**transient, **self._joined})
+                                       transient, self._concats,
+                                       _concat_slices(self.concat_writes, self._concats))
         self.stages: list[Stage] = [
             Stage(group.name, build_stage(group, setups), group.inputs, group.layers,
                   stage_arrays(group, self._layer_params),
@@ -221,7 +222,7 @@ class CompiledNetwork:
         values = self._values or self._warm_up_values
         return {stage: write for stage, write in self.concat_writes.items()
                 if stage in values and np.may_share_memory(
-                    values[stage], self._joined[f"concat:{write.concat}"])}
+                    values[stage], self._concats[write.concat])}
 
     def first_nonfinite(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
                         step: int | None = None) -> Stage | None:
@@ -612,20 +613,21 @@ def _planned_arrays(plan: BufferPlan | None, dtype: str) -> dict[str, np.ndarray
 
 def _concat_buffers(network: Network, writes: Mapping[str, ConcatWrite], batch: int,
                     dtype: str) -> dict[str, np.ndarray]:
-    """The output of every concatenation some stage writes into, by
-    `concat:<concatenation>`, and the channel slices of it those stages write, by
-    `out:<stage>`, as _with_planned_buffers takes them."""
-    buffers: dict[str, np.ndarray] = {}
-    for stage, write in writes.items():
-        key = f"concat:{write.concat}"
-        if key not in buffers:
-            buffers[key] = np.zeros((batch, *network.shapes[write.concat]), dtype=dtype)
-        buffers[f"out:{stage}"] = buffers[key][:, write.offset:write.offset + write.channels]
-    return buffers
+    """The output of every concatenation some stage writes into, by its name."""
+    return {concat: np.zeros((batch, *network.shapes[concat]), dtype=dtype)
+            for concat in dict.fromkeys(write.concat for write in writes.values())}
+
+
+def _concat_slices(writes: Mapping[str, ConcatWrite], concats: Mapping[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+    """The channels of its concatenation each stage of `writes` writes, by stage."""
+    return {stage: concats[write.concat][:, write.offset:write.offset + write.channels]
+            for stage, write in writes.items()}
 
 
 def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetup],
-                          grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+                          grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                          concats: Mapping[str, np.ndarray], slices: Mapping[str, np.ndarray]
                           ) -> dict[str, LayerSetup]:
     """The setups a stage's kernels are built from: the head's with the planned buffers
     of the stage's input gradients (a fused add's, for its residual's), and the layer
@@ -646,13 +648,15 @@ def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetu
             shared[add.name] = with_buffers(shared[add.name], input_grads=tuple(
                 planned if source == group.residual_source else None
                 for source in add.inputs))
+        writer = group.norm.name if group.norm is not None else head
         output = outputs.get(f"out:{group.name}")
         if output is not None:
-            norm = group.norm.name if group.norm is not None else head
-            shared[norm] = with_buffers(shared[norm], output=output)
-        joined = outputs.get(f"concat:{head}")  # a concatenation, maybe pooled after
-        if joined is not None:
-            shared[head] = with_buffers(shared[head], output=joined)
+            shared[writer] = with_buffers(shared[writer], output=output)
+        if group.name in slices:  # never also a transient output (transient_outputs)
+            shared[writer] = with_buffers(shared[writer], output=slices[group.name],
+                                          into_concat=True)
+        if head in concats:  # a concatenation, maybe pooled after
+            shared[head] = with_buffers(shared[head], output=concats[head])
     return shared
 
 

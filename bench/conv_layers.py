@@ -2,6 +2,12 @@
 
     python bench/conv_layers.py                      # ResNet's 3x3 layers, batch 32
     python bench/conv_layers.py --layer 64x32x32:64 --layer 3x32x32:64 --rounds 9
+    python bench/conv_layers.py --network examples/inception_module.cnn --batch 32
+
+With --network, every convolution of the file (one per distinct geometry) runs in each
+algorithm that applies (Winograd with the tile the model would take), except those the
+cost model expects to take more than conv.TUNE_WITHIN times the best estimate (as `tune`
+skips them), and the table gives the model's choice against the fastest measured.
 
 A layer is `CxHxW:O` (a 3x3 convolution with padding 1 and ReLU, C input channels on
 HxW maps, O outputs). For each layer GEMM and Winograd with each tile size (and FFT with
@@ -15,6 +21,7 @@ model were fitted to these ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -23,7 +30,8 @@ import numpy as np
 import convdsl
 from convdsl.codegen import cost
 from convdsl.codegen.cpu import conv, conv_winograd
-from convdsl.codegen.layer import ALGORITHMS, Mode, layer_setups
+from convdsl.codegen.layer import ALGORITHMS, LayerSetup, Mode, layer_setups
+from convdsl.ir.ops import Op
 
 # Winograd with each tile size, as a column of its own: name -> (algorithm, tile)
 VARIANTS = {f"winograd{tile}": ("winograd", tile) for tile in conv_winograd.TILINGS}
@@ -69,6 +77,58 @@ def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
+def time_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
+    """Median seconds of one forward + backward of each named layer setup, interleaved."""
+    rng = np.random.default_rng(0)
+    first = next(iter(setups.values()))
+    x = rng.standard_normal(first.batched_inputs[0], dtype=np.float32)
+    dy = rng.standard_normal(first.batched_output, dtype=np.float32)
+    params = {field: rng.standard_normal(shape, dtype=np.float32)
+              for field, shape in first.param_shapes}
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
+    layers = {name: conv.ConvLayer(setup, setup.algo, "bench", None)
+              for name, setup in setups.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in layers}
+    for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
+        for name, kernel in layers.items():
+            gradient = dy.copy()  # backward scales it in place by the activation's derivative
+            started = time.perf_counter()
+            kernel.forward([x], params, Mode(train=True))
+            kernel.backward(gradient, params, grads)
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def network_choices(path: str, batch: int, rounds: int) -> None:
+    """The model's choice against the fastest measured, per distinct convolution."""
+    network = convdsl.load(path)
+    seen: set[str] = set()
+    print(f"{network.name}, batch {batch}, forward + backward, median of {rounds} rounds")
+    print(f"{'layer':>28}  {'model':>8}  {'fastest':>8}  {'model/fastest':>13}  measured ms")
+    for name, setup in layer_setups(network, batch, "float32", "auto").items():
+        if setup.layer.op is not Op.CONV:
+            continue
+        key = conv.conv_spec(setup, "direct").key
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen, _ = conv.choose_algorithm(setup)
+        rates = cost.rates()
+        estimates = {algorithm: cost.estimate(conv.conv_spec(setup, algorithm), rates)
+                     for algorithm in ALGORITHMS if conv.applies(setup, algorithm)}
+        best = min(estimates.values())
+        candidates = {algorithm: dataclasses.replace(setup, algo=algorithm)
+                      for algorithm, estimate in estimates.items()
+                      if estimate <= conv.TUNE_WITHIN * best}
+        ms = {algorithm: 1e3 * value
+              for algorithm, value in time_setups(candidates, rounds).items()}
+        fastest = min(ms, key=ms.__getitem__)
+        listing = ", ".join(f"{algorithm} {value:.1f}" for algorithm, value in ms.items())
+        print(f"{name:>28}  {chosen:>8}  {fastest:>8}  {ms[chosen] / ms[fastest]:13.2f}  "
+              f"{listing}", flush=True)
+
+
 def model_choice(layer: str, batch: int) -> str:
     channels, height, width, outputs = parse(layer)
     network = convdsl.loads(f"input x: {channels}x{height}x{width}\n"
@@ -82,7 +142,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fft", action="store_true", help="time FFT too (slow on these)")
+    parser.add_argument("--network", help="a .cnn file: its own convolutions, every algorithm")
     args = parser.parse_args()
+    if args.network:
+        network_choices(args.network, args.batch, args.rounds)
+        return
     algorithms = tuple(name for name in ALGORITHMS
                        if name not in ("direct", "winograd") and (args.fft or name != "fft"))
     algorithms += tuple(VARIANTS)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ROOT / "networks"
+EXAMPLES = ROOT / "examples"
 LR = 1e-3  # small enough that random labels never drive the weights to overflow
 MOMENTUM = 0.9
 
@@ -39,7 +40,7 @@ MOMENTUM = 0.9
 @dataclass(frozen=True)
 class Case:
     title: str
-    network: str  # file stem in networks/
+    network: str  # file stem in networks/ or, failing that, examples/
     batch: int
     reps: int  # timed repetitions of each variant (warm-up comes on top)
     algos: tuple[str, ...] = ("auto",)  # convdsl variants, each compiled with algo=
@@ -79,6 +80,7 @@ def cases(quick: bool) -> list[Case]:
         Case("long-window 1-D conv", "long_window_signal", 32, 5,
              algos=("auto", "direct", "gemm", "fft")),
         Case("3-D (voxel3d)", "voxel3d", 8, 5),
+        Case("Inception module", "inception_module", 32, 5),
     ]
     if not quick:
         return full
@@ -181,10 +183,16 @@ def compiled_inference(model: TorchModel, x: np.ndarray
 Made = tuple[dict[str, Callable[[], None]], dict[str, list[list[float]]], list[str]]
 
 
+def network_file(stem: str) -> Path:
+    """A case's network: networks/STEM.cnn, else examples/STEM.cnn."""
+    path = NETWORKS / f"{stem}.cnn"
+    return path if path.exists() else EXAMPLES / f"{stem}.cnn"
+
+
 def convdsl_side(case: Case) -> Made:
     """convdsl's runs of a case, named `convdsl:ALGO:MODE`, and each network's inference
     outputs on the batch (compared with PyTorch's by the coordinator)."""
-    path = NETWORKS / f"{case.network}.cnn"
+    path = network_file(case.network)
     runs: dict[str, Callable[[], None]] = {}
     outputs: dict[str, list[list[float]]] = {}
     for algo in case.algos:
@@ -200,7 +208,7 @@ def torch_side(case: Case) -> Made:
     works), with convdsl's initial weights (seed 0), and eager's inference outputs."""
     import torch
 
-    model, x, y = torch_model(NETWORKS / f"{case.network}.cnn", case.batch)
+    model, x, y = torch_model(network_file(case.network), case.batch)
     model.eval()
     with torch.inference_mode():
         outputs = {"eager": model(torch.from_numpy(x)).numpy().tolist()}

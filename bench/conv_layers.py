@@ -58,17 +58,24 @@ def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
     dy = rng.standard_normal((batch, outputs, height, width), dtype=np.float32)
     params = {"weight": rng.standard_normal((outputs, channels, 3, 3), dtype=np.float32),
               "bias": rng.standard_normal(outputs, dtype=np.float32)}
-    grads = {name: np.zeros_like(value) for name, value in params.items()}
     layers = {}
     for name in algorithms:
         algorithm, tile = VARIANTS.get(name, (name, None))
         setup = layer_setups(network, batch, "float32", algorithm)["c"]
         if conv.applies(setup, algorithm):
             layers[name] = conv.ConvLayer(setup, algorithm, "bench", None, tile)
+    return interleaved(layers, x, dy, params, rounds)
+
+
+def interleaved(layers: dict[str, conv.ConvLayer], x: np.ndarray, dy: np.ndarray,
+                params: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """Median seconds of one forward + backward of each layer, in turn each round, after
+    a first round that compiles or loads the kernels."""
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
     seconds: dict[str, list[float]] = {name: [] for name in layers}
-    for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
+    for round_ in range(rounds + 1):
         for name, kernel in layers.items():
-            gradient = dy.copy()  # backward scales it in place by the ReLU's derivative
+            gradient = dy.copy()  # backward scales it by the activation's derivative
             started = time.perf_counter()
             kernel.forward([x], params, Mode(train=True))
             kernel.backward(gradient, params, grads)
@@ -85,19 +92,9 @@ def time_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
     dy = rng.standard_normal(first.batched_output, dtype=np.float32)
     params = {field: rng.standard_normal(shape, dtype=np.float32)
               for field, shape in first.param_shapes}
-    grads = {name: np.zeros_like(value) for name, value in params.items()}
     layers = {name: conv.ConvLayer(setup, setup.algo, "bench", None)
               for name, setup in setups.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in layers}
-    for round_ in range(rounds + 1):  # round 0 compiles or loads the kernels
-        for name, kernel in layers.items():
-            gradient = dy.copy()  # backward scales it in place by the activation's derivative
-            started = time.perf_counter()
-            kernel.forward([x], params, Mode(train=True))
-            kernel.backward(gradient, params, grads)
-            if round_:
-                seconds[name].append(time.perf_counter() - started)
-    return {name: statistics.median(times) for name, times in seconds.items()}
+    return interleaved(layers, x, dy, params, rounds)
 
 
 def network_choices(path: str, batch: int, rounds: int) -> None:

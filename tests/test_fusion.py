@@ -56,8 +56,8 @@ output out
 # Branches written straight into a concatenation's channels (passes/fusion.py,
 # concat_writes), by each convolution algorithm, with and without batch norm (in
 # inference folded into the weights), beside branches the concatenation still copies: a
-# pooling, a direct convolution (which declines), a value read twice. Batch 3, so that
-# every slice is strided across examples.
+# pooling, a direct convolution (which declines), a value read twice, flat vectors.
+# Batch 3, so that every slice is strided across examples.
 CONCAT_PATTERNS = """network joined
 input x: 4x6x6
 a = conv(5, 1, act=relu, algo=gemm)
@@ -69,10 +69,8 @@ f = x -> conv(2, 3, pad=1, algo=direct, act=elu)
 g = x -> conv(3, 1, algo=gemm)
 j = concat(a, b, c, d, e, f, g) -> maxpool(2)
 side = g -> global_avgpool -> flatten
-k = j -> conv(2, 1, act=sigmoid)
-h = x -> conv(2, 3, stride=2, pad=1, algo=gemm)
-late = concat(k, h, act=relu) -> global_avgpool -> flatten
-both = concat(late, side)
+k = j -> global_avgpool -> flatten
+both = concat(k, side)
 out = dense(3)
 output out
 """
@@ -215,7 +213,7 @@ def test_branches_write_into_their_concatenation_and_compute_the_same(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     network = convdsl.loads(CONCAT_PATTERNS)
     assert set(concat_writes(network, fusion_groups(network))) == {
-        "a", "b.2", "c.1", "e", "f"}  # not d (pooling), g (read twice), k, h (act)
+        "a", "b.2", "c.1", "e", "f"}  # not d (pooling), g (read twice), k, side (flat)
     assert_fusion_changes_nothing(network, batch=3)
     net = convdsl.compile(network, batch=3, dtype="float64", warm=False)
     x = np.random.default_rng(1).standard_normal((3, 4, 6, 6))
@@ -227,6 +225,20 @@ def test_branches_write_into_their_concatenation_and_compute_the_same(
     assert main(["compile", str(path), "--batch", "3", "--dtype", "float64"]) == 0
     assert ("written into concatenations in inference (1): j.0 <- a, b.2, c.1, e "
             "(copies f)") in capsys.readouterr().out
+
+
+def test_a_concatenation_with_an_activation_copies_its_inputs() -> None:
+    # its values are act(branch), not the branches' outputs, so no branch writes them
+    network = convdsl.loads("""input x: 2x4x4
+    a = conv(2, 1)
+    b = x -> conv(2, 1)
+    j = concat(a, b, act=relu)
+    k = x -> conv(2, 1)
+    m = concat(k, j) -> relu
+    flatten
+    out = dense(2)
+    output out""")
+    assert concat_writes(network, fusion_groups(network)) == {}
 
 
 def test_every_pooling_pattern_computes_what_its_layers_compute() -> None:

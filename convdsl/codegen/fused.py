@@ -117,14 +117,14 @@ class ProductNormLayer(KernelLayer):
         # backward after an inference recomputes from this stage's inputs, which may be
         # such an output. CUDA layers allocate their own.
         self._twin_output: np.ndarray | None = None
-        training_product = product
+        twin = product  # the folded twin's setup
         if self.device.name == "cpu":
             joined = isinstance(norm, SharedSetup) and norm.into_concat
             self._twin_output = norm.output_buffer() if joined else product.output_buffer()
-            product = with_buffers(product, output=self._twin_output)  # the twin's
+            twin = with_buffers(product, output=self._twin_output)
             if not joined:
-                training_product = product
-        self.product = build_layer(training_product)
+                product = twin  # the training product shares the twin's memory
+        self.product = build_layer(product)
         norm = dataclasses.replace(norm, layer=_with_act(norm.layer, act))
         self.norm = (build_layer(norm) if residual is None
                      else BatchNormLayer(norm, residual))  # the CPU's, with the residual
@@ -142,7 +142,7 @@ class ProductNormLayer(KernelLayer):
         folded_layer = dataclasses.replace(
             product.layer, attrs=dataclasses.replace(product_attrs, bias=True, act=folded_act))
         self.folded = build_layer(dataclasses.replace(
-            product, layer=folded_layer,
+            twin, layer=folded_layer,
             param_shapes=(("weight", weight_shape), ("bias", (channels,)))))
         self._weight_shape = weight_shape
         self.folded_params = {"weight": (self._folded_weight() if self.device.name == "cpu"

@@ -10,12 +10,15 @@ ones; `auto` mixes them by shape.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_harness import check_layer
 
 import convdsl
 from convdsl.codegen.cpu.conv_common import Geometry
 from convdsl.codegen.cuda import conv as cuda_conv
 from convdsl.codegen.cuda import conv_gemm
+from convdsl.codegen.cuda.phases import axis_phases
 
 pytestmark = pytest.mark.cuda
 
@@ -46,6 +49,13 @@ CASES = [
                  id="filter-2d"),
     pytest.param("input x: 2x13\nf = filter(4, kernel=[1 -3 3 -1], dilation=2)\noutput f",
                  "f", "float32", "gemm", id="filter-1d-valid-tiled"),
+    pytest.param("input x: 3x7x6\nc = conv(5, 3x1, stride=3x2, pad=[2 1 0 0], dilation=2x1,"
+                 " act=relu)\noutput c", "c", "float64", "gemm",
+                 id="2d-stride-3x2-phases-without-taps"),
+    pytest.param("input x: 2x5x5x4\nc = conv(3, 2, stride=2, pad=same, mode=convolution)"
+                 "\noutput c", "c", "float32", "auto", id="3d-stride-2-flip-eight-phases"),
+    pytest.param("input x: 4x7x7\nc = conv(6, 1, stride=2, bias=no)\noutput c", "c",
+                 "float64", "gemm", id="2d-1x1-stride-2-downsample"),
     pytest.param("input x: 13x1\nf = flatten\nd = f -> dense(10, act=relu)\noutput d", "d",
                  "float64", "gemm", id="dense-tiled"),
     pytest.param("input x: 9x1\nf = flatten\nd = f -> dense(5, bias=no, act=softmax)\n"
@@ -87,7 +97,7 @@ def test_k_tables_are_used_where_they_fit(monkeypatch: pytest.MonkeyPatch) -> No
     c, kw = 2, 4  # weight tap (2, 0) flipped to (0, 1): reach (0 * 2, 1 * 1)
     assert reach.values[(c * g.volume + kw) * 2:][:2] == (0, 1)
     assert offset.values[c * g.volume + kw] == c * 6 * 7 + 0 * 7 + 1
-    assert [table.name for table in backward.tables] == ["offset", "reach"]
+    assert [table.name for table in backward[0].tables] == ["offset", "shift"]
     monkeypatch.setattr(cuda_conv, "TABLE_BYTES", 8)
     net = convdsl.compile("input x: 3x6x7\nc = conv(4, 3)\noutput c", batch=2,
                           device="cuda", warm=False)
@@ -120,3 +130,46 @@ def test_register_blocks_and_many_tiles(monkeypatch: pytest.MonkeyPatch) -> None
     kernel = check_layer("input x: 11x5x4\nc = conv(10, 2x3, pad=same, act=relu6)\noutput c",
                          "c", dtype="float32", algo="gemm", device="cuda")
     assert "tiled 8x8x" in kernel.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 12), window=st.integers(1, 5), stride=st.integers(1, 4),
+       dilation=st.integers(1, 3), pad=st.integers(0, 5), pad_after=st.integers(0, 5),
+       flip=st.booleans())
+def test_input_phases_pair_each_input_with_exactly_the_taps_that_reach_it(
+        size: int, window: int, stride: int, dilation: int, pad: int, pad_after: int,
+        flip: bool) -> None:
+    """Split into phases, the input gradient sees every input position once and, at
+    each, exactly the (tap, output) pairs of the convolution's definition."""
+    span = size + pad + pad_after - dilation * (window - 1)
+    if span < 1:
+        return
+    out = (span - 1) // stride + 1
+    expected: dict[int, set[tuple[int, int]]] = {i: set() for i in range(size)}
+    for q in range(out):
+        for w in range(window):
+            i = q * stride + (window - 1 - w if flip else w) * dilation - pad
+            if 0 <= i < size:
+                expected[i].add((w, q))
+    found: dict[int, set[tuple[int, int]]] = {}
+    for phase in axis_phases(size, window, stride, dilation, pad, flip):
+        for j in range(phase.count):
+            i = phase.first + j * phase.stride
+            assert i not in found
+            found[i] = set()
+            for t in range(phase.taps):
+                q = j + phase.shift0 + phase.shift_step * t
+                if 0 <= q < out:
+                    found[i].add((phase.w0 + phase.wstep * t, q))
+    assert found == expected
+
+
+def test_a_strided_input_gradient_runs_one_product_per_phase() -> None:
+    """Stride 2 in two axes: four phases with 4, 2, 2 and 1 of a 3x3 window's taps."""
+    net = convdsl.compile("input x: 3x8x8\nc = conv(4, 3, stride=2, pad=1)\noutput c",
+                          batch=2, device="cuda", warm=False)
+    layer = net.stages[0].kernel
+    _, backward, _ = cuda_conv.products(layer.specs[0])
+    assert sorted(product.k for product in backward) == [4, 8, 8, 16]
+    assert sum(product.n for product in backward) == 2 * 8 * 8
+    assert "input in 4 phases" in layer.reason

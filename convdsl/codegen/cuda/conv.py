@@ -34,6 +34,7 @@ is split: each split's block writes its partial sums to its own slice of a works
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -42,15 +43,17 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.activations import forward_expression
-from convdsl.codegen.cpu.conv_common import Geometry, spec_layout
+from convdsl.codegen.cpu.conv_common import Geometry, affine, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, cuda, zeros
 from convdsl.codegen.cuda.conv_gemm import Operand, Product, Table, Tiles, flatten, unflatten
+from convdsl.codegen.cuda.phases import Phase, phases
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ConvAttrs, FilterAttrs, Op
+from convdsl.passes.shapes import Window
 
 # Products with fewer rows than this run the simple kernel under algo=auto: a tile of
 # at least MIN_TILE rows would be mostly padding.
@@ -119,10 +122,12 @@ def _reaches(g: Geometry) -> list[tuple[int, ...]]:
     return reaches
 
 
-def _k_tables(reaches: list[tuple[int, ...]], offsets: list[int]) -> tuple[Table, Table]:
+def _k_tables(name: str, reaches: list[tuple[int, ...]], offsets: list[int]
+              ) -> tuple[Table, Table]:
+    """The int32 table of offsets and the int16 table `name` of per-axis reaches."""
     rank = len(reaches[0])
     return (Table("offset", "int32", (len(offsets),), tuple(offsets)),
-            Table("reach", "int16", (len(reaches), rank),
+            Table(name, "int16", (len(reaches), rank),
                   tuple(r for reach in reaches for r in reach)))
 
 
@@ -132,19 +137,7 @@ def forward_tables(g: Geometry) -> tuple[Table, ...]:
     reaches = [taps[kw] for c in range(g.cg) for kw in range(g.volume)]
     offsets = [c * volume + sum(r * st for r, st in zip(taps[kw], steps))
                for c in range(g.cg) for kw in range(g.volume)]
-    return _k_tables(reaches, offsets)
-
-
-def input_tables(g: Geometry) -> tuple[Table, ...]:
-    """For k = (o, kw): dy's offset o * P, less sum(reach * step) at unit stride (where
-    the position is linear in the reach)."""
-    taps, steps = _reaches(g), _steps(g.out)
-    unit_stride = all(stride == 1 for stride in g.stride)
-    reaches = [taps[kw] for o in range(g.og) for kw in range(g.volume)]
-    offsets = [o * g.positions
-               - (sum(r * st for r, st in zip(taps[kw], steps)) if unit_stride else 0)
-               for o in range(g.og) for kw in range(g.volume)]
-    return _k_tables(reaches, offsets)
+    return _k_tables("reach", reaches, offsets)
 
 
 def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> Product:
@@ -200,74 +193,95 @@ def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> P
                    g.dtype, tiles, tables=forward_tables(g) if tables else ())
 
 
-def input_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> Product:
-    v, rank, in_positions = g.volume, g.rank, math.prod(g.sizes)
-    unit_stride = all(stride == 1 for stride in g.stride)
+def _phase_taps(code: Code, phase: Phase, t: str, suffix: str) -> list[str]:
+    """Emit the per-axis tap counters of the phase's flat tap index `t`."""
+    return unflatten(code, t, tuple(axis.taps for axis in phase.axes), f"t{suffix}_")
+
+
+def _phase_kw(code: Code, g: Geometry, phase: Phase, t: str) -> str:
+    """The weight's flat tap index of the phase's tap `t`."""
+    if phase.every_tap(g.window):
+        return t
+    counters = _phase_taps(code, phase, t, "w")
+    taps = [affine([(name, axis.wstep)], axis.w0) for name, axis in zip(counters, phase.axes)]
+    return flatten(taps, g.window)
+
+
+def input_tables(g: Geometry, phase: Phase) -> tuple[Table, ...]:
+    """For k = (o, t): dy's offset o * P + sum(shift * step), and the shift along each
+    axis (for the bounds check), where shift is the phase's dy position less j."""
+    steps = _steps(g.out)
+    shifts = [tuple(axis.shift0 + axis.shift_step * int(i) for axis, i in zip(phase.axes, taps))
+              for taps in itertools.product(*(range(axis.taps) for axis in phase.axes))]
+    offsets = [o * g.positions + sum(s * st for s, st in zip(shift, steps))
+               for o in range(g.og) for shift in shifts]
+    return _k_tables("shift", [shift for _ in range(g.og) for shift in shifts], offsets)
+
+
+def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
+                  tables: bool = False) -> Product:
+    """The input gradient of one phase (phases.py): M = C/G, N = batch x the phase's
+    positions, K = O/G x the phase's taps; the only test left is the output's edge."""
+    rank, in_positions, vp = g.rank, math.prod(g.sizes), phase.volume
+    counts = tuple(axis.count for axis in phase.axes)
     out_steps = _steps(g.out)
+    tables = tables and vp > 0
 
     def a_setup(code: Code, s: str, m: str) -> None:
         code.line(f"ch{s} = {m}")
 
     def a_load(code: Code, s: str, k: str, target: str) -> None:
-        _split(code, k, v, "o", "kw")
-        code.line(f"{target} = w[((g * {g.og} + o) * {g.cg} + ch{s}) * {v} + kw]")
+        if vp == 0:
+            return
+        _split(code, k, vp, "o", "t")
+        kw = _phase_kw(code, g, phase, "t")
+        code.line(f"{target} = w[((g * {g.og} + o) * {g.cg} + ch{s}) * {g.volume} + {kw}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
-        _split(code, n, in_positions, f"nb{s}", f"i{s}")
-        at = unflatten(code, f"i{s}", g.sizes, f"i{s}_")
+        _split(code, n, phase.positions, f"nb{s}", f"j{s}")
+        js = unflatten(code, f"j{s}", counts, f"j{s}_")
+        for axis in range(rank):
+            code.line(f"e{s}_{axis} = {js[axis]}")
         code.line(f"base{s} = nb{s} * {g.out_channels} + g * {g.og}")
-        for axis in range(rank):
-            code.line(f"e{s}_{axis} = {at[axis]} + {g.pads[axis][0]}")
-        if tables:  # dy's flat index of this map's position e (unit stride: maybe outside)
-            corner = (" + " + " + ".join(f"e{s}_{axis} * {out_steps[axis]}"
-                                         for axis in range(rank))) if unit_stride else ""
-            code.line(f"corner{s} = base{s} * {g.positions}{corner}")
-
-    def b_table_load(code: Code, s: str, k: str, target: str) -> None:
-        checks, positions = [], []
-        for axis in range(rank):
-            stride = g.stride[axis]
-            code.line(f"u{axis} = e{s}_{axis} - reach[{k}, {axis}]")
-            if stride == 1:
-                positions.append(f"u{axis}")
-                checks.append(f"0 <= u{axis} < {g.out[axis]}")
-            else:
-                code.line(f"q{axis} = u{axis} // {stride}")
-                positions.append(f"q{axis}")
-                checks.append(f"0 <= u{axis} and q{axis} * {stride} == u{axis} "
-                              f"and q{axis} < {g.out[axis]}")
-        with code.block(f"if {' and '.join(checks)}"):
-            at = "" if unit_stride else f" + {flatten(positions, g.out)}"
-            code.line(f"{target} = dy[corner{s} + offset[{k}]{at}]")
+        if tables:  # dy's flat index of position j, which the shift moves
+            corner = " + ".join(f"e{s}_{axis} * {out_steps[axis]}" for axis in range(rank))
+            code.line(f"corner{s} = base{s} * {g.positions} + {corner}")
 
     def b_load(code: Code, s: str, k: str, target: str) -> None:
+        if vp == 0:
+            return  # no tap reaches this phase: its gradient is zero
+        positions = [f"u{axis}" for axis in range(rank)]
         if tables:
-            b_table_load(code, s, k, target)
-            return
-        _split(code, k, v, "o", "kw")
-        taps = _taps(code, g, "kw", s)
-        checks, positions = [], []
-        for axis in range(rank):
-            stride = g.stride[axis]
-            code.line(f"u{axis} = e{s}_{axis} - {taps[axis]} * {g.dilation[axis]}")
-            if stride == 1:
-                positions.append(f"u{axis}")
-                checks.append(f"0 <= u{axis} < {g.out[axis]}")
-            else:  # a whole output position only where the stride divides
-                code.line(f"q{axis} = u{axis} // {stride}")
-                positions.append(f"q{axis}")
-                checks.append(f"0 <= u{axis} and q{axis} * {stride} == u{axis} "
-                              f"and q{axis} < {g.out[axis]}")
-        with code.block(f"if {' and '.join(checks)}"):
-            code.line(f"{target} = dy[{flatten(positions, g.out, f'base{s} + o')}]")
+            for axis in range(rank):
+                code.line(f"u{axis} = e{s}_{axis} + shift[{k}, {axis}]")
+        else:
+            _split(code, k, vp, "o", "t")
+            counters = _phase_taps(code, phase, "t", s)
+            for axis, (name, a) in enumerate(zip(counters, phase.axes)):
+                code.line(f"u{axis} = e{s}_{axis} + "
+                          f"{affine([(name, a.shift_step)], a.shift0)}")
+        with code.block(f"if {_inside(positions, g.out)}"):
+            if tables:
+                code.line(f"{target} = dy[corner{s} + offset[{k}]]")
+            else:
+                code.line(f"{target} = dy[{flatten(positions, g.out, f'base{s} + o')}]")
 
     def store(code: Code, m: str, n: str, value: str) -> None:
-        _split(code, n, in_positions, "nb", "i")
-        code.line(f"dx[(nb * {g.channels} + g * {g.cg} + {m}) * {in_positions} + i] = {value}")
+        _split(code, n, phase.positions, "nb", "j")
+        js = unflatten(code, "j", counts, "j_")
+        at = [affine([(name, axis.stride)], axis.first) for name, axis in zip(js, phase.axes)]
+        code.line(f"dx[(nb * {g.channels} + g * {g.cg} + {m}) * {in_positions} + "
+                  f"{flatten(at, g.sizes)}] = {value}")
 
-    return Product("input_grad", "dy, w, dx", g.cg, g.batch * in_positions, g.og * v,
-                   g.groups, Operand(True, a_setup, a_load), Operand(False, b_setup, b_load),
-                   store, g.dtype, tiles, tables=input_tables(g) if tables else ())
+    return Product(f"input_grad{number}", "dy, w, dx", g.cg, g.batch * phase.positions,
+                   g.og * vp, g.groups, Operand(True, a_setup, a_load),
+                   Operand(False, b_setup, b_load), store, g.dtype,
+                   tiles if vp > 0 else None,
+                   tables=input_tables(g, phase) if tables else ())
+
+
+def input_phases(g: Geometry) -> list[Phase]:
+    return phases(g.sizes, g.window, g.stride, g.dilation, g.pads, g.flip)
 
 
 def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
@@ -363,15 +377,16 @@ def _render_prepare(code: Code, g: Geometry, spec: KernelSpec) -> None:
         code.line()
 
 
-def products(spec: KernelSpec) -> tuple[Product, Product, Product | None]:
-    """The forward, input-gradient and (unless the weight is fixed) weight-gradient
-    products of a layer's spec."""
+def products(spec: KernelSpec) -> tuple[Product, list[Product], Product | None]:
+    """The forward product, the input gradient's products (one per phase) and (unless
+    the weight is fixed) the weight-gradient product of a layer's spec."""
     g = Geometry.from_spec(spec)
     tabled_forward, tabled_input = spec.option("k_tables")
     forward = forward_product(g, Tiles.from_option(spec.option("forward_tiles")),
                               bool(tabled_forward))
-    backward = input_product(g, Tiles.from_option(spec.option("input_tiles")),
-                             bool(tabled_input))
+    backward = [input_product(g, number, phase, Tiles.from_option(tiles), bool(tabled_input))
+                for number, (phase, tiles)
+                in enumerate(zip(input_phases(g), spec.option("input_tiles"), strict=True))]
     weight = None
     if g.weight_grad:
         weight = weight_product(g, Tiles.from_option(spec.option("weight_tiles")),
@@ -384,9 +399,9 @@ def render(spec: KernelSpec) -> str:
     g = Geometry.from_spec(spec)
     code = Code()
     code.line(conv_gemm.prelude())
-    for product in products(spec):
-        if product is not None:
-            conv_gemm.render(code, product)
+    forward, backward, weight = products(spec)
+    for product in [forward, *backward, *([weight] if weight else [])]:
+        conv_gemm.render(code, product)
     splits = int(spec.option("splits"))
     if g.weight_grad and splits > 1:
         conv_gemm.render_reduce_splits(code, splits, g.out_channels * g.cg * g.volume)
@@ -406,23 +421,35 @@ def plan(setup: LayerSetup) -> tuple[dict[str, Any], str, str]:
     cg, og, v = channels // groups, out_channels // groups, math.prod(window.window)
     batch = setup.batch
     shapes = {"forward": (og, batch * math.prod(setup.out_shape[1:]), cg * v),
-              "input": (cg, batch * math.prod(setup.in_shapes[0][1:]), og * v),
               "weight": (og, cg * v, batch * math.prod(setup.out_shape[1:]))}
     simple = setup.algo == "direct"
     forced = setup.algo == "gemm"
-    options: dict[str, Any] = {}
-    kinds = []
-    for name, (m, n, k) in shapes.items():
+
+    def tiles_of(name: str, m: int, n: int, k: int) -> Tiles | None:
         # The weight gradient always tiles (unless direct is asked for): its K is the
         # batch times the positions, far too long for one thread per weight element.
         tiled = forced or (not simple and (m >= SIMPLE_BELOW or name == "weight"))
-        tiles = conv_gemm.choose_tiles(m, n, k) if tiled else None
+        return conv_gemm.choose_tiles(m, n, k) if tiled and k > 0 else None
+
+    options: dict[str, Any] = {}
+    kinds = []
+    for name, (m, n, k) in shapes.items():
+        tiles = tiles_of(name, m, n, k)
         options[f"{name}_tiles"] = None if tiles is None else tiles.as_option()
         kinds.append(f"{name} " + (_describe(tiles) if tiles else "simple"))
         if name == "weight":
             options["splits"] = conv_gemm.choose_splits(m, n, k, groups, tiles)
-    options["k_tables"] = (_fits(setup, shapes["forward"][2]),
-                           _fits(setup, shapes["input"][2]))
+    split = phases(setup.in_shapes[0][1:], window.window, window.stride, window.dilation,
+                   window.pads, attrs.flip)
+    input_tiles = [tiles_of("input", cg, batch * phase.positions, og * phase.volume)
+                   for phase in split]
+    options["input_tiles"] = tuple(None if t is None else t.as_option() for t in input_tiles)
+    described = sorted({_describe(t) if t else "simple" for t in input_tiles})
+    kinds.insert(1, "input " + (f"in {len(split)} phases, " if len(split) > 1 else "")
+                 + " / ".join(described))
+    forward_reach = max((w - 1) * d for w, d in zip(window.window, window.dilation))
+    options["k_tables"] = (_fits(window, shapes["forward"][2], forward_reach),
+                           _fits(window, og * max(p.volume for p in split), _shift_reach(split)))
     algorithm = "direct" if simple else "gemm"
     why = ("requested" if setup.algo in ("direct", "gemm")
            else f"{setup.algo}: implicit GEMM on the GPU")
@@ -430,11 +457,14 @@ def plan(setup: LayerSetup) -> tuple[dict[str, Any], str, str]:
     return options, algorithm, reason
 
 
-def _fits(setup: LayerSetup, k: int) -> bool:
+def _shift_reach(split: list[Phase]) -> int:
+    """The largest shift (phases.py) of any phase's taps, which its int16 table holds."""
+    return max(abs(a.shift0 + a.shift_step * t) for phase in split for a in phase.axes
+               for t in (0, max(0, a.taps - 1)))
+
+
+def _fits(window: Window, k: int, reach: int) -> bool:
     """Whether the k tables of a product with this K fit TABLE_BYTES (and int16 reaches)."""
-    window = setup.window
-    assert window is not None
-    reach = max((w - 1) * d for w, d in zip(window.window, window.dilation))
     rank = len(window.window)
     return USE_TABLES and k * (4 + 2 * rank) <= TABLE_BYTES and reach < REACH_LIMIT
 
@@ -463,7 +493,7 @@ class ConvLayer(KernelLayer):
         module = cache.load(spec)
         forward, backward, weight = products(spec)
         self._forward = conv_gemm.configured(module, forward)
-        self._input_grad = conv_gemm.configured(module, backward)
+        self._input_grads = [conv_gemm.configured(module, phase) for phase in backward]
         self._weight_grad = None if weight is None else conv_gemm.configured(module, weight)
         g = self.g
         self.splits = 1 if weight is None else weight.splits
@@ -506,7 +536,8 @@ class ConvLayer(KernelLayer):
         elif act_grad and self._scale is not None:
             self._scale(y, dy)
         if self.input_grad_needed:
-            self._input_grad(dy, self._weight(params), self.dx)
+            for input_grad in self._input_grads:
+                input_grad(dy, self._weight(params), self.dx)
         if self._weight_grad is not None:
             dw = grads["weight"]
             if self._part is not None and self._reduce is not None:

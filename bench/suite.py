@@ -117,13 +117,13 @@ def torch_model(path: Path, batch: int) -> tuple[TorchModel, np.ndarray, np.ndar
 def convdsl_steps(net: convdsl.CompiledNetwork, x: np.ndarray, y: np.ndarray
                   ) -> tuple[Callable[[], None], Callable[[], None]]:
     """convdsl's training step (forward, loss, backward, SGD with momentum) and inference."""
-    optimizer = SGD(net.grads, momentum=MOMENTUM)
+    optimizer = SGD(net.trained, momentum=MOMENTUM)
 
     def train() -> None:
         net.forward(x, train=True)
         net.loss(y)
         net.backward(input_grad=False)
-        optimizer.step(net.params, net.grads, LR)
+        optimizer.step(net.trained, net.grads, LR)
 
     def infer() -> None:
         net.forward(x, train=False)

@@ -65,12 +65,19 @@ def test_array_operations(gpu) -> None:  # type: ignore[no-untyped-def]
     {"optimizer": "adamw", "weight_decay": 0.05},
 ], ids=["sgd-momentum", "sgd-nesterov", "sgd", "adam", "adamw"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_optimizers_match_the_cpu(gpu, recipe: dict[str, object], dtype: str  # type: ignore[no-untyped-def]
-                                  ) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["per-array", "packed"])
+def test_optimizers_match_the_cpu(gpu, recipe: dict[str, object], dtype: str,  # type: ignore[no-untyped-def]
+                                  packed: bool) -> None:
+    """Per array, or packed (one launch over the flat arrays, as in training)."""
     rng = np.random.default_rng(1)
     shapes = {"c.weight": (4, 2, 3), "c.bias": (4,)}
     host = {name: random_array(rng, shape).astype(dtype) for name, shape in shapes.items()}
-    device = {name: gpu.put(array.copy()) for name, array in host.items()}
+    device = gpu.packed(shapes, dtype) if packed else {}
+    for name, array in host.items():
+        if packed:
+            gpu.assign(device[name], array)
+        else:
+            device[name] = gpu.put(array.copy())
     settings = TrainSettings(**{"lr": 0.05, **recipe})  # type: ignore[arg-type]
     on_cpu, on_gpu = make_optimizer(settings, host), make_optimizer(settings, device)
     assert on_gpu.device.name == "cuda"
@@ -78,7 +85,13 @@ def test_optimizers_match_the_cpu(gpu, recipe: dict[str, object], dtype: str  # 
         grads = {name: random_array(rng, shape).astype(dtype)
                  for name, shape in shapes.items()}
         on_cpu.step(host, grads, 0.05 / (step + 1))
-        on_gpu.step(device, {n: gpu.put(g) for n, g in grads.items()}, 0.05 / (step + 1))
+        on_device = gpu.packed(shapes, dtype) if packed else {}
+        for name, grad in grads.items():
+            if packed:
+                gpu.assign(on_device[name], grad)
+            else:
+                on_device[name] = gpu.put(grad)
+        on_gpu.step(device, on_device, 0.05 / (step + 1))
     tolerance = 1e-12 if dtype == "float64" else 2e-6
     for name in shapes:
         assert_close(gpu.get(device[name]), host[name], tolerance, name)
@@ -155,7 +168,7 @@ def _two_sgd_steps(packed: bool, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(common, "PACKED", packed)
     net = convdsl.compile(NETWORK, batch=2, dtype="float64", seed=3, device="cuda",
                           warm=False)
-    trained = {name: net.params[name] for name in net.grads}
+    trained = net.trained
     optimizer = make_optimizer(TrainSettings(lr=0.1, momentum=0.9), trained)
     rng = np.random.default_rng(7)
     x = random_array(rng, (2, 2, 6, 6))

@@ -25,6 +25,7 @@ import pytest
 import convdsl
 from convdsl.errors import RunError
 from convdsl.ir.training import TrainSettings
+from convdsl.runtime.devices import device_named
 from convdsl.runtime.executor import CompiledNetwork
 from convdsl.runtime.optim import SGD, Adam, Optimizer, Schedule, make_optimizer
 
@@ -113,6 +114,36 @@ def test_optimizer_matches_torch(torch: Any, settings: TrainSettings, dtype: str
         assert error <= RANDOM_TOL[dtype], f"{name}: {error:.2g}"
     assert all(array.dtype == np.dtype(dtype) for name, array in ours.state_dict().items()
                if name != "step")
+
+
+@pytest.mark.parametrize("settings", OPTIMIZERS)
+def test_a_packed_step_is_the_same_as_one_per_parameter(settings: TrainSettings) -> None:
+    """Parameters and gradients packed into one flat array each (a network's `trained`
+    and `grads`) update in one pass over the flat arrays: the same bits as a parameter
+    at a time, buffers included."""
+    rng = np.random.default_rng(3)
+    cpu = device_named("cpu")
+    shapes = {name: tuple(shape) for name, shape in SHAPES.items()}
+    separate = random_params(rng, "float32")
+    packed = cpu.packed(shapes, "float32")
+    for name, array in separate.items():
+        cpu.assign(packed[name], array)
+    one_by_one, at_once = make_optimizer(settings, separate), make_optimizer(settings, packed)
+    flat_before = packed.flat
+    for step in range(5):
+        grads = random_params(rng, "float32")
+        packed_grads = cpu.packed(shapes, "float32")
+        for name, grad in grads.items():
+            cpu.assign(packed_grads[name], grad)
+        one_by_one.step(separate, grads, settings.lr / (step + 1))
+        at_once.step(packed, packed_grads, settings.lr / (step + 1))
+    assert packed.flat is flat_before
+    for name, array in separate.items():
+        np.testing.assert_array_equal(packed[name], array, err_msg=name)
+    ours, theirs = at_once.state_dict(), one_by_one.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key], value, err_msg=key)
 
 
 def test_make_optimizer_picks_the_method() -> None:

@@ -141,8 +141,7 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
     finally:
         net.load_state_dict(saved)
         net.step = step
-        for array in net.grads.values():
-            net.device.fill(array, 0.0)
+        net.device.fill(net.grads.flat, 0.0)
     stages = tuple(_stage_time(net, stage, forward[stage.name], backward[stage.name])
                    for stage in net.stages)
     pools = threads.describe() if net.device.name == "cpu" else ""

@@ -10,6 +10,8 @@ the executor calls for outputs, metrics and checkpoints.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,31 @@ from convdsl.errors import RunError
 Array = Any  # np.ndarray on the CPU, a numba.cuda device array on CUDA
 
 DEVICES = ("cpu", "cuda")
+
+
+class Packed(Mapping[str, Array]):
+    """Named arrays that are views into one flat array, in order: a network's trained
+    parameters, their gradients and the optimizer's buffers. Whole-set work (an update,
+    a check for NaN, zeroing) then runs once over `flat`: on a GPU one kernel launch
+    instead of one per parameter."""
+
+    def __init__(self, flat: Array, views: dict[str, Array]) -> None:
+        self.flat = flat
+        self._views = views
+
+    @property
+    def layout(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Names and shapes in order: two packs with one layout line up element for element."""
+        return tuple((name, tuple(view.shape)) for name, view in self._views.items())
+
+    def __getitem__(self, name: str) -> Array:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
 
 
 class Device:
@@ -36,6 +63,16 @@ class Device:
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         return np.zeros(shape, dtype=dtype)
+
+    def packed(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> Packed:
+        """Zeroed arrays of these shapes, views into one flat array in this order."""
+        flat = self.zeros((sum(math.prod(shape) for shape in shapes.values()),), dtype)
+        views, start = {}, 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            views[name] = flat[start:start + size].reshape(shape)
+            start += size
+        return Packed(flat, views)
 
     def fill(self, array: Array, value: float) -> None:
         array.fill(value)
@@ -60,8 +97,13 @@ class Device:
     def count_nonfinite(self, array: Array) -> int:
         return int(array.size - np.count_nonzero(np.isfinite(array)))
 
-    def first_nonfinite(self, arrays: dict[str, Array]) -> str | None:
+    def first_nonfinite(self, arrays: Mapping[str, Array]) -> str | None:
         """The name of the first array holding NaN or infinity, if any."""
+        if isinstance(arrays, Packed) and not self.count_nonfinite(arrays.flat):
+            return None  # the usual case, in one pass (on a GPU, one launch)
+        return self._first_nonfinite_of(arrays)
+
+    def _first_nonfinite_of(self, arrays: Mapping[str, Array]) -> str | None:
         return next((name for name, array in arrays.items()
                      if self.count_nonfinite(array)), None)
 
@@ -115,7 +157,7 @@ class CudaDevice(Device):
     def count_nonfinite(self, array: Array) -> int:
         return self._arrays.count_nonfinite(array)[0]
 
-    def first_nonfinite(self, arrays: dict[str, Array]) -> str | None:
+    def _first_nonfinite_of(self, arrays: Mapping[str, Array]) -> str | None:
         counts = self._arrays.count_nonfinite(*arrays.values())  # one copy back
         return next((name for name, count in zip(arrays, counts) if count), None)
 

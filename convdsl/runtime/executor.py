@@ -35,7 +35,7 @@ from convdsl.passes.fusion import ConcatWrite, FusionGroup, concat_writes, fusio
 from convdsl.passes.fusion import kind as _kind
 from convdsl.passes.memory import BufferPlan, plan_gradients, plan_transient_outputs
 from convdsl.runtime import losses
-from convdsl.runtime.devices import Array, Device, device_named
+from convdsl.runtime.devices import Array, Device, Packed, device_named
 from convdsl.runtime.params import init_params, network_params
 
 Arrays = dict[str, Array]  # NumPy arrays on the CPU, device arrays on CUDA
@@ -92,11 +92,17 @@ class CompiledNetwork:
         self.fuse = fuse
         self.setups: dict[str, LayerSetup] = layer_setups(network, batch, dtype, algo,
                                                           device)
-        self.params: Arrays = {name: self.device.put(array) for name, array
-                               in init_params(network, seed, init, dtype).items()}
-        trained = [info.name for info in network_params(network) if info.trained]
-        self.grads: Arrays = {name: self.device.zeros(self.params[name].shape, dtype)
-                              for name in trained}
+        initial = init_params(network, seed, init, dtype)
+        shapes = {info.name: info.shape for info in network_params(network) if info.trained}
+        # The trained parameters, and their gradients, are views into one flat array
+        # each (in the same layout), so that an optimizer step or a NaN check is one
+        # pass over all of them: on a GPU one launch, not one per parameter.
+        self.trained: Packed = self.device.packed(shapes, dtype)
+        self.grads: Packed = self.device.packed(shapes, dtype)
+        for name in shapes:
+            self.device.assign(self.trained[name], initial[name])
+        self.params: Arrays = {name: self.trained[name] if name in shapes
+                               else self.device.put(array) for name, array in initial.items()}
         self._layer_params = _by_layer(self.params)
         self._layer_grads = _by_layer(self.grads)
         groups = fusion_groups(network, fuse)
@@ -481,8 +487,7 @@ class CompiledNetwork:
         self._warm_up_values = {name: values[name] for name in self.concat_writes}
         self.load_state_dict(saved, strict=False)
         self.step = step
-        for array in self.grads.values():
-            self.device.fill(array, 0.0)
+        self.device.fill(self.grads.flat, 0.0)
         self.device.synchronize()
         self.compile_seconds = seconds
         return seconds
@@ -660,7 +665,7 @@ def _with_planned_buffers(groups: list[FusionGroup], setups: dict[str, LayerSetu
     return shared
 
 
-def _by_layer(arrays: Arrays) -> dict[str, Arrays]:
+def _by_layer(arrays: Mapping[str, Array]) -> dict[str, Arrays]:
     """{'c1.weight': w} -> {'c1': {'weight': w}}: the same array objects, grouped."""
     grouped: dict[str, Arrays] = {}
     for name, array in arrays.items():

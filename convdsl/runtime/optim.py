@@ -1,13 +1,17 @@
 """Optimizers and learning-rate schedules for `convdsl train`, as PyTorch defines them.
 
-    optimizer = make_optimizer(settings, net.grads)      # the trained arrays only
+    optimizer = make_optimizer(settings, net.trained)    # the trained arrays only
     schedule = Schedule(settings, steps_per_epoch)
     for epoch in range(settings.epochs):
         for index, batch in enumerate(batches):
             net.forward(x[batch], train=True)
             net.loss(y[batch])
             net.backward()
-            optimizer.step(net.params, net.grads, schedule.lr(epoch, index))
+            optimizer.step(net.trained, net.grads, schedule.lr(epoch, index))
+
+`net.trained` and `net.grads` are packed: views into one flat array each, so a step is
+one pass over all parameters (one kernel on a GPU). Any dicts of arrays work too, a
+parameter at a time.
 
 The updates are torch.optim's, operation for operation, so that a network trained
 here follows the same path as the same network trained by PyTorch:
@@ -40,7 +44,7 @@ import numpy as np
 
 from convdsl.errors import RunError
 from convdsl.ir.training import OPTIMIZERS, SCHEDULES, TrainSettings
-from convdsl.runtime.devices import Array, device_named, device_of
+from convdsl.runtime.devices import Array, Packed, device_named, device_of
 
 Arrays = Mapping[str, np.ndarray]
 STEP = "step"  # the state entry holding the number of steps taken
@@ -59,23 +63,51 @@ class Optimizer(ABC):
         # Where the parameters live (host or GPU): the buffers live there too, and on a
         # GPU every update is a kernel, so nothing crosses to the host while training.
         self.device = device_of(next(iter(params.values()))) if params else device_named("cpu")
-        # Buffers have their parameter's dtype, so float32 training stays float32.
-        self.buffers: dict[str, dict[str, Array]] = {
-            kind: {name: self.device.zeros(params[name].shape, params[name].dtype)
-                   for name in self.names}
-            for kind in kinds}
+        self.layout = tuple((name, tuple(params[name].shape)) for name in self.names)
+        self.buffers: dict[str, Mapping[str, Array]] = {
+            kind: self._zeros_like(params) for kind in kinds}
+
+    def _zeros_like(self, params: Arrays) -> Mapping[str, Array]:
+        """Zeroed buffers of the parameters' shapes and dtypes (float32 training stays
+        float32): packed in the parameters' order when they share a dtype."""
+        dtypes = {np.dtype(params[name].dtype) for name in self.names}
+        if len(dtypes) == 1:
+            return self.device.packed(dict(self.layout), dtypes.pop())
+        return {name: self.device.zeros(params[name].shape, params[name].dtype)
+                for name in self.names}
 
     def step(self, params: Mapping[str, np.ndarray], grads: Arrays, lr: float) -> None:
         """One update of params[name], in place, for every name in grads (which must be
-        the optimizer's parameters, all of them: the step count is shared)."""
+        the optimizer's parameters, all of them: the step count is shared). Parameters
+        and gradients packed in the optimizer's layout (an executor's `trained` and
+        `grads`) update in one pass over their flat arrays."""
         self._check_names(grads)
-        for name, grad in grads.items():
-            self._update(name, params[name], grad, float(lr))
+        if self._all_packed(params, grads):
+            assert isinstance(params, Packed) and isinstance(grads, Packed)
+            self._update(params.flat, grads.flat,
+                         {kind: buffer.flat for kind, buffer in self._packed_buffers()},
+                         float(lr))
+        else:
+            for name, grad in grads.items():
+                self._update(params[name], grad,
+                             {kind: buffer[name] for kind, buffer in self.buffers.items()},
+                             float(lr))
         self.steps += 1
 
+    def _packed_buffers(self) -> list[tuple[str, Packed]]:
+        return [(kind, buffer) for kind, buffer in self.buffers.items()
+                if isinstance(buffer, Packed)]
+
+    def _all_packed(self, params: Mapping[str, np.ndarray], grads: Arrays) -> bool:
+        return (isinstance(params, Packed) and isinstance(grads, Packed)
+                and params.layout == grads.layout == self.layout
+                and len(self._packed_buffers()) == len(self.buffers))
+
     @abstractmethod
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
-        """Update one parameter; `self.steps` is the number of steps before this one."""
+    def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
+                lr: float) -> None:
+        """Update one parameter (or a flat pack of them) with its buffers, by kind;
+        `self.steps` is the number of steps before this one."""
 
     def _check_names(self, grads: Arrays) -> None:
         unknown = [name for name in grads if name not in self.names]
@@ -139,17 +171,17 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         self.weight_decay = weight_decay
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+    def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
+                lr: float) -> None:
+        buffer = buffers["momentum"] if self.momentum else None
         if self.device.name == "cuda":
             from convdsl.codegen.cuda import arrays
 
-            buffer = self.buffers["momentum"][name] if self.momentum else None
             arrays.sgd_step(param, grad, buffer, lr, self.weight_decay, self.momentum,
                             self.nesterov, self.steps == 0)
             return
         direction = grad + self.weight_decay * param if self.weight_decay else grad
-        if self.momentum:
-            buffer = self.buffers["momentum"][name]
+        if buffer is not None:
             if self.steps == 0:
                 buffer[...] = direction  # PyTorch starts the buffer at the first gradient
             else:
@@ -172,20 +204,19 @@ class Adam(Optimizer):
         self.weight_decay = weight_decay
         self.decoupled = decoupled
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+    def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
+                lr: float) -> None:
+        m, v = buffers["exp_avg"], buffers["exp_avg_sq"]
         if self.device.name == "cuda":
             from convdsl.codegen.cuda import arrays
 
-            arrays.adam_step(param, grad, self.buffers["exp_avg"][name],
-                             self.buffers["exp_avg_sq"][name], lr, self.beta1, self.beta2,
-                             self.eps, self.weight_decay, self.decoupled, self.steps + 1)
+            arrays.adam_step(param, grad, m, v, lr, self.beta1, self.beta2, self.eps,
+                             self.weight_decay, self.decoupled, self.steps + 1)
             return
         if self.weight_decay and self.decoupled:
             param *= 1 - lr * self.weight_decay
         elif self.weight_decay:
             grad = grad + self.weight_decay * param
-        m = self.buffers["exp_avg"][name]
-        v = self.buffers["exp_avg_sq"][name]
         m += (1 - self.beta1) * (grad - m)  # beta1 m + (1 - beta1) g, as PyTorch's lerp
         v *= self.beta2
         v += (1 - self.beta2) * grad * grad

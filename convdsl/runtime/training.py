@@ -146,7 +146,7 @@ class Trainer:
                                                           settings.seed, 0))
         self.net = CompiledNetwork(network, settings.batch, settings.dtype, algo,
                                    settings.seed, settings.init, fuse=fuse, device=device)
-        self.trained = {name: self.net.params[name] for name in self.net.grads}
+        self.trained = self.net.trained  # packed, as the gradients are: one pass per step
         self.optimizer: Optimizer = make_optimizer(settings, self.trained)
         self.schedule = Schedule(settings, self.steps_per_epoch)
         self.fingerprint = ckpt.fingerprint(network)

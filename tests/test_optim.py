@@ -448,6 +448,34 @@ def one_thread_torch(torch: Any) -> Iterator[Any]:
     torch.set_num_threads(threads)
 
 
+def test_a_networks_parameters_update_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network's trained parameters and gradients are views into one flat array each,
+    laid out alike, and an optimizer made from them updates the flat arrays at once."""
+    net, initial = lenet()
+    net.load_state_dict(initial)
+    assert net.trained.layout == net.grads.layout
+    assert list(net.trained) == [name for name in net.params if name in net.grads]
+    for name in net.trained:
+        assert np.shares_memory(net.params[name], net.trained.flat), name
+        assert np.shares_memory(net.grads[name], net.grads.flat), name
+    optimizer = make_optimizer(TrainSettings(momentum=0.9), net.trained)
+    updated: list[int] = []
+    update = optimizer._update
+    monkeypatch.setattr(optimizer, "_update", lambda param, *rest: (
+        updated.append(param.size), update(param, *rest)))
+    x, labels = digit_like_batches()[0][0]
+    before = net.state_dict()
+    net.forward(x, train=True)
+    net.loss(labels)
+    net.backward()
+    optimizer.step(net.trained, net.grads, 0.1)
+    assert updated == [net.trained.flat.size]
+    for name in net.trained:  # every view moved, by -lr * gradient on the first step
+        np.testing.assert_allclose(net.params[name], before[name] - 0.1 * net.grads[name],
+                                   rtol=1e-12, atol=1e-15, err_msg=name)
+    net.load_state_dict(initial)
+
+
 @pytest.mark.parametrize("settings", PARITY)
 def test_lenet5_trains_as_pytorch_does(one_thread_torch: Any, settings: TrainSettings) -> None:
     torch = one_thread_torch
@@ -457,7 +485,7 @@ def test_lenet5_trains_as_pytorch_does(one_thread_torch: Any, settings: TrainSet
     net.load_state_dict(initial)
     model = TorchNetwork(net.network, torch.float64)
     model.load_arrays(initial)
-    ours = make_optimizer(settings, net.grads)
+    ours = make_optimizer(settings, net.trained)
     theirs = torch_optimizer(torch, settings, model.parameters())
     schedule = Schedule(settings, EPOCH)
     batches, held_out = digit_like_batches()
@@ -467,7 +495,7 @@ def test_lenet5_trains_as_pytorch_does(one_thread_torch: Any, settings: TrainSet
         net.forward(x, train=True)
         our_losses.append(net.loss(labels))
         net.backward()
-        ours.step(net.params, net.grads, lr)
+        ours.step(net.trained, net.grads, lr)  # packed: one pass over every parameter
 
         theirs.zero_grad()
         loss = torch_loss(net.network, model(torch.from_numpy(x), train=True), labels)

@@ -230,12 +230,15 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
     def a_setup(code: Code, s: str, m: str) -> None:
         code.line(f"ch{s} = {m}")
 
+    def a_k_setup(code: Code, k: str) -> None:
+        if vp > 0:  # k = (o, t): the weight's output channel and flat tap index
+            _split(code, k, vp, "ka_o", "ka_t")
+            code.line(f"ka_at = (g * {g.og} + ka_o) * {g.cg * g.volume} + "
+                      f"{_phase_kw(code, g, phase, 'ka_t')}")
+
     def a_load(code: Code, s: str, k: str, target: str) -> None:
-        if vp == 0:
-            return
-        _split(code, k, vp, "o", "t")
-        kw = _phase_kw(code, g, phase, "t")
-        code.line(f"{target} = w[((g * {g.og} + o) * {g.cg} + ch{s}) * {g.volume} + {kw}]")
+        if vp > 0:
+            code.line(f"{target} = w[ka_at + ch{s} * {g.volume}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
         _split(code, n, phase.positions, f"nb{s}", f"j{s}")
@@ -274,7 +277,7 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
                   f"{flatten(at, g.sizes)}] = {value}")
 
     return Product(f"input_grad{number}", "dy, w, dx", g.cg, g.batch * phase.positions,
-                   g.og * vp, g.groups, Operand(True, a_setup, a_load),
+                   g.og * vp, g.groups, Operand(True, a_setup, a_load, a_k_setup),
                    Operand(False, b_setup, b_load), store, g.dtype,
                    tiles if vp > 0 else None,
                    tables=input_tables(g, phase) if tables else ())
@@ -285,32 +288,42 @@ def input_phases(g: Geometry) -> list[Phase]:
 
 
 def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
-    v, rank = g.volume, g.rank
+    v, rank, in_positions, steps = g.volume, g.rank, math.prod(g.sizes), _steps(g.sizes)
 
     def a_setup(code: Code, s: str, m: str) -> None:
         code.line(f"oc{s} = g * {g.og} + {m}")
 
+    def a_k_setup(code: Code, k: str) -> None:  # k = (example, output position)
+        _split(code, k, g.positions, "ka_nb", "ka_q")
+        code.line(f"ka_at = ka_nb * {g.out_channels * g.positions} + ka_q")
+
     def a_load(code: Code, s: str, k: str, target: str) -> None:
-        _split(code, k, g.positions, "nb", "q")
-        code.line(f"{target} = dy[(nb * {g.out_channels} + oc{s}) * {g.positions} + q]")
+        code.line(f"{target} = dy[ka_at + oc{s} * {g.positions}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
         _split(code, n, v, f"c{s}", f"kw{s}")
         taps = _taps(code, g, f"kw{s}", s)
-        code.line(f"ch{s} = g * {g.cg} + c{s}")
         for axis in range(rank):
             code.line(f"f{s}_{axis} = {taps[axis]} * {g.dilation[axis]} - {g.pads[axis][0]}")
+        # x's flat index is this column's part (channel, tap) plus k's (example, position)
+        reach = " + ".join(f"f{s}_{axis} * {steps[axis]}" for axis in range(rank))
+        code.line(f"xo{s} = (g * {g.cg} + c{s}) * {in_positions} + {reach}")
+
+    def b_k_setup(code: Code, k: str) -> None:  # the window's corner at output position q
+        _split(code, k, g.positions, "kb_nb", "kb_q")
+        qs = unflatten(code, "kb_q", g.out, "kb_q_")
+        for axis in range(rank):
+            code.line(f"kb_h{axis} = {qs[axis]} * {g.stride[axis]}")
+        corner = " + ".join(f"kb_h{axis} * {steps[axis]}" for axis in range(rank))
+        code.line(f"kb_at = kb_nb * {g.channels * in_positions} + {corner}")
 
     def b_load(code: Code, s: str, k: str, target: str) -> None:
-        _split(code, k, g.positions, "nb", "q")
-        qs = unflatten(code, "q", g.out, "q_")
         positions = []
         for axis in range(rank):
-            code.line(f"i{axis} = {qs[axis]} * {g.stride[axis]} + f{s}_{axis}")
+            code.line(f"i{axis} = kb_h{axis} + f{s}_{axis}")
             positions.append(f"i{axis}")
         with code.block(f"if {_inside(positions, g.sizes)}"):
-            base = f"nb * {g.channels} + ch{s}"
-            code.line(f"{target} = x[{flatten(positions, g.sizes, base)}]")
+            code.line(f"{target} = x[kb_at + xo{s}]")
 
     size = g.out_channels * g.cg * v
 
@@ -322,8 +335,8 @@ def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
             code.line(f"dw[{at}] = {value}")
 
     return Product("weight_grad", "x, dy, dw", g.og, g.cg * v, g.batch * g.positions,
-                   g.groups, Operand(True, a_setup, a_load), Operand(True, b_setup, b_load),
-                   store, g.dtype, tiles, splits)
+                   g.groups, Operand(True, a_setup, a_load, a_k_setup),
+                   Operand(True, b_setup, b_load, b_k_setup), store, g.dtype, tiles, splits)
 
 
 def _act(g: Geometry, value: str) -> str:

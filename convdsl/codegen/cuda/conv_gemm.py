@@ -133,6 +133,12 @@ def split_count(k: int, splits: int, tiles: Tiles) -> int:
     return max(1, math.ceil(k / split_chunk(k, max(1, splits), tiles)))
 
 
+# (code, k): bind what depends on k alone (its decomposition into a channel and tap, or
+# an example and position), for `load` to read; only for operands loaded along k, whose
+# tiled loads then decompose k once per slice rather than once per element
+KSetup = Callable[[Code, str], None]
+
+
 @dataclass(frozen=True)
 class Operand:
     """How a kernel reads one factor: A (rows m, columns k) or B (rows k, columns n)."""
@@ -140,6 +146,7 @@ class Operand:
     k_fast: bool  # consecutive threads load consecutive k (else consecutive m or n)
     setup: Setup
     load: Load
+    k_setup: KSetup | None = None  # emitted before `load`, for the k it loads
 
 
 @dataclass(frozen=True)
@@ -248,10 +255,11 @@ def _render_simple(code: Code, p: Product) -> None:
             p.b.setup(code, "b", "n")
             code.line(f"acc = {zero(p.dtype)}")
             with code.block(f"for k in range({p.k})"):
-                code.line(f"av = {zero(p.dtype)}")
-                p.a.load(code, "a", "k", "av")
-                code.line(f"bv = {zero(p.dtype)}")
-                p.b.load(code, "b", "k", "bv")
+                for operand, name in ((p.a, "a"), (p.b, "b")):
+                    code.line(f"{name}v = {zero(p.dtype)}")
+                    if operand.k_setup is not None:
+                        operand.k_setup(code, "k")
+                    operand.load(code, name, "k", f"{name}v")
                 code.line("acc += av * bv")
             p.store(code, "m", "n", "acc")
 
@@ -282,13 +290,26 @@ def _slots(code: Code, t: Tiles, operand: Operand, name: str, edge: int, size: i
 
 
 def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, str | None]],
-                shared: str, dtype: str) -> None:
-    """Every slot of this thread loads one element of the K-slice starting at k0."""
+                shared: str, dtype: str, t: Tiles) -> None:
+    """Every slot of this thread loads one element of the K-slice starting at k0. Slot s
+    is element tid + s*threads of the slice; loads along k therefore give all of a
+    thread's slots one k (the threads are a whole number of BK), and what depends on k
+    alone (`k_setup`) is worked out once for them."""
+    if operand.k_fast:
+        assert t.threads % t.bk == 0
+        code.line(f"k = k0 + {name}k0")
+        code.line(f"{name}kin = k < kstop")
+        if operand.k_setup is not None:
+            operand.k_setup(code, "k")
+    else:
+        assert operand.k_setup is None, "k_setup is for operands loaded along k"
     for s, (suffix, guard) in enumerate(slots):
         def body(s: int = s, suffix: str = suffix) -> None:
-            code.line(f"k = k0 + {name}k{s}")
+            if not operand.k_fast:
+                code.line(f"k = k0 + {name}k{s}")
             code.line(f"v = {zero(dtype)}")
-            with code.block(f"if {name}ok{s} and k < kstop"):
+            inside = f"{name}kin" if operand.k_fast else "k < kstop"
+            with code.block(f"if {name}ok{s} and {inside}"):
                 operand.load(code, suffix, "k", "v")
             code.line(f"{shared}[{name}k{s}, {name}i{s}] = v")
         if guard is None:
@@ -329,8 +350,8 @@ def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
             for j in range(t.tn):
                 code.line(f"c{i}_{j} = {zero(dtype)}")
         with code.block(f"for k0 in range(kstart, kstop, {t.bk})"):
-            _load_slice(code, p.a, "a", a_slots, "sa", dtype)
-            _load_slice(code, p.b, "b", b_slots, "sb", dtype)
+            _load_slice(code, p.a, "a", a_slots, "sa", dtype, t)
+            _load_slice(code, p.b, "b", b_slots, "sb", dtype, t)
             code.line("cuda.syncthreads()")
             with code.block(f"for kk in range({t.bk})"):
                 for i in range(t.tm):

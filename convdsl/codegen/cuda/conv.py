@@ -11,7 +11,10 @@ compute the im2col index arithmetic with every shape baked in as a constant:
                    epilogue: + b[o], the elementwise activation.
     input grad     M = C/G (c), N = N*S (n, i), K = O/G * V (o, kw): the transposed
                    implicit GEMM, A = w[o, c, kw], B = dy[n, o, (i + p - tap*d) / s] where
-                   that is a whole output position (0 elsewhere).
+                   that is a whole output position (0 elsewhere). With a stride, one
+                   product per phase of i (phases.py): its N holds only the phase's
+                   positions and its K only the taps that reach them, so no zero is
+                   multiplied and no divisibility tested.
     weight grad    M = O/G (o), N = C/G * V (c, kw), K = N*P (n, q):
                    A = dy[n, o, q], B = x[n, c, q*s + tap*d - p].
 

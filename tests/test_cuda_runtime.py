@@ -201,6 +201,33 @@ def test_packed_launches_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None
         assert np.array_equal(state[name], value), name
 
 
+def test_an_update_and_the_nan_check_launch_once_for_all_parameters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network's parameters and gradients are packed (runtime/devices.Packed): the
+    optimizer's step is one launch and the NaN check of the gradients two (zero the
+    counter, count), however many arrays the network trains."""
+    from convdsl.codegen.cuda import common
+
+    net = convdsl.compile(NETWORK, batch=2, dtype="float64", device="cuda", warm=False)
+    assert len(net.trained) > 4
+    optimizer = make_optimizer(TrainSettings(lr=0.1, momentum=0.9), net.trained)
+    launched: list[str] = []
+    launch = common.Launch.__call__
+
+    def counted(site: common.Launch, *args: object) -> None:
+        launched.append(str(site._configured))
+        launch(site, *args)
+
+    monkeypatch.setattr(common.Launch, "__call__", counted)
+    assert net.device.first_nonfinite(net.grads) is None
+    assert len(launched) == 2
+    optimizer.step(net.trained, net.grads, 0.1)
+    assert len(launched) == 3
+    third = list(net.grads)[2]  # found by name, once the packed count says something is
+    net.device.assign(net.grads[third], np.full(net.grads[third].shape, np.nan))
+    assert net.device.first_nonfinite(net.grads) == third
+
+
 def test_whole_array_launch_sites_are_kept_per_set_of_arrays(
         gpu, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from convdsl.codegen.cuda import common

@@ -82,8 +82,8 @@ class Optimizer(ABC):
         and gradients packed in the optimizer's layout (an executor's `trained` and
         `grads`) update in one pass over their flat arrays."""
         self._check_names(grads)
-        if self._all_packed(params, grads):
-            assert isinstance(params, Packed) and isinstance(grads, Packed)
+        if (isinstance(params, Packed) and isinstance(grads, Packed)
+                and self._lines_up(params, grads)):
             self._update(params.flat, grads.flat,
                          {kind: buffer.flat for kind, buffer in self._packed_buffers()},
                          float(lr))
@@ -98,9 +98,9 @@ class Optimizer(ABC):
         return [(kind, buffer) for kind, buffer in self.buffers.items()
                 if isinstance(buffer, Packed)]
 
-    def _all_packed(self, params: Mapping[str, np.ndarray], grads: Arrays) -> bool:
-        return (isinstance(params, Packed) and isinstance(grads, Packed)
-                and params.layout == grads.layout == self.layout
+    def _lines_up(self, params: Packed, grads: Packed) -> bool:
+        """Whether the packs and every buffer share one layout, element for element."""
+        return (params.layout == grads.layout == self.layout
                 and len(self._packed_buffers()) == len(self.buffers))
 
     @abstractmethod

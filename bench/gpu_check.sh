@@ -12,6 +12,9 @@
 #   f  ablation.log     the benchmark again with one change switched off: LeNet-5 without
 #                       packed launches (cuda_bench_unpacked.md), ResNet-18 without k
 #                       tables (cuda_bench_no_tables.md)
+#   g  baseline.log     (only when GPU_CHECK_BASELINE=DIR names an earlier source tree, e.g.
+#                       `git archive be34868 | tar -x -C DIR`, carried along) that tree's own
+#                       bench/gpu.py, cuda_bench_baseline.md: an A/B on the same machine
 #   warm.log            the kernels of steps c to e, compiled in the background during b
 #   summary.txt         every step's exit code and seconds
 #
@@ -19,15 +22,17 @@
 # one kernel cache ($CONVDSL_CACHE), so a kernel compiled once is loaded after. Limits:
 # each step has a cap and a floor (seconds); a step gets its cap, or less so that the later
 # steps keep their floors within GPU_CHECK_TOTAL_S (default 480) in all. Overrides:
-# PY (python3), GPU_CHECK_STEPS ("a b c d e f"), GPU_CHECK_TOTAL_S, GPU_CHECK_DEVICE (cuda;
-# cpu only to try the script on a machine without a GPU), CAP_<step> (e.g. CAP_c=300).
+# PY (python3), GPU_CHECK_STEPS ("a b c d e f", and g with a baseline), GPU_CHECK_TOTAL_S,
+# GPU_CHECK_DEVICE (cuda; cpu only to try the script on a machine without a GPU),
+# GPU_CHECK_BASELINE, CAP_<step> (e.g. CAP_c=300).
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PY:-python3}
-STEPS=${GPU_CHECK_STEPS:-a b c d e f}
+BASELINE=${GPU_CHECK_BASELINE:-}
+STEPS=${GPU_CHECK_STEPS:-a b c d e f${BASELINE:+ g}}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 WORK=/tmp/convdsl-gpu-check  # run folders and data: never under $OUT (few files come back)
@@ -43,10 +48,10 @@ export MPLBACKEND=Agg
 LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
 
 declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
-                [e]=${CAP_e:-240} [f]=${CAP_f:-150})
-declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150 [f]=60)
+                [e]=${CAP_e:-240} [f]=${CAP_f:-150} [g]=${CAP_g:-240})
+declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150 [f]=60 [g]=150)
 declare -A RC=() TOOK=()
-ORDER="a b c d e f"
+ORDER="a b c d e f g"
 START=$(date +%s)
 
 limit_for() {  # the seconds step $1 may take: its cap, less what later steps need
@@ -171,6 +176,15 @@ CONVDSL_CUDA_PACKED_LAUNCH=0 $PY bench/gpu.py --only lenet5 --budget 10 \
 CONVDSL_CUDA_K_TABLES=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
     --markdown $OUT/cuda_bench_no_tables.md"
 
+# (g) the same benchmark at the baseline tree: its own convdsl and its own bench/gpu.py,
+# with its own kernel cache (the generated kernels differ)
+if [ -n "$BASELINE" ]; then
+  run_step g baseline.log "bench/gpu.py at the baseline tree $BASELINE" "
+cd $BASELINE && CONVDSL_CACHE=/tmp/convdsl-cache-baseline PYTHONPATH=/tmp/site:$BASELINE \
+    $PY bench/gpu.py --only lenet5 --only resnet18_cifar --budget 20 \
+    --markdown $OUT/cuda_bench_baseline.md"
+fi
+
 # the background compiles' last lines (cold compile seconds per network)
 tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
 
@@ -185,7 +199,7 @@ tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
     grep -hE " in [0-9.]+s( \(|$)|^test split:|\(test split\):|^training stopped|^interrupted|^TIMED OUT" \
         "$OUT/$log.log" 2>/dev/null | sed "s/^/  $log: /" | tail -n 4
   done
-  for report in cuda_bench cuda_bench_unpacked cuda_bench_no_tables; do
+  for report in cuda_bench cuda_bench_unpacked cuda_bench_no_tables cuda_bench_baseline; do
     if [ -f "$OUT/$report.md" ]; then
       echo "$report:"; sed -n '/^| case/,/^$/p' "$OUT/$report.md"
     fi

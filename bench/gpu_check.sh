@@ -24,7 +24,7 @@
 # steps keep their floors within GPU_CHECK_TOTAL_S (default 480) in all. Overrides:
 # PY (python3), GPU_CHECK_STEPS ("a b c d e f", and g with a baseline), GPU_CHECK_TOTAL_S,
 # GPU_CHECK_DEVICE (cuda; cpu only to try the script on a machine without a GPU),
-# GPU_CHECK_BASELINE, CAP_<step> (e.g. CAP_c=300).
+# GPU_CHECK_BASELINE, GPU_CHECK_WORKERS (8), CAP_<step> (e.g. CAP_c=300).
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -135,12 +135,16 @@ if [[ " $STEPS " == *" f "* ]] && [ "$DEVICE" = cuda ]; then  # step f's other k
       --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-tables.log" 2>&1 &
 fi
 
-# (b) the CUDA test tier on the real GPU (test files named explicitly: only them collected)
+# (b) the CUDA test tier on the real GPU (test files named explicitly: only them collected);
+# cold NVVM compiles take most of its time, one core each, so with pytest-xdist among the
+# wheels the tests run in GPU_CHECK_WORKERS processes (8) that share the kernel cache
 TIMEOUT_FLAG=""
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_FLAG="--timeout 120"; fi
+WORKERS_FLAG=""
+if "$PY" -c "import xdist" 2>/dev/null; then WORKERS_FLAG="-n ${GPU_CHECK_WORKERS:-8}"; fi
 run_step b cuda_tests.log "CUDA test tier on the GPU" "
-CONVDSL_TEST_GPU=1 $PY -m pytest -q -m cuda -x $TIMEOUT_FLAG -p no:cacheprovider \
-    tests/test_cuda_*.py"
+CONVDSL_TEST_GPU=1 $PY -m pytest -q -m cuda -x $TIMEOUT_FLAG $WORKERS_FLAG \
+    -p no:cacheprovider tests/test_cuda_*.py"
 
 # (c) the MNIST-1D CNN with its file's recipe (150 epochs of batch 100, AdamW); if time runs
 # out, training saves its run on SIGTERM and the saved weights are tested instead

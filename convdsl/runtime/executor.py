@@ -5,6 +5,7 @@
     loss = net.loss(labels)
     net.backward()            # fills net.grads
     net.params["c1.weight"]   # (6, 1, 5, 5), as PyTorch lays it out
+    net.trained               # the trained ones, packed as net.grads is (devices.Packed)
 
 Each layer runs its own generated kernels (convdsl/codegen); the executor
 walks the graph in topological order, forward, and in reverse, backward,

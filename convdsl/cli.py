@@ -171,12 +171,15 @@ def cmd_time(args: argparse.Namespace) -> int:
     from convdsl.report.timing import time_network, timing_table
     from convdsl.runtime.executor import compile as compile_network
 
+    if args.kernels and args.device != "cuda":
+        raise RunError("--kernels times the launches of the CUDA target one by one",
+                       "add --device cuda; on the CPU the stage table is the finest there is")
     net = _load(args.file)
     # By default, the batch the file trains with, since that is the step worth timing.
     batch = args.batch or net.training.get("batch", TrainSettings().batch)
     compiled = compile_network(net, batch=batch, dtype=args.dtype, algo=args.algo,
                                fuse=not args.no_fuse, device=args.device)
-    timing = time_network(compiled, iterations=args.iterations)
+    timing = time_network(compiled, iterations=args.iterations, kernels=args.kernels)
     if args.json:
         print(json.dumps(timing.to_dict(), indent=2))
     else:
@@ -347,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     time_.add_argument("--no-fuse", action="store_true",
                        help="one stage per layer, to see what fusion saves")
     _add_device_option(time_)
+    time_.add_argument("--kernels", action="store_true",
+                       help="with --device cuda, also every kernel of every stage, each "
+                            "launch between two synchronisations")
     time_.add_argument("--json", action="store_true", help="one JSON object, times in ms")
     time_.set_defaults(run=cmd_time)
 

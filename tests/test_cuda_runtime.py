@@ -228,6 +228,38 @@ def test_an_update_and_the_nan_check_launch_once_for_all_parameters(
     assert net.device.first_nonfinite(net.grads) == third
 
 
+def test_time_reports_every_kernel_of_every_stage(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`convdsl time --device cuda --kernels`: each launch timed on its own, filed under
+    its stage and pass with its template and function, for every stage; nothing is
+    left timing launches afterwards."""
+    from convdsl.codegen.cuda import common
+    from convdsl.report.timing import time_network
+
+    text = ("input x: 1x5x5\nc1 = conv(2, 3)\nc2 = conv(2, 2, act=relu)\np = maxpool(2)\n"
+            "flatten\nout = dense(3)\noutput out loss=cross_entropy\n")
+    net = convdsl.compile(text, batch=2, dtype="float32", device="cuda", warm=False)
+    timing = time_network(net, iterations=1, kernels=True)
+    assert common.LAUNCH_TIMER is None
+    assert [(k.stage, k.kernel) for k in timing.kernels if k.pass_ == "forward"] == [
+        ("c1", "conv.forward"), ("p", "conv.forward"), ("p", "maxpool.forward"),
+        ("out", "dense.forward")]
+    assert {k.kernel for k in timing.kernels if k.stage == "p" and k.pass_ == "backward"} == {
+        "maxpool.backward", "conv.prepare", "conv.input_grad0", "conv.weight_grad"}
+    assert all(k.launches == 1 and k.seconds > 0 for k in timing.kernels)
+    assert all(k.launches >= 1 and k.seconds > 0 for k in timing.kernels)
+    data = timing.to_dict()
+    assert len(data["kernels"]) == len(timing.kernels)
+    assert sum(k["share"] for k in data["kernels"]) == pytest.approx(1.0)
+    path = tmp_path / "net.cnn"
+    path.write_text(text)
+    assert cli("time", path, "--batch", "2", "--iterations", "1", "--device", "cuda",
+               "--kernels") == 0
+    out = capsys.readouterr().out
+    assert "kernels, each launch between two synchronisations of its own:" in out
+    assert "conv.weight_grad" in out and "all kernels" in out
+
+
 def test_whole_array_launch_sites_are_kept_per_set_of_arrays(
         gpu, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from convdsl.codegen.cuda import common

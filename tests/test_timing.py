@@ -164,3 +164,13 @@ def test_bad_iterations_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         cli.main(["time", str(LENET), "--iterations", "0"])
     assert exit_info.value.code == 2
     assert "expected at least 1" in capsys.readouterr().err
+
+
+def test_kernel_times_are_for_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["time", str(LENET), "--batch", "2", "--kernels"]) == 1
+    error = capsys.readouterr().err
+    assert "--kernels times the launches of the CUDA target" in error
+    assert "add --device cuda" in error
+    net = convdsl.compile(LENET, batch=2, warm=False)
+    with pytest.raises(ValueError, match="per-kernel times are for the CUDA target"):
+        time_network(net, iterations=1, kernels=True)

@@ -37,6 +37,7 @@ threads.choose_kernel_threads()  # before any kernel runs: see convdsl/threads.p
 _RENDERERS: dict[str, Renderer] = {}
 _LOADED: dict[str, ModuleType] = {}
 _PATHS: dict[str, Path] = {}  # spec key -> its file: rendering and hashing happen once
+_TEMPLATES: dict[str, str] = {}  # module name -> its spec's template
 
 
 def template(name: str) -> Callable[[Renderer], Renderer]:
@@ -94,7 +95,13 @@ def load(spec: KernelSpec) -> ModuleType:
     module_spec.loader.exec_module(module)
     _LOADED[spec.key] = module
     _PATHS[spec.key] = path
+    _TEMPLATES[name] = spec.template
     return module
+
+
+def template_of(module: str) -> str | None:
+    """The template whose kernels the loaded module `module` (its name) holds."""
+    return _TEMPLATES.get(module)
 
 
 # --- machine code: which versions exist, and loading them without a call ----------------

@@ -12,6 +12,11 @@ The totals are measured whole, not summed from the stages: a training step (forw
 loss, backward through `CompiledNetwork`) and an inference (forward, train=False). The
 difference between a step and the sum of its stages is the executor's own cost.
 
+On a GPU a stage is several kernel launches (a product per pass, a bias reduction, a
+pooling...). `kernels=True` (`convdsl time --kernels`) runs the stages once more with
+every launch between two synchronisations of its own, and reports each kernel's time
+by stage and pass: which of a convolution's three products costs most, for instance.
+
     net = convdsl.compile("networks/lenet5.cnn", batch=64)
     timing = time_network(net, iterations=10)
     print(timing_table(timing))
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +69,17 @@ class StageTime:
 
 
 @dataclass(frozen=True)
+class KernelTime:
+    """One kernel of a stage's pass on a GPU: launches per pass, median seconds of them all."""
+
+    stage: str
+    pass_: str  # "forward" or "backward"
+    kernel: str  # the generated function's name, e.g. "weight_grad"
+    launches: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Timing:
     """The result of `time_network`: per stage, and whole steps."""
 
@@ -74,6 +92,11 @@ class Timing:
     inference_s: float  # forward (train=False), measured whole
     device: str = "cpu"
     threads: str = ""  # the CPU's thread pools (convdsl.threads.describe)
+    kernels: tuple[KernelTime, ...] = ()  # on a GPU, when asked for
+
+    @property
+    def kernels_s(self) -> float:
+        return sum(kernel.seconds for kernel in self.kernels)
 
     @property
     def stages_s(self) -> float:
@@ -119,14 +142,23 @@ class Timing:
             "inference": {"ms": self.inference_s * 1e3, "flops": self.forward_flops,
                           "gflops": _rate(self.forward_flops, self.inference_s),
                           "examples_per_s": self.inference_examples_per_s},
+            "kernels": [{"stage": k.stage, "pass": k.pass_, "kernel": k.kernel,
+                         "launches": k.launches, "ms": k.seconds * 1e3,
+                         "share": k.seconds / self.kernels_s if self.kernels_s else 0.0}
+                        for k in self.kernels],
         }
 
 
-def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> Timing:
-    """Median times over `iterations` of every stage and of whole steps. The network's
-    parameters, running statistics and step counter are left as they were."""
+def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0,
+                 kernels: bool = False) -> Timing:
+    """Median times over `iterations` of every stage and of whole steps, and with
+    `kernels` (a GPU only) of every kernel. The network's parameters, running
+    statistics and step counter are left as they were."""
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, not {iterations}")
+    if kernels and net.device.name != "cuda":
+        raise ValueError("per-kernel times are for the CUDA target, whose stages launch "
+                         "several kernels; on the CPU the stage table is the finest")
     rng = np.random.default_rng(seed)
     inputs = {name: rng.standard_normal((net.batch, *shape)).astype(net.dtype)
               for name, shape in net.input_shapes.items()}
@@ -134,6 +166,7 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
     saved, step = net.state_dict(), net.step
     try:
         forward, backward = _time_stages(net, inputs, targets, iterations, rng)
+        per_kernel = _time_kernels(net, inputs, targets, iterations, rng) if kernels else ()
         train_step = _median_seconds(lambda: _train_step(net, inputs, targets, rng), iterations,
                                      net.device.synchronize)
         inference = _median_seconds(lambda: net.forward(inputs, train=False), iterations,
@@ -146,15 +179,78 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0) -> T
                    for stage in net.stages)
     pools = threads.describe() if net.device.name == "cpu" else ""
     return Timing(net.network.name, net.batch, net.dtype, iterations, stages,
-                  train_step, inference, net.device.name, pools)
+                  train_step, inference, net.device.name, pools, per_kernel)
 
 
 # --- measuring ------------------------------------------------------------------
 
 
+class KernelClock:
+    """Times each launch it is handed between two synchronisations of the device, and
+    files the seconds under the stage and pass running (`at`) and the kernel's name."""
+
+    def __init__(self, synchronize: Callable[[], None]) -> None:
+        self.synchronize = synchronize
+        self.at: tuple[str, str] | None = None  # (stage, pass); None between stages
+        self.runs: list[dict[tuple[str, str, str], list[float]]] = []
+
+    def new_run(self) -> None:
+        self.runs.append(defaultdict(list))
+
+    def __call__(self, kernel: str, launch: Callable[[], None]) -> None:
+        if self.at is None:  # not a stage's (the loss, a set-up): not timed
+            launch()
+            return
+        self.synchronize()
+        start = time.perf_counter()
+        launch()
+        self.synchronize()
+        self.runs[-1][(*self.at, kernel)].append(time.perf_counter() - start)
+
+    def medians(self) -> tuple[KernelTime, ...]:
+        """Per kernel of a stage's pass, in the order first launched: its launches in a
+        run and the median over the timed runs of their summed seconds."""
+        timed = self.runs[WARM_UP:]
+        kernels = []
+        for key, launches in timed[-1].items():
+            stage, pass_, kernel = key
+            seconds = statistics.median(sum(run[key]) for run in timed)
+            kernels.append(KernelTime(stage, pass_, kernel, len(launches), seconds))
+        return tuple(kernels)
+
+
+def _time_kernels(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
+                  targets: Mapping[str, np.ndarray], iterations: int,
+                  rng: np.random.Generator) -> tuple[KernelTime, ...]:
+    """The stages run again, every launch timed on its own (codegen/cuda/common.py)."""
+    from convdsl.codegen.cuda import common
+
+    clock = KernelClock(net.device.synchronize)
+    common.LAUNCH_TIMER = clock
+    try:
+        _time_stages(net, inputs, targets, iterations, rng, clock)
+    finally:
+        common.LAUNCH_TIMER = None
+    return clock.medians()
+
+
+@contextmanager
+def _at(clock: KernelClock | None, stage: str, pass_: str) -> Iterator[None]:
+    """Launches within are the stage's pass (for the clock, if there is one)."""
+    if clock is None:
+        yield
+        return
+    clock.at = (stage, pass_)
+    try:
+        yield
+    finally:
+        clock.at = None
+
+
 def _time_stages(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
                  targets: Mapping[str, np.ndarray], iterations: int,
-                 rng: np.random.Generator) -> tuple[dict[str, float], dict[str, float]]:
+                 rng: np.random.Generator, clock: KernelClock | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median forward and backward seconds of each stage, kernels called one by one.
     On a GPU, kernels run asynchronously: the device is synchronised before and after
     each stage, so that each time is that stage's own work."""
@@ -169,11 +265,14 @@ def _time_stages(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
     for run in range(WARM_UP + iterations):
         mode = Mode(train=True, seed=net.seed, step=run)
         values: dict[str, Any] = dict(on_device)
+        if clock is not None:
+            clock.new_run()
         for stage in net.stages:
             sources = [values[source] for source in stage.inputs]
             device.synchronize()
             start = time.perf_counter()
-            values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
+            with _at(clock, stage.name, "forward"):
+                values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
             device.synchronize()
             forward[stage.name].append(time.perf_counter() - start)
         for stage in reversed(net.stages):
@@ -183,7 +282,9 @@ def _time_stages(net: CompiledNetwork, inputs: Mapping[str, np.ndarray],
             grad = device.duplicate(grads_out[stage.name])
             device.synchronize()
             start = time.perf_counter()
-            stage.kernel.backward(grad, stage.params, stage.grads, skip_act=stage.name in skip)
+            with _at(clock, stage.name, "backward"):
+                stage.kernel.backward(grad, stage.params, stage.grads,
+                                      skip_act=stage.name in skip)
             device.synchronize()
             backward[stage.name].append(time.perf_counter() - start)
     return ({name: statistics.median(times[WARM_UP:]) for name, times in forward.items()},
@@ -280,24 +381,46 @@ def timing_table(timing: Timing) -> str:
     backward_sum = sum(s.backward_s for s in timing.stages)
     rows.append(("all stages", "", "", f"{forward_sum * 1e3:.3f}",
                  f"{backward_sum * 1e3:.3f}", "", "", "100.0%" if timing.stages else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    left = 3  # name, ops and algorithm read left to right; numbers line up on the right
     lines = [f"{timing.network}: batch {timing.batch}, {timing.dtype}, {timing.device}, median of "
              f"{timing.iterations} iteration{'s' if timing.iterations != 1 else ''} "
              f"after {WARM_UP} warm-up"]
     if timing.threads:
         lines.append(f"threads: {timing.threads}")
+    # name, ops and algorithm read left to right; numbers line up on the right
+    lines += _aligned(rows, left=3)
+    lines.append(_total_line("training step (forward + loss + backward)", timing.train_step_s,
+                             timing.train_flops, timing.train_examples_per_s))
+    lines.append(_total_line("inference (forward, train=False)", timing.inference_s,
+                             timing.forward_flops, timing.inference_examples_per_s))
+    if timing.kernels:
+        lines += ["", "kernels, each launch between two synchronisations of its own:"]
+        lines += _aligned(_kernel_rows(timing), left=3)
+    return "\n".join(lines)
+
+
+def _kernel_rows(timing: Timing) -> list[tuple[str, ...]]:
+    total = timing.kernels_s
+    rows: list[tuple[str, ...]] = [("stage", "pass", "kernel", "launches", "ms", "share")]
+    for k in timing.kernels:
+        rows.append((k.stage, k.pass_, k.kernel, str(k.launches), f"{k.seconds * 1e3:.3f}",
+                     f"{k.seconds / total:.1%}" if total > 0 else ""))
+    rows.append(("all kernels", "", "", str(sum(k.launches for k in timing.kernels)),
+                 f"{total * 1e3:.3f}", "100.0%"))
+    return rows
+
+
+def _aligned(rows: Sequence[tuple[str, ...]], left: int) -> list[str]:
+    """Rows as columns: the first `left` columns flush left, the rest flush right, a
+    rule above the last row (the total)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
     for index, row in enumerate(rows):
         if index == len(rows) - 1:
             lines.append("  ".join("-" * width for width in widths))
         cells = [cell.ljust(width) if column < left else cell.rjust(width)
                  for column, (cell, width) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
-    lines.append(_total_line("training step (forward + loss + backward)", timing.train_step_s,
-                             timing.train_flops, timing.train_examples_per_s))
-    lines.append(_total_line("inference (forward, train=False)", timing.inference_s,
-                             timing.forward_flops, timing.inference_examples_per_s))
-    return "\n".join(lines)
+    return lines
 
 
 def _total_line(what: str, seconds: float, flops: int, examples_per_s: float) -> str:

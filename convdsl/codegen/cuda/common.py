@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from convdsl.codegen import cache
 from convdsl.errors import RunError
 
 # A device array (numba.cuda DeviceNDArray, or the simulator's stand-in): typed as Any,
@@ -114,6 +115,11 @@ PACKED = os.environ.get("CONVDSL_CUDA_PACKED_LAUNCH", "1") != "0"
 # How many times arguments were packed, and how many launches could not be (`_pack`).
 LAUNCH_COUNTS = {"packed": 0, "unpacked": 0}
 
+# Set while `convdsl time --kernels` measures (report/timing.py): every launch is handed
+# to it, with its kernel's name, to run between two synchronisations.
+LaunchTimer = Callable[[str, Callable[[], None]], None]
+LAUNCH_TIMER: LaunchTimer | None = None
+
 
 class Launch:
     """One launch site of a kernel: grid and block fixed, arguments packed once per set.
@@ -127,12 +133,19 @@ class Launch:
     def __init__(self, kernel: Any, grid: Any, threads: Any,
                  views: Sequence[View] | None = None, every: View = None) -> None:
         self._configured = kernel[grid, threads]
+        self.name = _kernel_name(kernel)
         self._views = None if views is None else tuple(views)
         self._every = every
         self._last: tuple[Any, ...] | None = None
         self._packed: Callable[[], Any] | None = None
 
     def __call__(self, *args: Any) -> None:
+        if LAUNCH_TIMER is not None:
+            LAUNCH_TIMER(self.name, lambda: self._launch(args))
+        else:
+            self._launch(args)
+
+    def _launch(self, args: tuple[Any, ...]) -> None:
         if PACKED and self._packed is not None and _same(args, self._last):
             self._packed()
             return
@@ -152,6 +165,15 @@ class Launch:
         if len(views) != len(args):
             raise TypeError(f"a launch with {len(views)} views got {len(args)} arguments")
         return tuple(_view(arg, view) for arg, view in zip(args, views))
+
+
+def _kernel_name(kernel: Any) -> str:
+    """The kernel's function, after its template where it was generated: conv.weight_grad."""
+    function = getattr(kernel, "py_func", kernel)
+    template = cache.template_of(function.__module__)
+    if template is None:
+        return str(function.__name__)
+    return f"{template.removeprefix('cuda_')}.{function.__name__}"
 
 
 def _view(arg: Any, view: View) -> Any:

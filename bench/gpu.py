@@ -14,7 +14,8 @@ check first runs both on one batch (see `agreement`). The two sides then run in 
 (convdsl, torch, convdsl, ...) after warm-up; every timed run is bracketed by
 synchronising both CUDA runtimes (PyTorch's and Numba's), so a time is the whole work of
 a step. The table gives medians and the ratio convdsl / torch (below 1: convdsl faster).
-Then `convdsl time`'s per-stage profile of ResNet-18-CIFAR (synchronised per stage).
+Then `convdsl time --kernels`'s profile of ResNet-18-CIFAR: per stage (synchronised
+around each) and per kernel (synchronised around each launch).
 
 --dry-run runs the same code on a machine without a GPU: convdsl in Numba's CUDA
 simulator, PyTorch on the CPU (or the GPU if there is one), LeNet-5 at batch 2, one
@@ -93,7 +94,8 @@ class Report:
         if self.failed:
             lines += ["", "FAILED:", *(f"- {failure}" for failure in self.failed)]
         if self.profile:
-            lines += ["", "convdsl per-stage profile (`convdsl time --device cuda`):", "",
+            lines += ["", "convdsl per-stage and per-kernel profile "
+                      "(`convdsl time --device cuda --kernels`):", "",
                       "```", *self.profile, "```"]
         return "\n".join(lines) + "\n"
 
@@ -280,10 +282,11 @@ def run_case(bench: Bench, case: GpuCase, warmup: int, budget_s: float,
 
 
 def profile(net: Any, iterations: int) -> list[str]:
-    """convdsl's per-stage times (each stage synchronised on a GPU), as `convdsl time`."""
+    """convdsl's times per stage and per kernel (each synchronised on its own), as
+    `convdsl time --kernels`."""
     from convdsl.report.timing import time_network, timing_table
 
-    return timing_table(time_network(net, iterations=iterations)).splitlines()
+    return timing_table(time_network(net, iterations=iterations, kernels=True)).splitlines()
 
 
 # --- the report ----------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def input_tables(g: Geometry, phase: Phase) -> tuple[Table, ...]:
     """For k = (o, t): dy's offset o * P + sum(shift * step), and the shift along each
     axis (for the bounds check), where shift is the phase's dy position less j."""
     steps = _steps(g.out)
-    shifts = [tuple(axis.shift0 + axis.shift_step * int(i) for axis, i in zip(phase.axes, taps))
+    shifts = [tuple(axis.shift0 + axis.shift_step * t for axis, t in zip(phase.axes, taps))
               for taps in itertools.product(*(range(axis.taps) for axis in phase.axes))]
     offsets = [o * g.positions + sum(s * st for s, st in zip(shift, steps))
                for o in range(g.og) for shift in shifts]
@@ -287,6 +287,7 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
 
 
 def input_phases(g: Geometry) -> list[Phase]:
+    """The phases of the layer's input (one at unit stride), in the order of `plan`'s tiles."""
     return phases(g.sizes, g.window, g.stride, g.dilation, g.pads, g.flip)
 
 

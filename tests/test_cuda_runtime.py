@@ -215,7 +215,7 @@ def test_an_update_and_the_nan_check_launch_once_for_all_parameters(
     launch = common.Launch.__call__
 
     def counted(site: common.Launch, *args: object) -> None:
-        launched.append(str(site._configured))
+        launched.append(site.name)
         launch(site, *args)
 
     monkeypatch.setattr(common.Launch, "__call__", counted)
@@ -247,7 +247,6 @@ def test_time_reports_every_kernel_of_every_stage(tmp_path: Path,
     assert {k.kernel for k in timing.kernels if k.stage == "p" and k.pass_ == "backward"} == {
         "maxpool.backward", "conv.prepare", "conv.input_grad0", "conv.weight_grad"}
     assert all(k.launches == 1 and k.seconds > 0 for k in timing.kernels)
-    assert all(k.launches >= 1 and k.seconds > 0 for k in timing.kernels)
     data = timing.to_dict()
     assert len(data["kernels"]) == len(timing.kernels)
     assert sum(k["share"] for k in data["kernels"]) == pytest.approx(1.0)

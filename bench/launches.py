@@ -58,7 +58,7 @@ def main() -> None:
     counts: collections.Counter[str] = collections.Counter()
 
     def counted(site: Any, *args: Any) -> None:
-        counts[str(site._configured)] += 1
+        counts[site.name] += 1
 
     setattr(common.Launch, "__call__", counted)  # noqa: B010 (a method, replaced)
     print("| network | batch | trained arrays | launches per training step |")

@@ -125,6 +125,7 @@ class Timing:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain numbers, times in milliseconds, for `--json`."""
+        kernels_s = self.kernels_s
         return {
             "network": self.network, "batch": self.batch, "dtype": self.dtype,
             "device": self.device, "threads": self.threads,
@@ -144,7 +145,7 @@ class Timing:
                           "examples_per_s": self.inference_examples_per_s},
             "kernels": [{"stage": k.stage, "pass": k.pass_, "kernel": k.kernel,
                          "launches": k.launches, "ms": k.seconds * 1e3,
-                         "share": k.seconds / self.kernels_s if self.kernels_s else 0.0}
+                         "share": k.seconds / kernels_s if kernels_s else 0.0}
                         for k in self.kernels],
         }
 

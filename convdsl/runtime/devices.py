@@ -32,11 +32,8 @@ class Packed(Mapping[str, Array]):
     def __init__(self, flat: Array, views: dict[str, Array]) -> None:
         self.flat = flat
         self._views = views
-
-    @property
-    def layout(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """Names and shapes in order: two packs with one layout line up element for element."""
-        return tuple((name, tuple(view.shape)) for name, view in self._views.items())
+        # names and shapes in order: two packs with one layout line up element for element
+        self.layout = tuple((name, tuple(view.shape)) for name, view in views.items())
 
     def __getitem__(self, name: str) -> Array:
         return self._views[name]

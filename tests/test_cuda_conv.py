@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from kernel_harness import check_layer
+from random_layers import NumpyPicker, conv_layer
 
 import convdsl
 from convdsl.codegen.cpu.conv_common import Geometry
@@ -66,6 +68,16 @@ CASES = [
 @pytest.mark.parametrize(("text", "name", "dtype", "algo"), CASES)
 def test_cases(text: str, name: str, dtype: str, algo: str) -> None:
     check_layer(text, name, batch=2, dtype=dtype, algo=algo, device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_layers(seed: int) -> None:
+    """Layers drawn at random as for the CPU's kernels (tests/random_layers.py): rank,
+    sizes, window, stride, dilation, padding, groups, flip, bias and activation in
+    combinations no fixed case chose, on the tiled products (every third a filter)."""
+    fixed = seed % 3 == 2
+    text, batch, dtype = conv_layer(NumpyPicker(np.random.default_rng(seed)), fixed)
+    check_layer(text, "c", batch=batch, dtype=dtype, algo="gemm", device="cuda")
 
 
 # The conv cases whose layer is a convolution or filter (dense layers have no k tables).

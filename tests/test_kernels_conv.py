@@ -11,19 +11,21 @@ second run finds every kernel in the test cache and takes seconds.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_harness import check_layer, random_array
+from random_layers import conv_layer
 
 import convdsl
 from convdsl.codegen import cache, cost
@@ -32,7 +34,7 @@ from convdsl.codegen.layer import LayerSetup, Mode, build_layer, layer_setups
 from convdsl.runtime import reference
 
 ALGORITHMS = ("direct", "gemm", "fft")
-ACTS = ("none", "relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "softmax")
+T = TypeVar("T")
 
 # (network text, layer, batch, dtype): together every option for every algorithm.
 CASES = [
@@ -68,56 +70,23 @@ def test_fixed_cases(text: str, name: str, batch: int, dtype: str, algo: str) ->
     assert kernel.algorithm == algo
 
 
-def _out_size(n: int, k: int, s: int, d: int, pads: tuple[int, int]) -> int:
-    return (n + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+class HypothesisPicker:
+    """Hypothesis's draws behind random_layers.Picker, so that failures shrink."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+
+    def integer(self, low: int, high: int) -> int:
+        return self.draw(st.integers(low, high))
+
+    def choice(self, options: Sequence[T]) -> T:
+        return self.draw(st.sampled_from(options))
 
 
 @st.composite
 def layers(draw: st.DrawFn, fixed: bool) -> tuple[str, int, str]:
     """A random conv (or filter) layer whose output is not empty: (text, batch, dtype)."""
-    rank = draw(st.integers(1, 3))
-    top = (9, 7, 5)[rank - 1]
-    sizes = draw(st.lists(st.integers(2, top), min_size=rank, max_size=rank))
-    window = [draw(st.integers(1, min(4, n))) for n in sizes]
-    stride = [draw(st.integers(1, 3)) for _ in sizes]
-    dilation = [draw(st.integers(1, 2)) for _ in sizes]
-    mode = draw(st.sampled_from(("valid", "same", "full", "one", "pair", "axes")))
-    if mode in ("valid", "same", "full"):
-        pad, pads = mode, None
-    elif mode == "one":
-        p = draw(st.integers(0, 2))
-        pad, pads = str(p), [(p, p)] * rank
-    elif mode == "pair":
-        pair = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-        pad, pads = f"[{pair[0]} {pair[1]}]", [pair] * rank
-    else:
-        pads = [(draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in sizes]
-        pad = "[" + " ".join(f"{a} {b}" for a, b in pads) + "]"
-    if mode in ("valid", "one", "pair", "axes"):  # same and full never empty the output
-        pads = pads or [(0, 0)] * rank
-        for axis, (n, s, d, p) in enumerate(zip(sizes, stride, dilation, pads)):
-            if _out_size(n, window[axis], s, d, p) < 1:
-                window[axis] = 1  # a window of 1 always fits
-    groups = draw(st.sampled_from((1, 1, 2, 3)))
-    channels = groups * draw(st.integers(1, 2))
-    flip = draw(st.booleans())
-    act = draw(st.sampled_from(ACTS))
-    joined = {name: "x".join(map(str, values)) for name, values in
-              (("size", sizes), ("window", window), ("stride", stride),
-               ("dilation", dilation))}
-    common = (f"stride={joined['stride']}, pad={pad}, dilation={joined['dilation']}, "
-              f"mode={'convolution' if flip else 'correlation'}, act={act}")
-    if fixed:
-        values = draw(st.lists(st.integers(-8, 8).filter(bool), min_size=math.prod(window),
-                               max_size=math.prod(window)))
-        kernel = " ".join(map(str, values))
-        layer = f"c = filter({joined['window']}, kernel=[{kernel}] / 8, {common})"
-    else:
-        out = groups * draw(st.integers(1, 2))
-        bias = draw(st.sampled_from(("yes", "no")))
-        layer = f"c = conv({out}, {joined['window']}, {common}, groups={groups}, bias={bias})"
-    text = f"input x: {channels}x{joined['size']}\n{layer}\noutput c"
-    return text, draw(st.integers(1, 3)), draw(st.sampled_from(("float32", "float64")))
+    return conv_layer(HypothesisPicker(draw), fixed)
 
 
 SETTINGS = settings(max_examples=6, derandomize=True, deadline=None, database=None,

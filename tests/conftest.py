@@ -25,3 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
     os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+    # A cold compile would start worker processes (codegen/parallel.py) on cores the
+    # other test worker already uses: each would only add its start-up. The worker path
+    # has its own tests, which ask for workers explicitly.
+    os.environ.setdefault("CONVDSL_COMPILE_WORKERS", "1")

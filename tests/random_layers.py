@@ -94,3 +94,31 @@ def _padding(pick: Picker, rank: int) -> tuple[str, list[tuple[int, int]] | None
         return f"[{pair[0]} {pair[1]}]", [pair] * rank
     pads = [(pick.integer(0, 2), pick.integer(0, 2)) for _ in range(rank)]
     return "[" + " ".join(f"{a} {b}" for a, b in pads) + "]", pads
+
+
+POOL_KINDS = ("maxpool", "avgpool", "softpool")
+
+
+def pool_layer(pick: Picker, kind: str) -> tuple[tuple[int, ...], str, str]:
+    """A random pooling layer of `kind` (one of POOL_KINDS) over 1 to 3 axes, with every
+    option drawn and a window that fits: (input shape without the batch, layer text,
+    dtype)."""
+    rank = pick.integer(1, 3)
+    sizes = [pick.integer(2, (9, 7, 5)[rank - 1]) for _ in range(rank)]
+    window = [pick.integer(1, min(3, n)) for n in sizes]
+    pads = [pick.integer(0, k // 2) for k in window]
+    dilation = [pick.integer(1, 2) if kind == "maxpool" else 1 for _ in sizes]
+    dilation = [d if d * (k - 1) + 1 <= n + 2 * p else 1  # the dilated window fits
+                for d, k, n, p in zip(dilation, window, sizes, pads)]
+    options = [_joined(window), f"stride={_joined([pick.integer(1, 3) for _ in sizes])}",
+               f"pad={_joined(pads)}", f"round={pick.choice(('floor', 'ceil'))}"]
+    if kind == "maxpool":
+        options.append(f"dilation={_joined(dilation)}")
+    if kind == "avgpool":
+        options.append(f"count_pad={pick.choice(('yes', 'no'))}")
+    shape = (pick.integer(1, 3), *sizes)
+    return shape, f"{kind}({', '.join(options)})", pick.choice(("float32", "float64"))
+
+
+def _joined(values: Sequence[int]) -> str:
+    return "x".join(map(str, values))

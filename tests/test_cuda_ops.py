@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kernel_harness import TOLERANCES, assert_close, check_layer, random_array
+from random_layers import POOL_KINDS, NumpyPicker, pool_layer
 
 import convdsl
 from convdsl.codegen.layer import Mode, build_layer, layer_setups
@@ -65,6 +66,16 @@ POOLS = [
 @pytest.mark.parametrize(("shape", "layer", "dtype"), POOLS)
 def test_pool(shape: tuple[int, ...], layer: str, dtype: str) -> None:
     check_layer(network(shape, layer), "y", dtype=dtype, seed=len(layer), device="cuda")
+
+
+@pytest.mark.parametrize("kind", POOL_KINDS)
+@pytest.mark.parametrize("seed", [1, 2, 3])  # seed 0 draws windows of 1
+def test_random_pool(kind: str, seed: int) -> None:
+    """Pooling layers drawn at random (tests/random_layers.py): rank, sizes, window,
+    stride, padding, dilation, rounding and count_pad together."""
+    shape, layer, dtype = pool_layer(NumpyPicker(np.random.default_rng(seed)), kind)
+    check_layer(network(shape, layer), "y", batch=1 + seed % 3, dtype=dtype, seed=seed,
+                train=seed % 2 == 1, device="cuda")
 
 
 @pytest.mark.parametrize("kind", ["global_maxpool", "global_avgpool"])

@@ -1,8 +1,9 @@
-"""Random convolution and filter layers, drawn by either Hypothesis or a seeded NumPy
-generator: the CPU tests shrink failures with Hypothesis, while the CUDA tier, which a GPU
-machine may run without Hypothesis installed, draws from NumPy.
+"""Random convolution, filter and pooling layers, drawn by either Hypothesis or a seeded
+NumPy generator: the CPU tests shrink failures with Hypothesis, while the CUDA tier, which
+a GPU machine may run without Hypothesis installed, draws from NumPy.
 
     text, batch, dtype = conv_layer(NumpyPicker(np.random.default_rng(3)), fixed=False)
+    shape, layer, dtype = pool_layer(NumpyPicker(np.random.default_rng(3)), "maxpool")
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def conv_layer(pick: Picker, fixed: bool) -> tuple[str, int, str]:
     channels = groups * pick.integer(1, 2)
     flip = pick.choice((False, True))
     act = pick.choice(ACTS)
-    joined = {name: "x".join(map(str, values)) for name, values in
+    joined = {name: _joined(values) for name, values in
               (("size", sizes), ("window", window), ("stride", stride),
                ("dilation", dilation))}
     common = (f"stride={joined['stride']}, pad={pad}, dilation={joined['dilation']}, "

@@ -144,6 +144,18 @@ def test_register_blocks_and_many_tiles(monkeypatch: pytest.MonkeyPatch) -> None
     assert "tiled 8x8x" in kernel.reason
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_wide_register_blocks(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """Tiles of 32 with 8 x 8 register blocks, as CONVDSL_CUDA_MAX_TILE=128 gives at
+    full size: each thread's eight elements of a slice's row take two vector loads of
+    float32 and four of float64, from rows padded to stay aligned."""
+    monkeypatch.setattr(conv_gemm, "MAX_TILE", 32)
+    monkeypatch.setattr(conv_gemm, "THREAD_SPAN", 4)
+    kernel = check_layer("input x: 4x5x4\nc = conv(36, 3, pad=same, act=relu)\noutput c",
+                         "c", dtype=dtype, algo="gemm", device="cuda")
+    assert "tiled 32x32x" in kernel.reason
+
+
 def test_input_phases_pair_each_input_with_exactly_the_taps_that_reach_it() -> None:
     """Split into phases, the input gradient sees every input position once and, at
     each, exactly the (tap, output) pairs of the convolution's definition: every

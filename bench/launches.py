@@ -23,27 +23,51 @@ import numpy as np
 DEFAULT = ["networks/lenet5.cnn:64", "networks/resnet18_cifar.cnn:128"]
 
 
+class Stepper:
+    """A network compiled for the CUDA target, a random batch, and an SGD optimizer:
+    what a training step as `convdsl train` runs it needs."""
+
+    def __init__(self, path: str, batch: int) -> None:
+        import convdsl
+        from convdsl.ir.ops import Loss
+        from convdsl.ir.training import TrainSettings
+        from convdsl.runtime.optim import make_optimizer
+
+        self.net = convdsl.compile(path, batch=batch, dtype="float32", device="cuda",
+                                   warm=False)
+        self.optimizer = make_optimizer(TrainSettings(lr=0.1, momentum=0.9), self.net.trained)
+        rng = np.random.default_rng(0)
+        self.inputs = {name: rng.standard_normal((batch, *shape)).astype(np.float32)
+                       for name, shape in self.net.input_shapes.items()}
+        self.targets = {}  # zeros of each output's loss: class 0, or a zero map
+        for output in self.net.network.outputs:
+            shape = (batch, *self.net.network.shapes[output.name])
+            if output.loss is Loss.CROSS_ENTROPY:
+                self.targets[output.name] = np.zeros((batch, *shape[2:]), dtype=np.int64)
+            elif output.loss is Loss.MSE:
+                self.targets[output.name] = np.zeros(shape, dtype=np.float32)
+
+    def train_step(self) -> None:
+        """Forward, loss, backward, the NaN check of the gradients, the update."""
+        net = self.net
+        net.forward(self.inputs, train=True)
+        net.loss(self.targets)
+        net.backward(input_grad=False)
+        net.device.first_nonfinite(net.grads)
+        self.optimizer.step(net.trained, net.grads, 0.1)
+
+    def inference(self) -> None:
+        self.net.forward(self.inputs, train=False)
+
+
 def count_step(path: str, batch: int, counts: collections.Counter[str]) -> tuple[int, int]:
     """The network's trained arrays, and the launches of one training step (the second:
     the first may set things up)."""
-    import convdsl
-    from convdsl.ir.training import TrainSettings
-    from convdsl.runtime.optim import make_optimizer
-
-    net = convdsl.compile(path, batch=batch, dtype="float32", device="cuda", warm=False)
-    optimizer = make_optimizer(TrainSettings(lr=0.1, momentum=0.9), net.trained)
-    rng = np.random.default_rng(0)
-    inputs = {name: rng.standard_normal((batch, *shape)).astype(np.float32)
-              for name, shape in net.input_shapes.items()}
-    labels = np.zeros(batch, dtype=np.int64)
+    stepper = Stepper(path, batch)
     for _ in range(2):
         counts.clear()
-        net.forward(inputs, train=True)
-        net.loss(labels)
-        net.backward(input_grad=False)
-        net.device.first_nonfinite(net.grads)
-        optimizer.step(net.trained, net.grads, 0.1)
-    return len(net.trained), sum(counts.values())
+        stepper.train_step()
+    return len(stepper.net.trained), sum(counts.values())
 
 
 def main() -> None:

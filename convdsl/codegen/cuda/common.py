@@ -133,6 +133,7 @@ class Launch:
     def __init__(self, kernel: Any, grid: Any, threads: Any,
                  views: Sequence[View] | None = None, every: View = None) -> None:
         self._configured = kernel[grid, threads]
+        self.kernel, self.grid, self.threads = kernel, grid, threads
         self.name = _kernel_name(kernel)
         self._views = None if views is None else tuple(views)
         self._every = every

@@ -50,7 +50,15 @@ from convdsl.codegen.cpu.conv_common import Geometry, affine, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, cuda, zeros
-from convdsl.codegen.cuda.conv_gemm import Operand, Product, Table, Tiles, flatten, unflatten
+from convdsl.codegen.cuda.conv_gemm import (
+    Operand,
+    Product,
+    Table,
+    Tiles,
+    flatten,
+    unflatten,
+    unsigned,
+)
 from convdsl.codegen.cuda.phases import Phase, phases
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
@@ -151,7 +159,7 @@ def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> P
         code.line(f"row{s} = (g * {g.og} + {m}) * {g.cg * v}")
 
     def a_load(code: Code, s: str, k: str, target: str) -> None:
-        code.line(f"{target} = w[row{s} + {k}]")
+        code.line(f"{target} = w[{unsigned(f'row{s} + {k}')}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
         _split(code, n, g.positions, f"nb{s}", f"q{s}")
@@ -166,10 +174,10 @@ def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> P
     def b_table_load(code: Code, s: str, k: str, target: str) -> None:
         positions = []
         for axis in range(rank):
-            code.line(f"i{axis} = h{s}_{axis} + reach[{k}, {axis}]")
+            code.line(f"i{axis} = h{s}_{axis} + reach[{unsigned(k)}, {axis}]")
             positions.append(f"i{axis}")
         with code.block(f"if {_inside(positions, g.sizes)}"):
-            code.line(f"{target} = x[corner{s} + offset[{k}]]")
+            code.line(f"{target} = x[{unsigned(f'corner{s} + offset[{unsigned(k)}]')}]")
 
     def b_load(code: Code, s: str, k: str, target: str) -> None:
         if tables:
@@ -182,7 +190,7 @@ def forward_product(g: Geometry, tiles: Tiles | None, tables: bool = False) -> P
             code.line(f"i{axis} = h{s}_{axis} + {taps[axis]} * {g.dilation[axis]}")
             positions.append(f"i{axis}")
         with code.block(f"if {_inside(positions, g.sizes)}"):
-            code.line(f"{target} = x[{flatten(positions, g.sizes, f'base{s} + c')}]")
+            code.line(f"{target} = x[{unsigned(flatten(positions, g.sizes, f'base{s} + c'))}]")
 
     def store(code: Code, m: str, n: str, value: str) -> None:
         _split(code, n, g.positions, "nb", "q")
@@ -241,7 +249,7 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
 
     def a_load(code: Code, s: str, k: str, target: str) -> None:
         if vp > 0:
-            code.line(f"{target} = w[ka_at + ch{s} * {g.volume}]")
+            code.line(f"{target} = w[{unsigned(f'ka_at + ch{s} * {g.volume}')}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
         _split(code, n, phase.positions, f"nb{s}", f"j{s}")
@@ -259,7 +267,7 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
         positions = [f"u{axis}" for axis in range(rank)]
         if tables:
             for axis in range(rank):
-                code.line(f"u{axis} = e{s}_{axis} + shift[{k}, {axis}]")
+                code.line(f"u{axis} = e{s}_{axis} + shift[{unsigned(k)}, {axis}]")
         else:
             _split(code, k, vp, "o", "t")
             counters = _phase_taps(code, phase, "t", s)
@@ -268,9 +276,9 @@ def input_product(g: Geometry, number: int, phase: Phase, tiles: Tiles | None,
                           f"{affine([(name, a.shift_step)], a.shift0)}")
         with code.block(f"if {_inside(positions, g.out)}"):
             if tables:
-                code.line(f"{target} = dy[corner{s} + offset[{k}]]")
+                code.line(f"{target} = dy[{unsigned(f'corner{s} + offset[{unsigned(k)}]')}]")
             else:
-                code.line(f"{target} = dy[{flatten(positions, g.out, f'base{s} + o')}]")
+                code.line(f"{target} = dy[{unsigned(flatten(positions, g.out, f'base{s} + o'))}]")
 
     def store(code: Code, m: str, n: str, value: str) -> None:
         _split(code, n, phase.positions, "nb", "j")
@@ -302,7 +310,7 @@ def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
         code.line(f"ka_at = ka_nb * {g.out_channels * g.positions} + ka_q")
 
     def a_load(code: Code, s: str, k: str, target: str) -> None:
-        code.line(f"{target} = dy[ka_at + oc{s} * {g.positions}]")
+        code.line(f"{target} = dy[{unsigned(f'ka_at + oc{s} * {g.positions}')}]")
 
     def b_setup(code: Code, s: str, n: str) -> None:
         _split(code, n, v, f"c{s}", f"kw{s}")
@@ -327,7 +335,7 @@ def weight_product(g: Geometry, tiles: Tiles | None, splits: int) -> Product:
             code.line(f"i{axis} = kb_h{axis} + f{s}_{axis}")
             positions.append(f"i{axis}")
         with code.block(f"if {_inside(positions, g.sizes)}"):
-            code.line(f"{target} = x[kb_at + xo{s}]")
+            code.line(f"{target} = x[{unsigned(f'kb_at + xo{s}')}]")
 
     size = g.out_channels * g.cg * v
 

@@ -50,9 +50,16 @@ Store = Callable[[Code, str, str, str], None]
 
 # Types and zeros of the generated kernels, per dtype; NumPy for constant tables.
 IMPORTS = ("import numpy as np  # noqa: F401\n"
-           "from numba import config, float32, float64  # noqa: F401\n\n"
+           "from numba import config, float32, float64, uint64  # noqa: F401\n\n"
            "# aligned shared arrays, for vector loads (the CUDA simulator cannot align them)\n"
            "VECTOR_ALIGN = None if config.ENABLE_CUDASIM else 16\n")
+
+
+def unsigned(index: str) -> str:
+    """An index the kernel has already kept inside its array, as an unsigned integer.
+    Numba wraps negative indices around (Python's a[-1]) unless the index is unsigned:
+    on sm_90 that was six instructions per load, a quarter of loading a K-slice."""
+    return f"uint64({index})"
 
 
 def zero(dtype: str) -> str:
@@ -318,7 +325,7 @@ def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, 
             inside = f"{name}kin" if operand.k_fast else "k < kstop"
             with code.block(f"if {name}ok{s} and {inside}"):
                 operand.load(code, suffix, "k", "v")
-            code.line(f"{shared}[{name}k{s}, {name}i{s}] = v")
+            code.line(f"{shared}[{unsigned(f'{name}k{s}')}, {unsigned(f'{name}i{s}')}] = v")
         if guard is None:
             body()
         else:

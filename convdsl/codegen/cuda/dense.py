@@ -24,7 +24,7 @@ from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
 from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, zeros
 from convdsl.codegen.cuda.conv import SIMPLE_BELOW
-from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles
+from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles, unsigned
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -37,7 +37,7 @@ def _rows(stride: int, array: str) -> Operand:
         code.line(f"row{s} = {mn} * {stride}")
 
     def load(code: Code, s: str, k: str, target: str) -> None:
-        code.line(f"{target} = {array}[row{s} + {k}]")
+        code.line(f"{target} = {array}[{unsigned(f'row{s} + {k}')}]")
 
     return Operand(True, setup, load)
 
@@ -48,7 +48,7 @@ def _columns(stride: int, array: str) -> Operand:
         code.line(f"col{s} = {mn}")
 
     def load(code: Code, s: str, k: str, target: str) -> None:
-        code.line(f"{target} = {array}[{k} * {stride} + col{s}]")
+        code.line(f"{target} = {array}[{unsigned(f'{k} * {stride} + col{s}')}]")
 
     return Operand(False, setup, load)
 

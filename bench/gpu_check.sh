@@ -9,9 +9,9 @@
 #   c  mnist1d.log      train networks/mnist1d_cnn.cnn with its own recipe, --device cuda
 #   d  lenet5.log       train LeNet-5 on digits28 (bench/digits28.py), --device cuda
 #   e  bench.log        python3 bench/gpu.py, the report in cuda_bench.md
-#   f  ablation.log     the benchmark again with one change switched off: LeNet-5 without
-#                       packed launches (cuda_bench_unpacked.md), ResNet-18 without k
-#                       tables (cuda_bench_no_tables.md)
+#   f  ablation.log     ResNet-18-CIFAR's benchmark again, once with 128x128 product tiles
+#                       (cuda_bench_tile128.md), once without k tables
+#                       (cuda_bench_no_tables.md)
 #   g  baseline.log     (only when GPU_CHECK_BASELINE=DIR names an earlier source tree, e.g.
 #                       `git archive be34868 | tar -x -C DIR`, carried along) that tree's own
 #                       bench/gpu.py, cuda_bench_baseline.md: an A/B on the same machine
@@ -131,6 +131,8 @@ if [[ " $STEPS " == *" e "* ]] && [ "$DEVICE" = cuda ]; then
   done
 fi
 if [[ " $STEPS " == *" f "* ]] && [ "$DEVICE" = cuda ]; then  # step f's other kernels
+  CONVDSL_CUDA_MAX_TILE=128 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
+      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-tile128.log" 2>&1 &
   CONVDSL_CUDA_K_TABLES=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
       --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-tables.log" 2>&1 &
 fi
@@ -173,10 +175,12 @@ $PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits28.npz $LENET_RE
 run_step e bench.log "bench/gpu.py: convdsl against PyTorch/cuDNN" "
 $PY bench/gpu.py --budget 20 --profile-iterations 5 --markdown $OUT/cuda_bench.md"
 
-# (f) what the two launch-side changes give: each switched off in turn
-run_step f ablation.log "the benchmark with packed launches, then k tables, off" "
-CONVDSL_CUDA_PACKED_LAUNCH=0 $PY bench/gpu.py --only lenet5 --budget 10 \
-    --markdown $OUT/cuda_bench_unpacked.md
+# (f) ResNet-18-CIFAR with the products' other settings: 128x128 tiles (8x8 register blocks,
+# one block per SM), then without k tables (packed launches, switched off, measured 2.1x on
+# LeNet-5's step: docs/performance.md)
+run_step f ablation.log "the benchmark with 128x128 tiles, then without k tables" "
+CONVDSL_CUDA_MAX_TILE=128 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
+    --markdown $OUT/cuda_bench_tile128.md
 CONVDSL_CUDA_K_TABLES=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
     --markdown $OUT/cuda_bench_no_tables.md"
 

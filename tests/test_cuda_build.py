@@ -32,8 +32,8 @@ def _compilers_missing() -> str | None:
     from cuda.pathfinder import find_nvidia_binary_utility, load_nvidia_dynamic_lib
 
     try:
-        load_nvidia_dynamic_lib("nvvm")
-        load_nvidia_dynamic_lib("nvJitLink")
+        for library in ("nvvm", "nvrtc", "nvJitLink"):
+            load_nvidia_dynamic_lib(library)
     except Exception as exc:
         return f"NVIDIA's compiler libraries are not installed ({exc})"
     if find_nvidia_binary_utility("nvdisasm") is None:

@@ -304,7 +304,7 @@ def _slots(code: Code, t: Tiles, operand: Operand, name: str, edge: int, size: i
 
 
 def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, str | None]],
-                shared: str, dtype: str, t: Tiles) -> None:
+                shared: Shared, dtype: str, t: Tiles) -> None:
     """Every slot of this thread loads one element of the K-slice starting at k0. Slot s
     is element tid + s*threads of the slice; loads along k therefore give all of a
     thread's slots one k (the threads are a whole number of BK), and what depends on k
@@ -325,7 +325,7 @@ def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, 
             inside = f"{name}kin" if operand.k_fast else "k < kstop"
             with code.block(f"if {name}ok{s} and {inside}"):
                 operand.load(code, suffix, "k", "v")
-            code.line(f"{shared}[{unsigned(f'{name}k{s}')}, {unsigned(f'{name}i{s}')}] = v")
+            code.line(f"{shared.at(f'{name}k{s}', f'{name}i{s}')} = v")
         if guard is None:
             body()
         else:
@@ -353,23 +353,25 @@ def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
             code.line("g = cuda.blockIdx.z")
             code.line("kstart = 0")
             code.line(f"kstop = {p.k}")
-        itemsize = 4 if dtype == "float32" else 8
-        a_width = _shared_width(t.bm, t.tm, p.a.k_fast, itemsize)
-        b_width = _shared_width(t.bn, t.tn, p.b.k_fast, itemsize)
-        code.line(f"sa = cuda.shared.array(({t.bk}, {a_width}), {dtype}, alignment=VECTOR_ALIGN)")
-        code.line(f"sb = cuda.shared.array(({t.bk}, {b_width}), {dtype}, alignment=VECTOR_ALIGN)")
+        sa = Shared.of("sa", t.bm, t.tm, p.a.k_fast, dtype)
+        sb = Shared.of("sb", t.bn, t.tn, p.b.k_fast, dtype)
+        for shared in (sa, sb):
+            code.line(f"{shared.name} = cuda.shared.array({shared.shape(t.bk)}, {dtype}, "
+                      "alignment=VECTOR_ALIGN)")
         a_slots = _slots(code, t, p.a, "a", t.bm, p.m)
         b_slots = _slots(code, t, p.b, "b", t.bn, p.n)
         code.line(f"ra = ty * {t.tm}")  # this thread's first row of C in the tile
         code.line(f"rb = tx * {t.tn}")  # and its first column
+        code.line(f"ga = ty * {t.tm // sa.vector}")  # their first vectors in shared memory
+        code.line(f"gb = tx * {t.tn // sb.vector}")
         for i in range(t.tm):
             for j in range(t.tn):
                 code.line(f"c{i}_{j} = {zero(dtype)}")
         with code.block(f"for k0 in range(kstart, kstop, {t.bk})"):
-            _load_slice(code, p.a, "a", a_slots, "sa", dtype, t)
-            _load_slice(code, p.b, "b", b_slots, "sb", dtype, t)
+            _load_slice(code, p.a, "a", a_slots, sa, dtype, t)
+            _load_slice(code, p.b, "b", b_slots, sb, dtype, t)
             code.line("cuda.syncthreads()")
-            _multiply_slice(code, t)
+            _multiply_slice(code, t, sa, sb)
             code.line("cuda.syncthreads()")
         for j in range(t.tn):
             code.line(f"n = n0 + {_plus('rb', j)}")
@@ -388,31 +390,55 @@ UNROLL = 4
 VECTOR_BYTES = 16  # the widest shared-memory load, LDS.128 (VECTOR_ALIGN in the kernels)
 
 
-def _shared_width(edge: int, per_thread: int, k_fast: bool, itemsize: int) -> int:
-    """Columns of a slice's row in shared memory: the tile's edge, and where loads run
-    along k a few more, so that consecutive threads (consecutive k, one column) store
-    into other banks. The extra columns keep each thread's block of `per_thread`
-    elements aligned for one vector load."""
-    if not k_fast:
-        return edge
-    vector = min(per_thread * itemsize, VECTOR_BYTES)
-    return edge + max(1, vector // itemsize)
+@dataclass(frozen=True)
+class Shared:
+    """A K-slice of one factor in shared memory, shaped (BK, groups, vector): each row of
+    the slice is `groups` vectors of `vector` elements, so that a thread's elements of a
+    row are whole vectors, which the compiler then reads with one load each (indexed as
+    one flat row, LLVM sometimes gave neighbouring elements separate addresses and lost
+    the vector). Where loads run along k, one more vector pads each row, so that
+    consecutive threads (consecutive k, one column) store into other banks."""
+
+    name: str
+    groups: int
+    vector: int
+
+    @staticmethod
+    def of(name: str, edge: int, per_thread: int, k_fast: bool, dtype: str) -> Shared:
+        itemsize = 4 if dtype == "float32" else 8
+        vector = max(1, min(per_thread, VECTOR_BYTES // itemsize))
+        return Shared(name, edge // vector + (1 if k_fast else 0), vector)
+
+    def shape(self, bk: int) -> tuple[int, int, int]:
+        return bk, self.groups, self.vector
+
+    def at(self, k: str, index: str) -> str:
+        """The element at row k, column `index` (both known non-negative)."""
+        if self.vector == 1:
+            return f"{self.name}[{unsigned(k)}, {unsigned(index)}, 0]"
+        return (f"{self.name}[{unsigned(k)}, {unsigned(index)} // {self.vector}, "
+                f"{unsigned(index)} % {self.vector}]")
+
+    def own(self, k: str, first: str, element: int) -> str:
+        """A thread's `element`-th element of row k, its vectors starting at `first`."""
+        group, lane = divmod(element, self.vector)
+        return f"{self.name}[{k}, {_plus(first, group)}, {lane}]"
 
 
 def _plus(name: str, offset: int) -> str:
     return f"{name} + {offset}" if offset else name
 
 
-def _multiply_slice(code: Code, t: Tiles) -> None:
+def _multiply_slice(code: Code, t: Tiles, sa: Shared, sb: Shared) -> None:
     """C's register block += the slice's columns of A times its rows of B."""
     unroll = math.gcd(UNROLL, t.bk)
     with code.block(f"for kq in range(0, {t.bk}, {unroll})"):
         for step in range(unroll):
             kk = f"kq + {step}" if step else "kq"
             for i in range(t.tm):
-                code.line(f"a{i} = sa[{kk}, {_plus('ra', i)}]")
+                code.line(f"a{i} = {sa.own(kk, 'ga', i)}")
             for j in range(t.tn):
-                code.line(f"b{j} = sb[{kk}, {_plus('rb', j)}]")
+                code.line(f"b{j} = {sb.own(kk, 'gb', j)}")
             for i in range(t.tm):
                 for j in range(t.tn):
                     code.line(f"c{i}_{j} += a{i} * b{j}")

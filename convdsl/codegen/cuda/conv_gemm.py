@@ -10,14 +10,12 @@ one element of C. This module turns a product into one of two kernels:
             Each K-slice of BK columns of A and rows of B is loaded cooperatively into
             shared memory (zero outside the matrices), and each thread accumulates a
             TM x TN register block, the elements (ty*TM + i, tx*TN + j). A thread's TM
-            (TN) elements of a row of the slice lie side by side in shared memory,
-            aligned, so that one vector load (LDS.128 for four float32) fetches them;
+            (TN) elements of a row of the slice are whole aligned vectors in shared
+            memory (`Shared`), which one load each fetches (LDS.128 for four float32),
             and the loop over the slice is unrolled UNROLL times in the source, so that
             its shared-memory addresses are constant offsets from one register. The
             machine code of the inner loop is then almost only FFMA (bench/cuda_build.py
-            counts it). Slices whose loads run along k get a few extra columns of shared
-            memory, so that the stores of consecutive threads fall in other banks while
-            rows stay aligned.
+            counts it).
     simple  (Tiles None) one thread per element of C, looping over k with the same
             operand code: obviously right, and the better choice for products with very
             few rows (depthwise convolutions, filters, a first layer's input gradient).

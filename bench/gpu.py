@@ -323,7 +323,8 @@ def machine(bench: Bench, dry_run: bool) -> list[str]:
                  f"{os.cpu_count()} logical cores; convdsl {git_commit()}")
     lines.append("convdsl CUDA settings: packed launches "
                  f"{_switch('CONVDSL_CUDA_PACKED_LAUNCH')}, k tables "
-                 f"{_switch('CONVDSL_CUDA_K_TABLES')}, largest tile "
+                 f"{_switch('CONVDSL_CUDA_K_TABLES')}, prefetch "
+                 f"{_switch('CONVDSL_CUDA_PREFETCH')}, largest tile "
                  f"{os.environ.get('CONVDSL_CUDA_MAX_TILE', '64')}")
     if dry_run:
         lines.append("DRY RUN: tiny batches, one repetition; the numbers mean nothing.")

@@ -48,7 +48,7 @@ export MPLBACKEND=Agg
 LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
 
 declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
-                [e]=${CAP_e:-240} [f]=${CAP_f:-150} [g]=${CAP_g:-240})
+                [e]=${CAP_e:-240} [f]=${CAP_f:-210} [g]=${CAP_g:-240})
 declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150 [f]=60 [g]=150)
 declare -A RC=() TOOK=()
 ORDER="a b c d e f g"
@@ -131,6 +131,8 @@ if [[ " $STEPS " == *" e "* ]] && [ "$DEVICE" = cuda ]; then
   done
 fi
 if [[ " $STEPS " == *" f "* ]] && [ "$DEVICE" = cuda ]; then  # step f's other kernels
+  CONVDSL_CUDA_PREFETCH=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
+      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-prefetch.log" 2>&1 &
   CONVDSL_CUDA_MAX_TILE=128 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
       --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-tile128.log" 2>&1 &
   CONVDSL_CUDA_K_TABLES=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
@@ -175,10 +177,13 @@ $PY -m convdsl.cli train networks/lenet5.cnn --data $WORK/digits28.npz $LENET_RE
 run_step e bench.log "bench/gpu.py: convdsl against PyTorch/cuDNN" "
 $PY bench/gpu.py --budget 20 --profile-iterations 5 --markdown $OUT/cuda_bench.md"
 
-# (f) ResNet-18-CIFAR with the products' other settings: 128x128 tiles (8x8 register blocks,
-# one block per SM), then without k tables (packed launches, switched off, measured 2.1x on
-# LeNet-5's step: docs/performance.md)
-run_step f ablation.log "the benchmark with 128x128 tiles, then without k tables" "
+# (f) ResNet-18-CIFAR with the products' other settings: without prefetching the next
+# K-slice, then 128x128 tiles (8x8 register blocks, one block per SM), then without k
+# tables (packed launches, switched off, measured 2.1x on LeNet-5's step:
+# docs/performance.md)
+run_step f ablation.log "the benchmark without prefetch, with 128x128 tiles, without k tables" "
+CONVDSL_CUDA_PREFETCH=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
+    --markdown $OUT/cuda_bench_no_prefetch.md
 CONVDSL_CUDA_MAX_TILE=128 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
     --markdown $OUT/cuda_bench_tile128.md
 CONVDSL_CUDA_K_TABLES=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \

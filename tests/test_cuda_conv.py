@@ -124,6 +124,22 @@ def test_weight_grad_split_along_k(monkeypatch: pytest.MonkeyPatch) -> None:
     assert getattr(kernel, "splits", 1) > 1
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_slices_loaded_ahead_or_in_turn(monkeypatch: pytest.MonkeyPatch,
+                                        prefetch: bool) -> None:
+    """Products of several K-slices, the last one partial (the forward product's K is
+    11 x 6 = 66 in slices of 16; the weight gradient's K is split in parts, each with a
+    partial slice), whose threads load the next slice while they multiply this one (the
+    default) or only after it (CONVDSL_CUDA_PREFETCH=0): both must agree with the
+    reference, and the choice is part of the kernel's spec."""
+    monkeypatch.setattr(conv_gemm, "PREFETCH", prefetch)
+    monkeypatch.setattr(conv_gemm, "MIN_SPLIT_SLICES", 1)
+    kernel = check_layer("input x: 11x5x4\nc = conv(10, 2x3, pad=same, act=relu6)\noutput c",
+                         "c", dtype="float32", algo="gemm", device="cuda")
+    assert getattr(kernel, "splits", 1) > 1
+    assert kernel.specs[0].option("forward_tiles")[-1] == int(prefetch)
+
+
 def test_tiles_grow_with_the_product() -> None:
     big = conv_gemm.choose_tiles(64, 131072, 576)
     assert (big.bm, big.bn, big.tm, big.tn, big.threads) == (64, 64, 4, 4, 256)

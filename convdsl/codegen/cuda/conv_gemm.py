@@ -15,7 +15,9 @@ one element of C. This module turns a product into one of two kernels:
             and the loop over the slice is unrolled UNROLL times in the source, so that
             its shared-memory addresses are constant offsets from one register. The
             machine code of the inner loop is then almost only FFMA (bench/cuda_build.py
-            counts it).
+            counts it). Each thread loads its share of the next slice into registers
+            before it multiplies the current one (`Tiles.prefetch`), so that the
+            latency of global memory runs under the multiply-adds.
     simple  (Tiles None) one thread per element of C, looping over k with the same
             operand code: obviously right, and the better choice for products with very
             few rows (depthwise convolutions, filters, a first layer's input gradient).
@@ -67,13 +69,15 @@ def zero(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class Tiles:
-    """A tiled kernel's shape: BM x BN of C per block, K in slices of BK, TM x TN per thread."""
+    """A tiled kernel's shape: BM x BN of C per block, K in slices of BK, TM x TN per
+    thread; and whether each slice is loaded while the one before it is multiplied."""
 
     bm: int
     bn: int
     bk: int
     tm: int
     tn: int
+    prefetch: bool = True
 
     @property
     def rows(self) -> int:
@@ -89,11 +93,14 @@ class Tiles:
         return self.rows * self.cols
 
     def as_option(self) -> tuple[int, ...]:
-        return (self.bm, self.bn, self.bk, self.tm, self.tn)
+        return (self.bm, self.bn, self.bk, self.tm, self.tn, int(self.prefetch))
 
     @staticmethod
     def from_option(value: tuple[int, ...] | None) -> Tiles | None:
-        return None if value is None else Tiles(*(int(v) for v in value))
+        if value is None:
+            return None
+        bm, bn, bk, tm, tn, prefetch = (int(v) for v in value)
+        return Tiles(bm, bn, bk, tm, tn, prefetch=bool(prefetch))
 
 
 # Tile edges grow with the product up to these; a 64 x 64 tile of 256 threads, each
@@ -102,6 +109,9 @@ class Tiles:
 # tile is part of each kernel's spec, so both kinds of kernel can sit in one cache).
 MAX_TILE = int(os.environ.get("CONVDSL_CUDA_MAX_TILE", "64"))
 MIN_TILE = 4
+# CONVDSL_CUDA_PREFETCH=0 loads each K-slice only once the last one is multiplied (for
+# timing one against the other; part of the tiles, so both kinds can sit in one cache).
+PREFETCH = os.environ.get("CONVDSL_CUDA_PREFETCH", "1") != "0"
 THREAD_SPAN = 16  # threads along each edge of a full tile
 
 
@@ -114,7 +124,8 @@ def _edge(size: int) -> int:
 def choose_tiles(m: int, n: int, k: int) -> Tiles:
     bm, bn = _edge(m), _edge(n)
     bk = 16 if k >= 16 else 8
-    return Tiles(bm, bn, bk, max(1, bm // THREAD_SPAN), max(1, bn // THREAD_SPAN))
+    return Tiles(bm, bn, bk, max(1, bm // THREAD_SPAN), max(1, bn // THREAD_SPAN),
+                 prefetch=PREFETCH)
 
 
 # Split K until the product has about this many blocks (an H100 has 132 SMs), keeping
@@ -301,34 +312,49 @@ def _slots(code: Code, t: Tiles, operand: Operand, name: str, edge: int, size: i
     return slots
 
 
-def _load_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, str | None]],
-                shared: Shared, dtype: str, t: Tiles) -> None:
-    """Every slot of this thread loads one element of the K-slice starting at k0. Slot s
-    is element tid + s*threads of the slice; loads along k therefore give all of a
-    thread's slots one k (the threads are a whole number of BK), and what depends on k
-    alone (`k_setup`) is worked out once for them."""
+def _fetch_slice(code: Code, operand: Operand, name: str, slots: list[tuple[str, str | None]],
+                 dtype: str, t: Tiles, start: str) -> None:
+    """Every slot s of this thread reads its element of the K-slice starting at `start`
+    into the register `<name>p<s>` (zero outside the matrices). Slot s is element
+    tid + s*threads of the slice; loads along k therefore give all of a thread's slots
+    one k (the threads are a whole number of BK), and what depends on k alone
+    (`k_setup`) is worked out once for them."""
     if operand.k_fast:
         assert t.threads % t.bk == 0
-        code.line(f"k = k0 + {name}k0")
+        code.line(f"k = {start} + {name}k0")
         code.line(f"{name}kin = k < kstop")
         if operand.k_setup is not None:
             operand.k_setup(code, "k")
     else:
         assert operand.k_setup is None, "k_setup is for operands loaded along k"
     for s, (suffix, guard) in enumerate(slots):
+        code.line(f"{name}p{s} = {zero(dtype)}")
+
         def body(s: int = s, suffix: str = suffix) -> None:
             if not operand.k_fast:
-                code.line(f"k = k0 + {name}k{s}")
-            code.line(f"v = {zero(dtype)}")
+                code.line(f"k = {start} + {name}k{s}")
             inside = f"{name}kin" if operand.k_fast else "k < kstop"
             with code.block(f"if {name}ok{s} and {inside}"):
-                operand.load(code, suffix, "k", "v")
-            code.line(f"{shared.at(f'{name}k{s}', f'{name}i{s}')} = v")
-        if guard is None:
+                operand.load(code, suffix, "k", f"{name}p{s}")
+        _guarded(code, guard, body)
+
+
+def _store_slice(code: Code, name: str, slots: list[tuple[str, str | None]],
+                 shared: Shared) -> None:
+    """The registers `_fetch_slice` filled, into the slice's shared memory."""
+    for s, (_, guard) in enumerate(slots):
+        def body(s: int = s) -> None:
+            code.line(f"{shared.at(f'{name}k{s}', f'{name}i{s}')} = {name}p{s}")
+        _guarded(code, guard, body)
+
+
+def _guarded(code: Code, guard: str | None, body: Callable[[], None]) -> None:
+    """`body` under `if guard` (a slot past the end of the tile), or as it is."""
+    if guard is None:
+        body()
+    else:
+        with code.block(f"if {guard}"):
             body()
-        else:
-            with code.block(f"if {guard}"):
-                body()
 
 
 def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
@@ -365,10 +391,22 @@ def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
         for i in range(t.tm):
             for j in range(t.tn):
                 code.line(f"c{i}_{j} = {zero(dtype)}")
+        if t.prefetch:
+            # The next slice's global loads are issued before this slice's products and
+            # land in registers while they run; a warp waits for memory only if a whole
+            # slice of FFMA is shorter than the loads' latency.
+            _fetch_slice(code, p.a, "a", a_slots, dtype, t, "kstart")
+            _fetch_slice(code, p.b, "b", b_slots, dtype, t, "kstart")
         with code.block(f"for k0 in range(kstart, kstop, {t.bk})"):
-            _load_slice(code, p.a, "a", a_slots, sa, dtype, t)
-            _load_slice(code, p.b, "b", b_slots, sb, dtype, t)
+            if not t.prefetch:
+                _fetch_slice(code, p.a, "a", a_slots, dtype, t, "k0")
+                _fetch_slice(code, p.b, "b", b_slots, dtype, t, "k0")
+            _store_slice(code, "a", a_slots, sa)
+            _store_slice(code, "b", b_slots, sb)
             code.line("cuda.syncthreads()")
+            if t.prefetch:  # past kstop every load is skipped: its slots stay zero
+                _fetch_slice(code, p.a, "a", a_slots, dtype, t, f"k0 + {t.bk}")
+                _fetch_slice(code, p.b, "b", b_slots, dtype, t, f"k0 + {t.bk}")
             _multiply_slice(code, t, sa, sb)
             code.line("cuda.syncthreads()")
         for j in range(t.tn):

@@ -114,6 +114,14 @@ def dispatchers(spec: KernelSpec) -> dict[str, Dispatcher]:
             if isinstance(value, Dispatcher)}
 
 
+def functions(spec: KernelSpec) -> dict[str, Any]:
+    """Every function of the kernel module of `spec` that Numba compiles, by name: its
+    dispatchers on the CPU; on CUDA its kernels and device functions."""
+    module = load(spec)
+    return {name: value for name, value in vars(module).items()
+            if getattr(getattr(value, "py_func", None), "__module__", None) == module.__name__}
+
+
 def signatures(spec: KernelSpec) -> Signatures:
     """The argument types of every version this process has compiled or loaded."""
     return {name: list(function.signatures)

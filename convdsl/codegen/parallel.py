@@ -16,6 +16,11 @@ loaded, nothing about the network changed) in the quickest way it can:
   cache; the full warm-up here then loads it. Stages that share a kernel go to the same
   worker, so no kernel is compiled twice.
 
+On CUDA only the workers apply (records are for the CPU's dispatchers): each worker
+compiles its stages' kernels with NVVM, one core per process, and numba.cuda writes
+their machine code to the same disk cache, from which the parent's warm-up loads it.
+Under the CUDA simulator nothing is compiled, so no worker starts.
+
 Either shortcut only ever saves time: a version missing from the cache is compiled where
 it is needed, as without them. Any failure falls back to the plain warm-up.
 CONVDSL_COMPILE_WORKERS sets the number of workers (1: none, compile here).
@@ -55,8 +60,11 @@ def warm(compiled: CompiledNetwork) -> str:
     returns how: "record" (loaded, nothing run), "workers" (compiled in worker processes,
     then warmed up here) or "here" (the plain warm-up)."""
     if compiled.device.name != "cpu":
+        from convdsl.codegen.cuda.common import simulated
+
+        workers = 0 if simulated() else compile_in_workers(compiled)
         compiled.warm_up()
-        return "here"
+        return "workers" if workers else "here"
     name = record_name(compiled.stages)
     wanted = cache.read_record(name)
     if wanted is not None and _load_recorded(compiled, wanted):
@@ -153,7 +161,7 @@ def plan(stages: Sequence[Stage], workers: int) -> list[list[str]]:
                   [name for g in touching for name in g[1]] + [stage.name])
         groups = [group for group in groups if group not in touching] + [merged]
     specs = {spec.key: spec for spec in _unique_specs(cold)}
-    costs = [sum(len(cache.dispatchers(specs[key])) for key in keys) for keys, _ in groups]
+    costs = [sum(len(cache.functions(specs[key])) for key in keys) for keys, _ in groups]
     shares: list[list[str]] = [[] for _ in range(min(workers, len(groups)))]
     loads = [0] * len(shares)
     for cost, (_, names) in sorted(zip(costs, groups), key=lambda item: -item[0]):
@@ -170,11 +178,14 @@ def _requests(compiled: CompiledNetwork, shares: list[list[str]]) -> list[dict[s
     kernels = {stage.name: stage for stage in compiled.stages}
     # The algorithm each convolution chose here, so that a worker neither measures nor
     # tunes, and builds the same kernels even on a machine busy with the other workers.
+    # (CUDA chooses from the shapes alone, and names the choice differently.)
     algos = {stage.kernel.setup.layer.name: stage.kernel.algorithm
-             for stage in compiled.stages if stage.kernel.setup.layer.op.value in CONV_OPS}
+             for stage in compiled.stages if stage.kernel.setup.layer.op.value in CONV_OPS
+             and compiled.device.name == "cpu"}
     base = {"cache": str(cache.cache_dir()), "text": network.source.text,
             "filename": network.source.name, "batch": compiled.batch,
             "dtype": compiled.dtype, "fuse": compiled.fuse, "seed": compiled.seed,
+            "device": compiled.device.name,
             "algos": {name: setup.algo for name, setup in compiled.setups.items()} | algos}
     return [{**base, "stages": {name: [spec.key for spec in kernels[name].kernel.specs]
                                 for name in share}} for share in shares]
@@ -215,20 +226,25 @@ def _run_workers(requests: list[dict[str, Any]]) -> int:
 
 def run_request(request: Mapping[str, Any]) -> list[str]:
     """In a worker: build the requested stages as the parent did, and run each once
-    (training forward, backward, inference forward) on random data; returns the stages
-    run. A stage whose kernels come out different from the parent's is skipped."""
+    (training forward, backward, inference forward) on random data, on the parent's
+    device; returns the stages run. A stage whose kernels come out different from the
+    parent's is skipped."""
     from convdsl.codegen.fused import build_stage, stage_arrays
     from convdsl.codegen.layer import Mode, layer_setups
     from convdsl.network import loads
     from convdsl.passes.fusion import fusion_groups
+    from convdsl.runtime.devices import device_named
     from convdsl.runtime.params import init_params, network_params
 
     network = loads(request["text"], request["filename"])
     batch, dtype = int(request["batch"]), str(request["dtype"])
+    device = device_named(str(request.get("device", "cpu")))
     setups = {name: dataclasses.replace(setup, algo=request["algos"].get(name, setup.algo))
-              for name, setup in layer_setups(network, batch, dtype).items()}
-    params = init_params(network, int(request["seed"]), dtype=dtype)
-    grads = {info.name: np.zeros_like(params[info.name])
+              for name, setup in layer_setups(network, batch, dtype,
+                                              device=device.name).items()}
+    params = {name: device.put(array) for name, array
+              in init_params(network, int(request["seed"]), dtype=dtype).items()}
+    grads = {info.name: device.zeros(info.shape, dtype)
              for info in network_params(network) if info.trained}
     wanted: dict[str, list[str]] = request["stages"]
     rng = np.random.default_rng(0)
@@ -241,17 +257,17 @@ def run_request(request: Mapping[str, Any]) -> list[str]:
             continue
         stage_params = stage_arrays(group, _by_layer(params))
         stage_grads = stage_arrays(group, _by_layer(grads))
-        inputs = [rng.standard_normal((batch, *network.shapes[name])).astype(dtype)
-                  for name in group.inputs]
+        inputs = [device.put(rng.standard_normal((batch, *network.shapes[name]))
+                             .astype(dtype)) for name in group.inputs]
         output = kernel.forward(inputs, stage_params, Mode(train=True))
-        kernel.backward(np.ones(output.shape, dtype), stage_params, stage_grads)
+        kernel.backward(device.put(np.ones(output.shape, dtype)), stage_params, stage_grads)
         kernel.forward(inputs, stage_params, Mode(train=False))
         done.append(group.name)
     return done
 
 
-def _by_layer(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    grouped: dict[str, dict[str, np.ndarray]] = {}
+def _by_layer(arrays: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    grouped: dict[str, dict[str, Any]] = {}
     for name, array in arrays.items():
         layer, _, field = name.rpartition(".")
         grouped.setdefault(layer, {})[field] = array

@@ -9,8 +9,9 @@
 #   c  mnist1d.log      train networks/mnist1d_cnn.cnn with its own recipe, --device cuda
 #   d  lenet5.log       train LeNet-5 on digits28 (bench/digits28.py), --device cuda
 #   e  bench.log        python3 bench/gpu.py, the report in cuda_bench.md
-#   f  ablation.log     ResNet-18-CIFAR's benchmark again, once with 128x128 product tiles
-#                       (cuda_bench_tile128.md), once without k tables
+#   f  ablation.log     ResNet-18-CIFAR's benchmark again, once without prefetching the
+#                       next K-slice (cuda_bench_no_prefetch.md), once with 128x128 product
+#                       tiles (cuda_bench_tile128.md), once without k tables
 #                       (cuda_bench_no_tables.md)
 #   g  baseline.log     (only when GPU_CHECK_BASELINE=DIR names an earlier source tree, e.g.
 #                       `git archive be34868 | tar -x -C DIR`, carried along) that tree's own
@@ -121,22 +122,24 @@ print("tiny kernel:", a.copy_to_host().sum(), "(100.0 expected)")
 EOF'
 
 # Meanwhile, compile the kernels of the later steps into the shared cache, one process per
-# network (Numba compiles on one core; the machine has many), so that steps c to e load
-# them instead of compiling them in turn.
+# network (NVVM compiles on one core; the machine has many), so that steps c to e load
+# them instead of compiling them in turn. A cold compile also shares its stages among
+# CONVDSL_COMPILE_WORKERS worker processes (one per core by default): the small networks
+# get none, each ResNet-18-CIFAR compile three, so that all together about fill the cores.
 if [[ " $STEPS " == *" e "* ]] && [ "$DEVICE" = cuda ]; then
-  for job in "mnist1d_cnn 100" "lenet5 32" "lenet5 64" "lenet5 256" "resnet18_cifar 128"; do
+  for job in "mnist1d_cnn 100 1" "lenet5 32 1" "lenet5 64 1" "lenet5 256 1" \
+             "resnet18_cifar 128 3"; do
     set -- $job
-    timeout 400 $PY -m convdsl.cli compile "networks/$1.cnn" --batch "$2" --device cuda \
-        > "$WORK/warm-$1-$2.log" 2>&1 &
+    CONVDSL_COMPILE_WORKERS=$3 timeout 400 $PY -m convdsl.cli compile "networks/$1.cnn" \
+        --batch "$2" --device cuda > "$WORK/warm-$1-$2.log" 2>&1 &
   done
 fi
 if [[ " $STEPS " == *" f "* ]] && [ "$DEVICE" = cuda ]; then  # step f's other kernels
-  CONVDSL_CUDA_PREFETCH=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
-      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-prefetch.log" 2>&1 &
-  CONVDSL_CUDA_MAX_TILE=128 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
-      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-tile128.log" 2>&1 &
-  CONVDSL_CUDA_K_TABLES=0 timeout 400 $PY -m convdsl.cli compile networks/resnet18_cifar.cnn \
-      --batch 128 --device cuda > "$WORK/warm-resnet18_cifar-128-no-tables.log" 2>&1 &
+  for setting in CONVDSL_CUDA_PREFETCH=0 CONVDSL_CUDA_MAX_TILE=128 CONVDSL_CUDA_K_TABLES=0; do
+    env "$setting" CONVDSL_COMPILE_WORKERS=3 timeout 400 $PY -m convdsl.cli compile \
+        networks/resnet18_cifar.cnn --batch 128 --device cuda \
+        > "$WORK/warm-resnet18_cifar-128-$setting.log" 2>&1 &
+  done
 fi
 
 # (b) the CUDA test tier on the real GPU (test files named explicitly: only them collected);

@@ -94,3 +94,15 @@ def test_a_cold_cuda_compile_uses_workers_on_a_gpu_only(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((2, *net.input_shape)).astype(net.dtype)
     np.testing.assert_allclose(np.array(report["scores"], dtype=net.dtype), net.forward(x),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_workers_are_capped_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each CUDA worker holds a context on the GPU: one per core, at most CUDA_WORKERS,
+    unless CONVDSL_COMPILE_WORKERS names a number."""
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, str(parallel.CUDA_WORKERS + 4))
+    assert parallel.cuda_worker_count() == parallel.CUDA_WORKERS + 4
+    monkeypatch.delenv(parallel.WORKERS_VARIABLE)
+    monkeypatch.setattr(parallel, "worker_count", lambda: 64)  # cores
+    assert parallel.cuda_worker_count() == parallel.CUDA_WORKERS
+    monkeypatch.setattr(parallel, "worker_count", lambda: 2)
+    assert parallel.cuda_worker_count() == 2

@@ -62,7 +62,7 @@ def warm(compiled: CompiledNetwork) -> str:
     if compiled.device.name != "cpu":
         from convdsl.codegen.cuda.common import simulated
 
-        workers = 0 if simulated() else compile_in_workers(compiled)
+        workers = 0 if simulated() else compile_in_workers(compiled, cuda_worker_count())
         compiled.warm_up()
         return "workers" if workers else "here"
     name = record_name(compiled.stages)
@@ -129,6 +129,18 @@ def worker_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+# Each CUDA worker opens a context of its own on the GPU (some hundreds of MB), so unless
+# CONVDSL_COMPILE_WORKERS says otherwise, a CUDA compile starts at most this many.
+CUDA_WORKERS = 8
+
+
+def cuda_worker_count() -> int:
+    """$CONVDSL_COMPILE_WORKERS, else one per core up to CUDA_WORKERS."""
+    if os.environ.get(WORKERS_VARIABLE, "").strip():
+        return worker_count()
+    return min(worker_count(), CUDA_WORKERS)
 
 
 def compile_in_workers(compiled: CompiledNetwork, workers: int | None = None) -> int:

@@ -145,6 +145,11 @@ def test_tiles_grow_with_the_product() -> None:
     assert (big.bm, big.bn, big.tm, big.tn, big.threads) == (64, 64, 4, 4, 256)
     small = conv_gemm.choose_tiles(3, 20, 5)
     assert (small.bm, small.bn, small.bk, small.threads) == (4, 32, 8, 64)
+    # each thread of a full tile prefetches 4 + 4 elements of a slice; a thread of a
+    # 4 x 64 tile of 64 threads would hold 1 + 16, too many registers: it loads in turn
+    assert big.prefetch
+    thin = conv_gemm.choose_tiles(3, 64, 1000)
+    assert (thin.bm, thin.bn, thin.threads, thin.prefetch) == (4, 64, 64, False)
     # a weight gradient with few tiles and a long reduction is split along K
     assert conv_gemm.choose_splits(64, 576, 131072, 1, big) > 1
     assert conv_gemm.choose_splits(512, 4608, 2048, 1, big) == 1

@@ -190,10 +190,11 @@ def _requests(compiled: CompiledNetwork, shares: list[list[str]]) -> list[dict[s
     kernels = {stage.name: stage for stage in compiled.stages}
     # The algorithm each convolution chose here, so that a worker neither measures nor
     # tunes, and builds the same kernels even on a machine busy with the other workers.
-    # (CUDA chooses from the shapes alone, and names the choice differently.)
-    algos = {stage.kernel.setup.layer.name: stage.kernel.algorithm
-             for stage in compiled.stages if stage.kernel.setup.layer.op.value in CONV_OPS
-             and compiled.device.name == "cpu"}
+    # (On CUDA the plan follows from the shapes and the algorithm asked for, which the
+    # setups carry; the one it reports, "gemm" under auto, would force tiles everywhere.)
+    algos = {} if compiled.device.name != "cpu" else {
+        stage.kernel.setup.layer.name: stage.kernel.algorithm
+        for stage in compiled.stages if stage.kernel.setup.layer.op.value in CONV_OPS}
     base = {"cache": str(cache.cache_dir()), "text": network.source.text,
             "filename": network.source.name, "batch": compiled.batch,
             "dtype": compiled.dtype, "fuse": compiled.fuse, "seed": compiled.seed,

@@ -57,6 +57,7 @@ def test_kernel_functions_of_a_cuda_module_are_counted() -> None:
             functions = cache.functions(spec)
             assert functions, spec.template
             assert all(callable(f) and hasattr(f, "py_func") for f in functions.values())
+            assert not {"cuda", "math", "np"} & set(functions)
 
 
 # A new process on an empty cache: compile without warming, then warm, and report how,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def test_no_kernel_spills_registers(built: dict[str, list[dict[str, Any]]]) -> N
     spilling = [(network, kernel["name"]) for network, kernels in built.items()
                 for kernel in kernels if kernel["spill_stores"] or kernel["spill_loads"]]
     assert not spilling
+
+
+def test_every_block_fits_an_sm(built: dict[str, list[dict[str, Any]]]) -> None:
+    """A block's threads take their registers on one SM, and a block holds at most 1024
+    threads: a kernel asking for more builds, and fails only at launch, on a GPU."""
+    too_big = [(network, kernel["name"], kernel["threads"], kernel["registers"])
+               for network, kernels in built.items() for kernel in kernels
+               if kernel["threads"] > 1024 or kernel["warps"] < math.ceil(kernel["threads"] / 32)]
+    assert not too_big
 
 
 def test_a_full_register_block_multiplies_from_vector_loads(

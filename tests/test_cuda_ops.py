@@ -169,7 +169,7 @@ def test_batchnorm_threads_loop_over_many_values(monkeypatch: pytest.MonkeyPatch
     """Blocks of 4 threads: each thread sums several values before the tree."""
     from convdsl.codegen.cuda import norm
 
-    monkeypatch.setattr(norm, "THREADS", 4)
+    monkeypatch.setattr(norm, "CHANNEL_THREADS", 4)
     for train in (True, False):
         kernel = check_layer(network((2, 7), "bn(act=tanh)"), "y", batch=2,
                              dtype="float64", train=train, device="cuda")

@@ -49,7 +49,17 @@ from convdsl.codegen.activations import forward_expression
 from convdsl.codegen.cpu.conv_common import Geometry, affine, spec_layout
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
-from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, cuda, zeros
+from convdsl.codegen.cuda.common import (
+    CHANNEL_THREADS,
+    FLAT,
+    JIT,
+    THREADS,
+    DeviceArray,
+    Launch,
+    blocks,
+    cuda,
+    zeros,
+)
 from convdsl.codegen.cuda.conv_gemm import (
     Operand,
     Product,
@@ -69,13 +79,12 @@ from convdsl.passes.shapes import Window
 # Products with fewer rows than this run the simple kernel under algo=auto: a tile of
 # at least MIN_TILE rows would be mostly padding.
 SIMPLE_BELOW = 8
-# Threads (at most) of the per-channel reduction in `prepare`.
-REDUCE_THREADS = 256
 
 
 def reduce_threads(count: int) -> int:
-    """Threads of a block that sums `count` values: a power of two, at most REDUCE_THREADS."""
-    return min(REDUCE_THREADS, 1 << max(0, count - 1).bit_length())
+    """Threads of the block that sums a channel's `count` values in `prepare`: a power of
+    two, at most CHANNEL_THREADS."""
+    return min(CHANNEL_THREADS, 1 << max(0, count - 1).bit_length())
 
 
 # --- operands: the im2col arithmetic of each pass ---------------------------------------

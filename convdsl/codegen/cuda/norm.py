@@ -28,7 +28,15 @@ import numpy as np
 from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act, gradient_lines
 from convdsl.codegen.cuda.activation import FusedAct
-from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, Launch, View, empty
+from convdsl.codegen.cuda.common import (
+    CHANNEL_THREADS,
+    JIT,
+    PRELUDE,
+    DeviceArray,
+    Launch,
+    View,
+    empty,
+)
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
@@ -37,10 +45,11 @@ from convdsl.ir.ops import BatchNormAttrs, Op
 
 def block_threads(count: int) -> int:
     """Threads of a one-block-per-channel kernel: the smallest power of two (for the
-    tree) that covers the channel's values, at most THREADS. Real layers fill whole
-    warps; a tiny one starts no idle threads (each costs real time in the simulator)."""
+    tree) that covers the channel's values, at most CHANNEL_THREADS. Real layers fill
+    whole warps; a tiny one starts no idle threads (each costs real time in the
+    simulator)."""
     threads = 1
-    while threads < min(count, THREADS):
+    while threads < min(count, CHANNEL_THREADS):
         threads *= 2
     return threads
 

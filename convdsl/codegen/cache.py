@@ -107,19 +107,18 @@ def template_of(module: str) -> str | None:
 # --- machine code: which versions exist, and loading them without a call ----------------
 
 
-def dispatchers(spec: KernelSpec) -> dict[str, Dispatcher]:
-    """The Numba functions of the (loaded) kernel module of `spec`, by name."""
-    module = load(spec)
-    return {name: value for name, value in vars(module).items()
-            if isinstance(value, Dispatcher)}
-
-
 def functions(spec: KernelSpec) -> dict[str, Any]:
     """Every function of the kernel module of `spec` that Numba compiles, by name: its
     dispatchers on the CPU; on CUDA its kernels and device functions."""
     module = load(spec)
     return {name: value for name, value in vars(module).items()
             if getattr(getattr(value, "py_func", None), "__module__", None) == module.__name__}
+
+
+def dispatchers(spec: KernelSpec) -> dict[str, Dispatcher]:
+    """The CPU dispatchers among `functions(spec)`, whose versions records keep."""
+    return {name: value for name, value in functions(spec).items()
+            if isinstance(value, Dispatcher)}
 
 
 def signatures(spec: KernelSpec) -> Signatures:

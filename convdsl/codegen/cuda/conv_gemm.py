@@ -399,22 +399,24 @@ def _render_tiled(code: Code, p: Product, t: Tiles) -> None:
         for i in range(t.tm):
             for j in range(t.tn):
                 code.line(f"c{i}_{j} = {zero(dtype)}")
+
+        def fetch(start: str) -> None:
+            _fetch_slice(code, p.a, "a", a_slots, dtype, t, start)
+            _fetch_slice(code, p.b, "b", b_slots, dtype, t, start)
+
         if t.prefetch:
             # The next slice's global loads are issued before this slice's products and
             # land in registers while they run; a warp waits for memory only if a whole
             # slice of FFMA is shorter than the loads' latency.
-            _fetch_slice(code, p.a, "a", a_slots, dtype, t, "kstart")
-            _fetch_slice(code, p.b, "b", b_slots, dtype, t, "kstart")
+            fetch("kstart")
         with code.block(f"for k0 in range(kstart, kstop, {t.bk})"):
             if not t.prefetch:
-                _fetch_slice(code, p.a, "a", a_slots, dtype, t, "k0")
-                _fetch_slice(code, p.b, "b", b_slots, dtype, t, "k0")
+                fetch("k0")
             _store_slice(code, "a", a_slots, sa)
             _store_slice(code, "b", b_slots, sb)
             code.line("cuda.syncthreads()")
             if t.prefetch:  # past kstop every load is skipped: its slots stay zero
-                _fetch_slice(code, p.a, "a", a_slots, dtype, t, f"k0 + {t.bk}")
-                _fetch_slice(code, p.b, "b", b_slots, dtype, t, f"k0 + {t.bk}")
+                fetch(f"k0 + {t.bk}")
             _multiply_slice(code, t, sa, sb)
             code.line("cuda.syncthreads()")
         for j in range(t.tn):

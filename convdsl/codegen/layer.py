@@ -97,6 +97,15 @@ class KernelLayer(ABC):
         the layer and is overwritten by its next forward; batch norm in training
         updates `params['running_mean']` and friends in place."""
 
+    def send(self, mode: Mode) -> None:
+        """Copy to the device what the next forward in `mode` needs from the host (on
+        CUDA, a dropout mask). The executor calls it for every stage before it queues
+        any kernel of a pass, because a copy from host memory waits for every kernel
+        queued before it; a forward not sent for sends for itself. Most layers need
+        nothing, and no fused stage holds one that does (dropout keeps a stage of its
+        own: passes/fusion.py)."""
+        return None
+
     @abstractmethod
     def backward(self, grad_output: np.ndarray, params: dict[str, np.ndarray],
                  grads: dict[str, np.ndarray], skip_act: bool = False

@@ -94,6 +94,12 @@ class Device:
     def count_nonfinite(self, array: Array) -> int:
         return int(array.size - np.count_nonzero(np.isfinite(array)))
 
+    def add_nonfinite(self, array: Array, counter: Array) -> None:
+        """counter[0] += how many NaN or infinite values `array` holds. On a GPU this is
+        queued, not read: an optimizer's step can read the counter on the device
+        (Optimizer.step's skip_if), so the host need not wait for it."""
+        counter[0] += self.count_nonfinite(array)
+
     def first_nonfinite(self, arrays: Mapping[str, Array]) -> str | None:
         """The name of the first array holding NaN or infinity, if any."""
         if isinstance(arrays, Packed) and not self.count_nonfinite(arrays.flat):
@@ -153,6 +159,9 @@ class CudaDevice(Device):
 
     def count_nonfinite(self, array: Array) -> int:
         return self._arrays.count_nonfinite(array)[0]
+
+    def add_nonfinite(self, array: Array, counter: Array) -> None:
+        self._arrays.add_nonfinite(array, counter)
 
     def _first_nonfinite_of(self, arrays: Mapping[str, Array]) -> str | None:
         counts = self._arrays.count_nonfinite(*arrays.values())  # one copy back

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from convdsl.passes.memory import BufferPlan, plan_gradients, plan_transient_out
 from convdsl.runtime import losses
 from convdsl.runtime.devices import Array, Device, Packed, device_named
 from convdsl.runtime.params import init_params, network_params
+
+if TYPE_CHECKING:
+    from convdsl.runtime.optim import Optimizer
 
 Arrays = dict[str, Array]  # NumPy arrays on the CPU, device arrays on CUDA
 
@@ -60,6 +63,28 @@ class Stage:
     def layer(self) -> Layer:
         """The layer whose output this stage writes."""
         return self.layers[-1]
+
+
+@dataclass(frozen=True)
+class QueuedLoss:
+    """One output's loss, started: on a GPU its partial sums are still on the device."""
+
+    weight: float  # the output's weight in the total
+    sums: Array  # partial sums (one on the CPU)
+    count: int  # what their total is divided by: the loss is a mean
+
+    def value(self, device: Device) -> float:
+        """The loss; on a GPU the host waits here for the kernels queued before."""
+        return float(np.sum(device.get(self.sums)) / self.count)
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """What one training step reports (CompiledNetwork.train_step)."""
+
+    loss: float  # the weighted total of the outputs' losses
+    scores: np.ndarray  # the main output, as forward() returns it
+    nonfinite: str | None  # what held NaN or infinity, when the step changed nothing
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,7 @@ class CompiledNetwork:
         self._warm_up_values: Arrays = {}  # warm_up's, of the stages in concat_writes
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
-        self._loss_through_softmax = False
+        self._gate: Array | None = None  # train_step's count of NaN and infinity
         # CUDA: where the gradients of a value read by several stages are added
         self._accumulators: Arrays = {}
         self._input_buffers: Arrays = {}  # where inputs and targets land on the device
@@ -176,7 +201,12 @@ class CompiledNetwork:
     def forward(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
                 step: int | None = None) -> np.ndarray:
         """The main output for a batch; every declared output lands in `outputs`."""
-        inputs = self._checked_inputs(x)
+        self._forward(self._checked_inputs(x), train, step)
+        return self.device.get(self._values[self.main_output])
+
+    def _forward(self, inputs: Arrays, train: bool, step: int | None) -> None:
+        """Send checked inputs and run every stage (on a GPU, queue them): each stage's
+        output lands in `_values`. A training forward without a step takes the next."""
         if train and step is None:
             step = self.step
             self.step += 1
@@ -187,11 +217,12 @@ class CompiledNetwork:
                 self._check_finite(values[stage.name], stage.layer, "output")
         self._values = values
         self._loss_grads = {}
-        return self.device.get(values[self.main_output])
 
     def _run_stages(self, values: Arrays, mode: Mode) -> Iterator[Stage]:
         """Run the stages in order, each output into `values`; yields each stage once
-        its output is there."""
+        its output is there. What they need from the host goes first (KernelLayer.send)."""
+        for stage in self.stages:
+            stage.kernel.send(mode)
         for stage in self.stages:
             sources = [values[source] for source in stage.inputs]
             values[stage.name] = stage.kernel.forward(sources, stage.params, mode)
@@ -273,49 +304,66 @@ class CompiledNetwork:
         with a loss; a mapping gives targets by output name."""
         if not self._values:
             raise RunError("loss() needs a forward pass first", "call net.forward(x) first")
+        queued = self._queue_losses(self._send_targets(targets))
+        return float(sum(loss.weight * loss.value(self.device) for loss in queued))
+
+    def _send_targets(self, targets: np.ndarray | Mapping[str, np.ndarray]) -> Arrays:
+        """The targets of each output with a loss, checked against its shape and sent
+        where the loss kernels read them (on a GPU one copy per batch)."""
         by_output = self._targets_by_output(targets)
-        total = 0.0
-        self._loss_grads, self._through_softmax = {}, set()
+        sent: Arrays = {}
         for output in self.network.outputs:
             if output.loss is Loss.NONE:
                 continue
-            value = self._values[output.name]
             target = np.asarray(by_output[output.name])
+            shape = (self.batch, *self.network.shapes[output.name])
             try:
-                losses.check_targets(output.loss, value, target, output.name)
+                losses.check_targets(output.loss, shape, target, output.name)
             except ValueError as exc:
                 raise RunError(str(exc)) from None
+            if output.loss is Loss.MSE:  # compared in the output's dtype, as on the CPU
+                target = target.astype(self.dtype)
+            sent[output.name] = self._send(f"target/{output.name}", target)
+        return sent
+
+    def _queue_losses(self, targets: Arrays) -> list[QueuedLoss]:
+        """Start each output's loss on the last forward, from sent targets: its gradient
+        (scaled by the output's weight) is what `backward()` starts from; its value is
+        read only when asked for (QueuedLoss.value)."""
+        self._loss_grads, self._through_softmax = {}, set()
+        queued = []
+        for output in self.network.outputs:
+            if output.loss is Loss.NONE:
+                continue
             layer = self.network.graph.layer(output.name)
             softmax = layer.act is not None and layer.act.kind is Activation.SOFTMAX
             # The gradient may skip the softmax only if nothing else reads its output.
             feeds_others = bool(self.network.graph.consumers(output.name))
-            result, grad = self._output_loss(output.name, output.loss, value, target,
-                                             softmax, grad_at_logits=not feeds_others)
-            total += output.weight * result
+            sums, count, grad, through_softmax = self._output_loss(
+                output.loss, self._values[output.name], targets[output.name], softmax,
+                grad_at_logits=not feeds_others, name=output.name)
             if output.weight != 1.0:
                 self.device.scale(grad, output.weight)
             self._loss_grads[output.name] = grad
-            if self._loss_through_softmax:
+            if through_softmax:
                 self._through_softmax.add(output.name)
-        return total
+            queued.append(QueuedLoss(output.weight, sums, count))
+        return queued
 
-    def _output_loss(self, name: str, loss: Loss, value: Array, target: np.ndarray,
-                     softmax: bool, grad_at_logits: bool) -> tuple[float, Array]:
-        """One output's loss and its gradient (an array where the kernels read it);
-        sets _loss_through_softmax. On CUDA the loss runs on the device: the targets go
-        out, and only a few partial sums come back."""
+    def _output_loss(self, loss: Loss, value: Array, target: Array, softmax: bool,
+                     grad_at_logits: bool, name: str) -> tuple[Array, int, Array, bool]:
+        """One output's loss: its partial sums and their divisor, its gradient (an array
+        where the kernels read it), and whether that gradient skips the softmax. On
+        CUDA the loss runs on the device and nothing comes back yet."""
         if self.device.name == "cpu":
             result = losses.evaluate(loss, value, target, softmax, grad_at_logits)
-            self._loss_through_softmax = result.through_softmax
-            return result.value, result.grad.astype(self.dtype)
+            return (np.array([result.value]), 1, result.grad.astype(self.dtype),
+                    result.through_softmax)
         from convdsl.codegen.cuda import losses as device_losses
 
-        targets = self._send(f"target/{name}", target if loss is Loss.CROSS_ENTROPY
-                             else target.astype(self.dtype))
         grad = self._buffer(f"loss/{name}", value.shape)  # one per output: aux heads too
-        total, self._loss_through_softmax = device_losses.evaluate(
-            loss, value, targets, softmax, grad_at_logits, grad)
-        return total, grad
+        queued = device_losses.queue(loss, value, target, softmax, grad_at_logits, grad)
+        return queued.partial, queued.count, grad, queued.through_softmax
 
     def _targets_by_output(self, targets: np.ndarray | Mapping[str, np.ndarray]
                            ) -> Mapping[str, np.ndarray]:
@@ -421,6 +469,50 @@ class CompiledNetwork:
             total = self._accumulators[source] = self.device.zeros(grad.shape, self.dtype)
         self.device.add(pending[source], grad, total)
         pending[source] = total
+
+    # --- one training step ------------------------------------------------
+
+    def train_step(self, x: np.ndarray | Mapping[str, np.ndarray],
+                   targets: np.ndarray | Mapping[str, np.ndarray], optimizer: Optimizer,
+                   lr: float) -> TrainStep:
+        """One step of training as `convdsl train` takes it: a training forward, the
+        losses, backward (no input gradient), a count of NaN and infinity in the losses
+        and in every gradient, and the optimizer's update, gated by that count: a step
+        that finds one changes no parameter (batch norm's running statistics have moved,
+        as after any training forward).
+
+        On a GPU the host waits for the device once, at the end, to read the count, the
+        losses and the scores; everything before is queued. The batch and its targets go
+        out first, because a copy from host memory waits for every kernel queued before it."""
+        inputs = self._checked_inputs(x)
+        targets_sent = self._send_targets(targets)
+        self._forward(inputs, train=True, step=None)
+        gate = self._zeroed_gate()
+        queued = self._queue_losses(targets_sent)
+        for loss in queued:
+            self.device.add_nonfinite(loss.sums, gate)
+        self.backward(input_grad=False)
+        self.device.add_nonfinite(self.grads.flat, gate)
+        optimizer.step(self.trained, self.grads, lr, skip_if=gate)
+        # the one wait: everything above has run once the first copy is back
+        closed = bool(self.device.get(gate)[0])
+        value = float(sum(loss.weight * loss.value(self.device) for loss in queued))
+        scores = self.device.get(self._values[self.main_output])
+        if not closed:
+            return TrainStep(value, scores, None)
+        optimizer.skipped()
+        if not math.isfinite(value):
+            return TrainStep(value, scores, f"the loss is {value}")
+        bad = self.device.first_nonfinite(self.grads)
+        return TrainStep(value, scores, f"the gradient of '{bad}' holds NaN or infinity")
+
+    def _zeroed_gate(self) -> Array:
+        """The counter of a training step's NaN and infinity, zeroed (made once)."""
+        if self._gate is None:
+            self._gate = self.device.zeros((1,), np.int32)
+        else:
+            self.device.fill(self._gate, 0)
+        return self._gate
 
     # --- parameters -------------------------------------------------------
 

@@ -30,10 +30,11 @@ class LossValue:
     through_softmax: bool = False  # the grad skips the output layer's softmax
 
 
-def check_targets(loss: Loss, output: np.ndarray, targets: np.ndarray, name: str) -> None:
-    """Raise ValueError with a clear message if targets cannot go with this output."""
+def check_targets(loss: Loss, shape: tuple[int, ...], targets: np.ndarray, name: str) -> None:
+    """Raise ValueError with a clear message if targets cannot go with an output of
+    this (batched) shape."""
     if loss is Loss.CROSS_ENTROPY:
-        expected = (output.shape[0], *output.shape[2:])
+        expected = (shape[0], *shape[2:])
         if targets.shape != expected:
             raise ValueError(
                 f"targets for '{name}' have shape {targets.shape} but cross-entropy needs "
@@ -41,13 +42,13 @@ def check_targets(loss: Loss, output: np.ndarray, targets: np.ndarray, name: str
         if not np.issubdtype(targets.dtype, np.integer):
             raise ValueError(f"targets for '{name}' must be whole class indices, "
                              f"not {targets.dtype}")
-        classes = output.shape[1]
+        classes = shape[1]
         if targets.size and (targets.min() < 0 or targets.max() >= classes):
             raise ValueError(f"targets for '{name}' must lie in 0..{classes - 1}, found "
                              f"{int(targets.min())}..{int(targets.max())}")
-    elif loss is Loss.MSE and targets.shape != output.shape:
+    elif loss is Loss.MSE and targets.shape != shape:
         raise ValueError(f"targets for '{name}' have shape {targets.shape} but squared "
-                         f"error needs the output's shape {output.shape}")
+                         f"error needs the output's shape {shape}")
 
 
 def cross_entropy(output: np.ndarray, targets: np.ndarray, probabilities: bool,

@@ -77,25 +77,42 @@ class Optimizer(ABC):
         return {name: self.device.zeros(params[name].shape, params[name].dtype)
                 for name in self.names}
 
-    def step(self, params: Mapping[str, np.ndarray], grads: Arrays, lr: float) -> None:
+    def step(self, params: Mapping[str, np.ndarray], grads: Arrays, lr: float,
+             skip_if: Array | None = None) -> None:
         """One update of params[name], in place, for every name in grads (which must be
         the optimizer's parameters, all of them: the step count is shared). Parameters
         and gradients packed in the optimizer's layout (an executor's `trained` and
-        `grads`) update in one pass over their flat arrays."""
+        `grads`) update in one pass over their flat arrays.
+
+        `skip_if` gates the update: a one-element counter on the parameters' device
+        (Device.add_nonfinite's); where it is not 0 when the update runs, no parameter
+        or buffer changes. On a GPU the kernels read it, so the host need not wait to
+        know; the step counts all the same until its caller, having read the counter,
+        says otherwise (`skipped`)."""
         self._check_names(grads)
+        if self.device.name == "cpu" and skip_if is not None and skip_if[0]:
+            self.steps += 1
+            return
         if (isinstance(params, Packed) and isinstance(grads, Packed)
                 and self._lines_up(params, grads)):
             buffers = dict(self._packed_buffers())
             for part in self._parts(params.flat.size):
                 self._update(params.flat[part], grads.flat[part],
                              {kind: buffer.flat[part] for kind, buffer in buffers.items()},
-                             float(lr))
+                             float(lr), skip_if)
         else:
             for name, grad in grads.items():
                 self._update(params[name], grad,
                              {kind: buffer[name] for kind, buffer in self.buffers.items()},
-                             float(lr))
+                             float(lr), skip_if)
         self.steps += 1
+
+    def skipped(self) -> None:
+        """The last step's gate was closed, so it changed nothing: it does not count
+        (SGD's next step starts its momentum as the first does, Adam's keeps t)."""
+        if self.steps <= 0:
+            raise RunError("no step to take back", "call skipped() only after step()")
+        self.steps -= 1
 
     def _parts(self, size: int) -> list[slice]:
         """How a flat update is cut: whole on a GPU (one launch); on the CPU in parts of
@@ -116,9 +133,10 @@ class Optimizer(ABC):
 
     @abstractmethod
     def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
-                lr: float) -> None:
+                lr: float, skip_if: Array | None) -> None:
         """Update one parameter (or a flat pack of them) with its buffers, by kind;
-        `self.steps` is the number of steps before this one."""
+        `self.steps` is the number of steps before this one. On a GPU the kernel reads
+        the gate `skip_if`; on the CPU `step` has read it already."""
 
     def _check_names(self, grads: Arrays) -> None:
         unknown = [name for name in grads if name not in self.names]
@@ -183,13 +201,13 @@ class SGD(Optimizer):
         self.weight_decay = weight_decay
 
     def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
-                lr: float) -> None:
+                lr: float, skip_if: Array | None) -> None:
         buffer = buffers["momentum"] if self.momentum else None
         if self.device.name == "cuda":
             from convdsl.codegen.cuda import arrays
 
             arrays.sgd_step(param, grad, buffer, lr, self.weight_decay, self.momentum,
-                            self.nesterov, self.steps == 0)
+                            self.nesterov, self.steps == 0, skip_if)
             return
         direction = grad + self.weight_decay * param if self.weight_decay else grad
         if buffer is not None:
@@ -216,13 +234,13 @@ class Adam(Optimizer):
         self.decoupled = decoupled
 
     def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
-                lr: float) -> None:
+                lr: float, skip_if: Array | None) -> None:
         m, v = buffers["exp_avg"], buffers["exp_avg_sq"]
         if self.device.name == "cuda":
             from convdsl.codegen.cuda import arrays
 
             arrays.adam_step(param, grad, m, v, lr, self.beta1, self.beta2, self.eps,
-                             self.weight_decay, self.decoupled, self.steps + 1)
+                             self.weight_decay, self.decoupled, self.steps + 1, skip_if)
             return
         if self.weight_decay and self.decoupled:
             param *= 1 - lr * self.weight_decay

@@ -701,7 +701,7 @@ class ReferenceNetwork:
         self._loss_grads = {}
         for output in with_loss:
             value, target = self.outputs[output.name], np.asarray(targets[output.name])
-            losses.check_targets(output.loss, value, target, output.name)
+            losses.check_targets(output.loss, value.shape, target, output.name)
             softmax = ends_in_softmax(self.network.graph.layer(output.name))
             result = losses.evaluate(output.loss, value, target, softmax)
             total += output.weight * result.value

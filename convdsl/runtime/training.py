@@ -146,8 +146,8 @@ class Trainer:
                                                           settings.seed, 0))
         self.net = CompiledNetwork(network, settings.batch, settings.dtype, algo,
                                    settings.seed, settings.init, fuse=fuse, device=device)
-        self.trained = self.net.trained  # packed, as the gradients are: one pass per step
-        self.optimizer: Optimizer = make_optimizer(settings, self.trained)
+        # packed, as the gradients are: one pass per step
+        self.optimizer: Optimizer = make_optimizer(settings, self.net.trained)
         self.schedule = Schedule(settings, self.steps_per_epoch)
         self.fingerprint = ckpt.fingerprint(network)
         self.position = Position()
@@ -223,19 +223,13 @@ class Trainer:
         lr = self.schedule.lr(position.epoch, position.batch)
         step = self.net.step
         x, labels = self.x[indices], self.y[indices]
-        scores = self.net.forward(x, train=True)
-        loss = self.net.loss(targets_for(self.network, labels))
-        if not math.isfinite(loss):
-            self._stop_on_nonfinite(x, step, f"the loss is {loss}")
-        self.net.backward(input_grad=False)
-        bad = self.net.device.first_nonfinite(self.net.grads)
-        if bad is not None:
-            self._stop_on_nonfinite(x, step, f"the gradient of '{bad}' holds NaN or infinity")
-        self.optimizer.step(self.trained, self.net.grads, lr)
+        result = self.net.train_step(x, targets_for(self.network, labels), self.optimizer, lr)
+        if result.nonfinite is not None:  # the step changed no parameter
+            self._stop_on_nonfinite(x, step, result.nonfinite)
         position.batch += 1
         position.step = self.net.step
-        position.loss_sum += loss * len(indices)
-        position.correct += int(np.count_nonzero(scores.argmax(axis=1) == labels))
+        position.loss_sum += result.loss * len(indices)
+        position.correct += int(np.count_nonzero(result.scores.argmax(axis=1) == labels))
         position.seen += len(indices)
 
     def _finish_epoch(self) -> None:

@@ -68,10 +68,11 @@ def fold_bias(bias: Any, has_bias: Any, gamma: Any, beta: Any, mean: Any, var: A
 
 @cuda.jit(cache=True)
 def sgd_step(param: Any, grad: Any, buffer: Any, lr: Any, weight_decay: Any, momentum: Any,
-             nesterov: Any, first: Any) -> None:
-    """runtime/optim.py's SGD, one thread per value; momentum 0 leaves `buffer` unread."""
+             nesterov: Any, first: Any, skip: Any) -> None:
+    """runtime/optim.py's SGD, one thread per value; momentum 0 leaves `buffer` unread.
+    Nothing changes where skip[0] is not 0 (a gate: NaN or infinity found this step)."""
     i = cuda.grid(1)
-    if i < param.size:
+    if i < param.size and skip[0] == 0:
         d = grad[i]
         if weight_decay != 0:
             d = d + weight_decay * param[i]
@@ -85,10 +86,11 @@ def sgd_step(param: Any, grad: Any, buffer: Any, lr: Any, weight_decay: Any, mom
 @cuda.jit(cache=True)
 def adam_step(param: Any, grad: Any, m: Any, v: Any, weight_decay: Any, decoupled: Any,
               decay_factor: Any, one_minus_beta1: Any, beta2: Any, one_minus_beta2: Any,
-              step_size: Any, bias2_root: Any, eps: Any) -> None:
-    """runtime/optim.py's Adam and AdamW, one thread per value, in PyTorch's order."""
+              step_size: Any, bias2_root: Any, eps: Any, skip: Any) -> None:
+    """runtime/optim.py's Adam and AdamW, one thread per value, in PyTorch's order;
+    nothing changes where skip[0] is not 0."""
     i = cuda.grid(1)
-    if i < param.size:
+    if i < param.size and skip[0] == 0:
         g = grad[i]
         p = param[i]
         if weight_decay != 0:

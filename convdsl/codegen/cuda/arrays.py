@@ -67,6 +67,23 @@ def count_nonfinite(*xs: DeviceArray) -> list[int]:
     return [int(count) for count in counts.copy_to_host()[:len(xs)]]
 
 
+def add_nonfinite(x: DeviceArray, counter: DeviceArray) -> None:
+    """counter[0] += how many NaN or infinite values x holds, on the device: nothing
+    comes back, so the host does not wait (an update reads the counter: sgd_step)."""
+    if x.size:
+        launch_on(_kernels().count_nonfinite, blocks(x.size), THREADS, x, counter, 0)
+
+
+def _never() -> DeviceArray:
+    """A counter that stays 0: the gate of an update that nothing checked."""
+    if "never" not in _GATES:
+        _GATES["never"] = cuda().to_device(np.zeros(1, dtype=np.int32))
+    return _GATES["never"]
+
+
+_GATES: dict[str, DeviceArray] = {}
+
+
 def to_host(x: DeviceArray) -> np.ndarray:
     host: np.ndarray = x.copy_to_host()
     return host
@@ -96,22 +113,27 @@ def fold_batch_norm(weight: DeviceArray, bias: DeviceArray | None,
 
 
 def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, lr: float,
-             weight_decay: float, momentum: float, nesterov: bool, first: bool) -> None:
+             weight_decay: float, momentum: float, nesterov: bool, first: bool,
+             skip_if: DeviceArray | None = None) -> None:
     """One SGD update of one parameter in place (runtime/optim.py's SGD). The scalars
-    take the parameter's dtype, so float32 training computes in float32 as on the CPU."""
+    take the parameter's dtype, so float32 training computes in float32 as on the CPU.
+    Where the counter `skip_if` is not 0 when the kernel runs, nothing changes."""
     cast = param.dtype.type
     launch_on(_kernels().sgd_step, blocks(param.size), THREADS,
               param, grad, param if buffer is None else buffer, cast(lr),
-              cast(weight_decay), cast(momentum), nesterov, first)
+              cast(weight_decay), cast(momentum), nesterov, first,
+              _never() if skip_if is None else skip_if)
 
 
 def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceArray,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-              decoupled: bool, t: int) -> None:
-    """One Adam (or AdamW) update of one parameter in place, step t counted from 1."""
+              decoupled: bool, t: int, skip_if: DeviceArray | None = None) -> None:
+    """One Adam (or AdamW) update of one parameter in place, step t counted from 1;
+    nothing changes where the counter `skip_if` is not 0."""
     cast = param.dtype.type
     launch_on(
         _kernels().adam_step, blocks(param.size), THREADS,
         param, grad, m, v, cast(weight_decay), decoupled,
         cast(1 - lr * weight_decay), cast(1 - beta1), cast(beta2), cast(1 - beta2),
-        cast(lr / (1 - beta1 ** t)), cast((1 - beta2 ** t) ** 0.5), cast(eps))
+        cast(lr / (1 - beta1 ** t)), cast((1 - beta2 ** t) ** 0.5), cast(eps),
+        _never() if skip_if is None else skip_if)

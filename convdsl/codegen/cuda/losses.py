@@ -12,7 +12,8 @@ there are no races and no atomics; the host adds the few partial sums (float64, 
 fixed order), so the value is deterministic. The whole output never leaves the device.
 
 `DeviceLoss` holds one output's kernels and its partial-sum buffer (allocated once);
-`evaluate` is the function form, keeping one DeviceLoss per output shape and options.
+`queue` launches it, keeping one DeviceLoss per output shape and options, and
+`evaluate` also reads the value back.
 """
 
 from __future__ import annotations
@@ -140,28 +141,42 @@ class DeviceLoss:
                                                                     self.view, None]))
         self.partial = empty((partials,), np.float64)
 
-    def evaluate(self, output: DeviceArray, targets: DeviceArray, grad: DeviceArray
-                 ) -> tuple[float, bool]:
-        """Write d loss / d output (before the softmax when through_softmax) into
-        `grad`, shaped like `output`; return the loss and through_softmax."""
+    def launch(self, output: DeviceArray, targets: DeviceArray, grad: DeviceArray) -> None:
+        """Write d loss / d output (before the softmax when through_softmax) into `grad`,
+        shaped like `output`, and the loss's partial sums into `partial`: queued, so the
+        host does not wait (`value` reads them)."""
         if self._evaluate is None:  # loss=none: no loss, no gradient
             arrays.fill(grad, 0.0)
-            return 0.0, False
+            arrays.fill(self.partial, 0.0)
+            return
         self._evaluate(output, targets, grad, self.partial)
-        value = float(np.sum(self.partial.copy_to_host()) / self.count)
-        return value, self.through_softmax
+
+    def value(self) -> float:
+        """The loss of the last launch: its partial sums, added on the host (float64,
+        in a fixed order); the host waits here for the kernels queued before."""
+        return float(np.sum(self.partial.copy_to_host()) / self.count)
 
 
 _LOSSES: dict[tuple[Loss, tuple[int, ...], str, bool, bool], DeviceLoss] = {}
 
 
-def evaluate(loss: Loss, output: DeviceArray, targets: DeviceArray, softmax_output: bool,
-             grad_at_logits: bool, grad_output: DeviceArray) -> tuple[float, bool]:
-    """runtime/losses.evaluate on the device: writes the gradient into `grad_output`
-    (a device array shaped like `output`) and returns (loss value, through_softmax).
-    Targets are on the device: class indices of shape (N, *spatial) for cross-entropy,
-    the output's shape for squared error (checked by the caller, as on the CPU)."""
+def queue(loss: Loss, output: DeviceArray, targets: DeviceArray, softmax_output: bool,
+          grad_at_logits: bool, grad_output: DeviceArray) -> DeviceLoss:
+    """runtime/losses.evaluate on the device, launched: writes the gradient into
+    `grad_output` (a device array shaped like `output`) and returns the output's
+    DeviceLoss, whose `value()` is the loss once read. Targets are on the device: class
+    indices of shape (N, *spatial) for cross-entropy, the output's shape for squared
+    error (checked by the caller, as on the CPU)."""
     key = (loss, tuple(output.shape), str(output.dtype), softmax_output, grad_at_logits)
     if key not in _LOSSES:
         _LOSSES[key] = DeviceLoss(loss, key[1], key[2], softmax_output, grad_at_logits)
-    return _LOSSES[key].evaluate(output, targets, grad_output)
+    device_loss = _LOSSES[key]
+    device_loss.launch(output, targets, grad_output)
+    return device_loss
+
+
+def evaluate(loss: Loss, output: DeviceArray, targets: DeviceArray, softmax_output: bool,
+             grad_at_logits: bool, grad_output: DeviceArray) -> tuple[float, bool]:
+    """`queue`, then read: (loss value, through_softmax)."""
+    device_loss = queue(loss, output, targets, softmax_output, grad_at_logits, grad_output)
+    return device_loss.value(), device_loss.through_softmax

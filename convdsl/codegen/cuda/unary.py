@@ -75,8 +75,8 @@ class ActivationLayer(KernelLayer):
 
 class DropoutLayer(KernelLayer):
     """Training: y = x * mask, the mask drawn on the host from (seed, step, layer name)
-    as every back end draws it, and copied into a device buffer. Inference: the
-    identity, returning the input itself."""
+    as every back end draws it, and copied into a device buffer before the pass starts
+    (`send`). Inference: the identity, returning the input itself."""
 
     def __init__(self, setup: LayerSetup) -> None:
         super().__init__(setup)
@@ -94,6 +94,14 @@ class DropoutLayer(KernelLayer):
         self.dx = empty(setup.batched_inputs[0], setup.dtype)
         self.mask = empty(self.flat, setup.dtype)
         self.masked = False  # whether the last forward applied the mask (training)
+        self._sent: tuple[int, int] | None = None  # the (seed, step) of the mask there
+
+    def send(self, mode: Mode) -> None:
+        if mode.train and self._sent != (mode.seed, mode.step):
+            mask = dropout_mask(mode.seed, mode.step, self.name, self.setup.batched_output,
+                                self.p, self.setup.dtype)
+            self.mask.copy_to_device(mask.reshape(self.flat))
+            self._sent = (mode.seed, mode.step)
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
@@ -101,9 +109,7 @@ class DropoutLayer(KernelLayer):
         self.masked = mode.train
         if not mode.train:
             return x
-        mask = dropout_mask(mode.seed, mode.step, self.name, self.setup.batched_output,
-                            self.p, self.setup.dtype)
-        self.mask.copy_to_device(mask.reshape(self.flat))
+        self.send(mode)  # nothing to copy where the executor sent it before the pass
         self._multiply(x, self.mask, self.out)
         return self.out
 

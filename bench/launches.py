@@ -1,19 +1,22 @@
-"""Kernel launches per training step on the CUDA target, counted without a GPU.
+"""Kernel launches and host waits per training step on the CUDA target, counted
+without a GPU.
 
     NUMBA_ENABLE_CUDASIM=1 python bench/launches.py [--network FILE:BATCH ...]
 
 A small network's step on a GPU is bound by the Python work of each launch, not by
 the GPU (docs/performance.md), so the number of launches per step is a figure that
-matters there and that any machine can count. The kernels are never run: every launch
-site (codegen/cuda/common.Launch) is replaced by a counter, which the simulator makes
-possible without a driver. A step is what `convdsl train` does: forward, loss,
-backward, the check of the gradients for NaN, and an SGD update with momentum.
+matters there and that any machine can count. So is the number of times the host waits
+for the GPU: a copy to the host, and a copy from host memory, both wait for every
+kernel queued before them, and the GPU then idles until the host queues the next. The
+kernels are never run: every launch site (codegen/cuda/common.Launch) is replaced by a
+counter, and the simulator's copies are watched, which the simulator makes possible
+without a driver. A step is what `convdsl train` does (CompiledNetwork.train_step):
+forward, loss, backward, the check for NaN, and an SGD update with momentum.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 from typing import Any
@@ -48,26 +51,94 @@ class Stepper:
                 self.targets[output.name] = np.zeros(shape, dtype=np.float32)
 
     def train_step(self) -> None:
-        """Forward, loss, backward, the NaN check of the gradients, the update."""
-        net = self.net
-        net.forward(self.inputs, train=True)
-        net.loss(self.targets)
-        net.backward(input_grad=False)
-        net.device.first_nonfinite(net.grads)
-        self.optimizer.step(net.trained, net.grads, 0.1)
+        """Forward, loss, backward, the NaN check, the update: as `convdsl train`."""
+        self.net.train_step(self.inputs, self.targets, self.optimizer, 0.1)
 
     def inference(self) -> None:
         self.net.forward(self.inputs, train=False)
 
 
-def count_step(path: str, batch: int, counts: collections.Counter[str]) -> tuple[int, int]:
-    """The network's trained arrays, and the launches of one training step (the second:
-    the first may set things up)."""
+class Events:
+    """What the host does to the GPU, in order: "launch", "copy" (host to device or
+    back: the host waits for the kernels queued before) or "device copy" (within the
+    GPU, queued like a kernel)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def launches(self) -> int:
+        return self.seen.count("launch")
+
+    def queued(self) -> bool:
+        """Whether the events end with kernels queued: a launch after the last copy."""
+        copies_and_launches = [event for event in self.seen if event != "device copy"]
+        return bool(copies_and_launches) and copies_and_launches[-1] == "launch"
+
+    def waits(self, queued: bool = False) -> int:
+        """Copies that found kernels queued before them (`queued`: some were when the
+        events began): each is a wait of the host."""
+        waits = 0
+        for event in self.seen:
+            if event == "copy":
+                waits += queued
+                queued = False
+            elif event == "launch":
+                queued = True
+        return waits
+
+    def watch(self) -> None:
+        """Count every launch instead of running it, and note the simulator's copies."""
+        from numba import cuda
+        from numba.cuda.simulator.cudadrv import devicearray
+
+        from convdsl.codegen.cuda import common
+
+        seen = self.seen
+        to_host, to_device = (devicearray.FakeCUDAArray.copy_to_host,
+                              devicearray.FakeCUDAArray.copy_to_device)
+        new_on_device, new_array = cuda.to_device, cuda.device_array
+
+        def launched(site: Any, *args: Any) -> None:
+            seen.append("launch")
+
+        def copied_to_host(array: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append("copy")
+            return to_host(array, *args, **kwargs)
+
+        def copied_to_device(array: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+            within = isinstance(source, devicearray.FakeCUDAArray)
+            seen.append("device copy" if within else "copy")
+            return to_device(array, source, *args, **kwargs)
+
+        def sent(source: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append("copy")
+            return new_on_device(source, *args, **kwargs)
+
+        def zeroed(*args: Any, **kwargs: Any) -> Any:
+            # no kernel runs, so none fills memory: zeros keep a step on its usual path
+            # (an open NaN gate, finite losses)
+            array = new_array(*args, **kwargs)
+            array._ary.fill(0)
+            return array
+
+        setattr(common.Launch, "__call__", launched)  # noqa: B010 (a method, replaced)
+        setattr(devicearray.FakeCUDAArray, "copy_to_host", copied_to_host)  # noqa: B010
+        setattr(devicearray.FakeCUDAArray, "copy_to_device", copied_to_device)  # noqa: B010
+        setattr(cuda, "to_device", sent)  # noqa: B010
+        setattr(cuda, "device_array", zeroed)  # noqa: B010
+
+
+def count_step(path: str, batch: int, events: Events) -> tuple[int, int, int]:
+    """The network's trained arrays, and the launches and host waits of one training
+    step in a run of them (the third: the first sets things up, and a step's first copy
+    waits for the step before if that one ended with kernels queued)."""
     stepper = Stepper(path, batch)
     for _ in range(2):
-        counts.clear()
         stepper.train_step()
-    return len(stepper.net.trained), sum(counts.values())
+    queued = events.queued()
+    events.seen.clear()
+    stepper.train_step()
+    return len(stepper.net.trained), events.launches(), events.waits(queued)
 
 
 def main() -> None:
@@ -77,20 +148,15 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         sys.exit("run it with NUMBA_ENABLE_CUDASIM=1: launches are counted, never run")
-    from convdsl.codegen.cuda import common
-
-    counts: collections.Counter[str] = collections.Counter()
-
-    def counted(site: Any, *args: Any) -> None:
-        counts[site.name] += 1
-
-    setattr(common.Launch, "__call__", counted)  # noqa: B010 (a method, replaced)
-    print("| network | batch | trained arrays | launches per training step |")
-    print("|---|---:|---:|---:|")
+    events = Events()
+    events.watch()
+    print("| network | batch | trained arrays | launches per training step "
+          "| host waits per step |")
+    print("|---|---:|---:|---:|---:|")
     for entry in args.network or DEFAULT:
         path, _, batch = entry.rpartition(":")
-        arrays, launches = count_step(path, int(batch), counts)
-        print(f"| {path} | {batch} | {arrays} | {launches} |")
+        arrays, launches, waits = count_step(path, int(batch), events)
+        print(f"| {path} | {batch} | {arrays} | {launches} | {waits} |")
 
 
 if __name__ == "__main__":

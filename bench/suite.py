@@ -116,14 +116,12 @@ def torch_model(path: Path, batch: int) -> tuple[TorchModel, np.ndarray, np.ndar
 
 def convdsl_steps(net: convdsl.CompiledNetwork, x: np.ndarray, y: np.ndarray
                   ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """convdsl's training step (forward, loss, backward, SGD with momentum) and inference."""
+    """convdsl's training step as `convdsl train` takes it (forward, loss, backward, the
+    check for NaN, SGD with momentum: CompiledNetwork.train_step) and inference."""
     optimizer = SGD(net.trained, momentum=MOMENTUM)
 
     def train() -> None:
-        net.forward(x, train=True)
-        net.loss(y)
-        net.backward(input_grad=False)
-        optimizer.step(net.trained, net.grads, LR)
+        net.train_step(x, y, optimizer, LR)
 
     def infer() -> None:
         net.forward(x, train=False)

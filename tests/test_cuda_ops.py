@@ -176,12 +176,59 @@ def test_batchnorm_threads_loop_over_many_values(monkeypatch: pytest.MonkeyPatch
         assert getattr(kernel, "threads", None) == 4
 
 
-def test_batchnorm_running_statistics_over_steps() -> None:
+SPLIT_BATCHNORMS = [
+    ((3, 4, 5), "affine=yes, act=relu", True, 4),
+    ((3, 4, 5), "affine=no, act=identity", True, 4),
+    ((3, 20), "affine=yes, act=tanh", False, 4),
+    ((6,), "affine=yes, act=sigmoid", True, 24),  # flat: one position per channel
+]
+
+
+def share_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 4 threads, 3 values each at least, and up to 16 blocks per layer: tiny
+    channels shared by several blocks, as ResNet's first layers are on a GPU."""
+    from convdsl.codegen.cuda import norm
+
+    monkeypatch.setattr(norm, "CHANNEL_THREADS", 4)
+    monkeypatch.setattr(norm, "VALUES_PER_THREAD", 3)
+    monkeypatch.setattr(norm, "CHANNEL_BLOCKS", 16)
+
+
+@pytest.mark.parametrize(("shape", "options", "train", "batch"), SPLIT_BATCHNORMS)
+def test_batchnorm_channels_shared_by_blocks(shape: tuple[int, ...], options: str,
+                                             train: bool, batch: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each channel's sums over several blocks: per-block partial sums, then a second
+    kernel that adds them (forward statistics, and backward's sums)."""
+    share_channels(monkeypatch)
+    kernel = check_layer(network(shape, f"bn(momentum=0.3, {options})"), "y",
+                         batch=batch, dtype="float64", train=train, device="cuda")
+    blocks = getattr(kernel, "blocks", None)
+    assert blocks is not None and blocks > 1, blocks
+
+
+def test_channel_blocks_fill_the_gpu_only_where_channels_are_few() -> None:
+    from convdsl.codegen.cuda.norm import channel_blocks
+
+    # ResNet-18-CIFAR at batch 128: 64 channels of 32x32, 128 of 16x16, 512 of 4x4
+    assert channel_blocks(64, 128 * 32 * 32, 512) == 8
+    assert channel_blocks(128, 128 * 16 * 16, 512) == 4
+    assert channel_blocks(512, 128 * 4 * 4, 512) == 1
+    assert channel_blocks(6, 100, 128) == 1  # too few values to share
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["block-per-channel", "shared"])
+def test_batchnorm_running_statistics_over_steps(split: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Three training steps then inference: running statistics and the batch count
-    follow the reference step by step, updated in place on the device."""
+    follow the reference step by step, updated in place on the device (by one block of
+    each channel, where several share it)."""
+    if split:
+        share_channels(monkeypatch)
     net = convdsl.loads(network((3, 4, 5), "bn(momentum=0.2)"))
     setup = layer_setups(net, 4, "float64", device="cuda")["y"]
     kernel = build_layer(setup)
+    assert (getattr(kernel, "blocks", 1) > 1) == split
     rng = np.random.default_rng(11)
     expected = {"weight": random_array(rng, (3,)), "bias": random_array(rng, (3,)),
                 "running_mean": random_array(rng, (3,)),

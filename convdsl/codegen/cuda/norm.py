@@ -1,20 +1,27 @@
 """Batch normalisation on the GPU, training and inference, any spatial rank or a flat
 input; the same semantics as codegen/cpu/norm.py.
 
-The kernels see the input as (N, C, S): S positions per channel (S = 1 for a flat vector
-of C features). Every statistic is per channel, so each kernel runs ONE BLOCK PER
-CHANNEL: the block's threads stride over the channel's N*S values, each summing its
-share in a float64 register, then combine the shares in a shared-memory tree reduction
-(a fixed pairing, so the result is the same on every run; no atomics). Only the block
-of channel c writes channel c of the output, of the input gradient, of the running
-statistics and of the parameter gradients, so no two blocks ever write one address.
+The kernels see the input as (N, C, S), S positions per channel (S = 1 for a flat vector
+of C features), and read it flat at unsigned offsets. Every statistic is per channel:
+each channel's N*S values are shared by `blocks` blocks (channel_blocks: one where the
+layer has channels enough to fill the GPU, up to CHANNEL_BLOCKS / C where it has few),
+whose threads stride over them, each summing its share in float64 registers, then
+combine the shares in a shared-memory tree (a fixed pairing, so the result is the same
+on every run; no atomics). With one block per channel each pass is one kernel. With
+several, a pass whose values need the channel's sums is two: the first writes each
+block's sums to `partial`, the second adds a channel's partial sums in block order (in
+every thread: a few cached loads) and goes on. Only blocks of channel c write channel c
+of the output and the input gradient, each its own values; only its first block writes
+the statistics, running statistics and parameter gradients of channel c.
 
-Training normalises with the batch mean and biased variance (two passes over the
-values: no cancellation in E[x^2] - E[x]^2) and updates the running statistics in place
-with the unbiased variance and the momentum, as PyTorch does; the block of channel 0
-also counts the batch in num_batches_tracked. Inference uses the running statistics.
-Forward keeps the mean and 1/sqrt(var + eps) it used per channel (float64), so backward
-recomputes xhat = (x - mean) / std from the input instead of storing it.
+Training normalises with the batch mean and biased variance and updates the running
+statistics in place with the unbiased variance and the momentum, as PyTorch does; the
+first block of channel 0 also counts the batch in num_batches_tracked. The variance
+comes from float64 sums of d and d*d, d = x - x[0, c, 0]: shifted by one of the
+channel's own values, the sums of float32 values lose nothing to cancellation, and the
+statistics take one pass over the values instead of two. Inference uses the running
+statistics. Forward keeps the mean and 1/sqrt(var + eps) it used per channel (float64),
+so backward recomputes xhat = (x - mean) / std from the input instead of storing it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +38,7 @@ from convdsl.codegen.activations import apply_act, gradient_lines
 from convdsl.codegen.cuda.activation import FusedAct
 from convdsl.codegen.cuda.common import (
     CHANNEL_THREADS,
+    FLAT,
     JIT,
     PRELUDE,
     DeviceArray,
@@ -42,16 +51,33 @@ from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import BatchNormAttrs, Op
 
+# A channel's values are shared by several blocks where that gives the layer about this
+# many blocks in all (four of 512 threads on each of an H100's 132 SMs), as long as each
+# thread still sums at least VALUES_PER_THREAD values: with one block per channel,
+# ResNet-18-CIFAR's first layers ran 64 blocks, on half the SMs, each thread waiting on
+# its loads in turn.
+CHANNEL_BLOCKS = 512
+VALUES_PER_THREAD = 8
+
 
 def block_threads(count: int) -> int:
-    """Threads of a one-block-per-channel kernel: the smallest power of two (for the
-    tree) that covers the channel's values, at most CHANNEL_THREADS. Real layers fill
+    """Threads of a block that sums a channel's values: the smallest power of two (for
+    the tree) that covers the channel's values, at most CHANNEL_THREADS. Real layers fill
     whole warps; a tiny one starts no idle threads (each costs real time in the
     simulator)."""
     threads = 1
     while threads < min(count, CHANNEL_THREADS):
         threads *= 2
     return threads
+
+
+def channel_blocks(channels: int, count: int, threads: int) -> int:
+    """Blocks that share one channel's `count` values: enough that the layer has about
+    CHANNEL_BLOCKS blocks in all, as long as each thread still sums VALUES_PER_THREAD
+    values or more."""
+    wanted = -(-CHANNEL_BLOCKS // channels)
+    most = count // (threads * VALUES_PER_THREAD)
+    return max(1, min(wanted, most))
 
 
 def _tree(code: Code, buffers: list[str], threads: int) -> None:
@@ -66,71 +92,120 @@ def _tree(code: Code, buffers: list[str], threads: int) -> None:
         step //= 2
 
 
-@contextmanager
-def _my_values(code: Code, count: int, positions: int, threads: int) -> Iterator[None]:
-    """A loop over the values of channel c that thread t handles: binds n, s."""
-    with code.block(f"for j in range(t, {count}, {threads})"):
-        code.line(f"n = j // {positions}")
-        code.line(f"s = j % {positions}")
-        yield
+class _Channel:
+    """The generated code's view of channel c of an (N, C, S) array read flat: which
+    block (of `blocks` per channel) and thread run, and the loop over their values."""
+
+    def __init__(self, code: Code, spec: KernelSpec) -> None:
+        ((batch, channels, positions),) = spec.shapes
+        self.code = code
+        self.batch, self.channels, self.positions = batch, channels, positions
+        self.count = batch * positions  # values per channel
+        self.threads = int(spec.option("threads"))
+        self.blocks = int(spec.option("blocks"))
+
+    def start(self) -> None:
+        """Bind c (the channel), b (this block's share of it) and t (the thread)."""
+        if self.blocks == 1:
+            self.code.line("c = cuda.blockIdx.x")
+            self.code.line("b = 0")
+        else:
+            self.code.line(f"c = cuda.blockIdx.x // {self.blocks}")
+            self.code.line(f"b = cuda.blockIdx.x % {self.blocks}")
+        self.code.line("t = cuda.threadIdx.x")
+
+    def first(self) -> str:
+        """The channel's first value, x[0, c, 0], as float64: the shift of its sums."""
+        return f"float64(x[uint64(c * {self.positions})])"
+
+    @contextmanager
+    def values(self) -> Iterator[None]:
+        """A loop over this block's and thread's values of channel c: binds `o`, their
+        offset in the flat array. Blocks take turns by whole rows of `threads` values,
+        so a warp reads consecutive addresses."""
+        code, positions = self.code, self.positions
+        start = "t" if self.blocks == 1 else f"b * {self.threads} + t"
+        # All unsigned (Numba would turn a mix with signed integers into floats): no
+        # wrap-around of negative indices, and division by a power of two is a shift.
+        code.line(f"first = uint64(c * {positions})")
+        code.line(f"j = uint64({start})")
+        with code.block(f"while j < uint64({self.count})"):
+            if positions == 1:
+                code.line(f"o = j * uint64({self.channels}) + first")
+            else:
+                code.line(f"o = (j // uint64({positions})) * "
+                          f"uint64({self.channels * positions}) + first + "
+                          f"j % uint64({positions})")
+            yield
+            code.line(f"j += uint64({self.blocks * self.threads})")
+
+    def block_sums(self, names: list[str]) -> None:
+        """Each thread's `names` become their sums over the block (a shared-memory tree:
+        a fixed pairing, the same result on every run)."""
+        for name in names:
+            self.code.line(f"sum_{name} = cuda.shared.array({self.threads}, float64)")
+            self.code.line(f"sum_{name}[t] = {name}")
+        _tree(self.code, [f"sum_{name}" for name in names], self.threads)
+        for name in names:
+            self.code.line(f"{name} = sum_{name}[0]")
+
+    def store_partials(self, names: list[str]) -> None:
+        """This block's sums into partial[c, b, :], for the kernel that follows."""
+        with self.code.block("if t == 0"):
+            for index, name in enumerate(names):
+                self.code.line(f"partial[c, b, {index}] = {name}")
+
+    def gather_partials(self, names: list[str]) -> None:
+        """`names` summed over the channel's blocks, in block order: every thread reads
+        the same few partial sums (one cached load each), so no barrier is needed."""
+        for name in names:
+            self.code.line(f"{name} = 0.0")
+        with self.code.block(f"for i in range({self.blocks})"):
+            for index, name in enumerate(names):
+                self.code.line(f"{name} += partial[c, i, {index}]")
 
 
 @cache.template("cuda_batchnorm")
 def _render_batchnorm(spec: KernelSpec) -> str:
-    """forward_train, forward_eval, backward_train, backward_eval over (N, C, S)
-    arrays, each launched as [C, threads]."""
-    ((batch, _, positions),) = spec.shapes
-    count = batch * positions  # values per channel
-    threads = int(spec.option("threads"))
+    """Over (N, C, S) arrays read flat, launched as [C * blocks, threads]. With one block
+    per channel: forward_train, forward_eval, backward_train, backward_eval, each one
+    kernel. With several, a channel's sums take two kernels, the second reading the
+    first's partial sums per block: statistics then normalize_train, forward_eval,
+    gradient_sums then input_grad_train or input_grad_eval."""
+    channel = _Channel(Code(), spec)
+    code = channel.code
     affine = bool(spec.option("affine"))
     eps = float(spec.option("eps"))
     momentum = float(spec.option("momentum"))
     keep = 1.0 - momentum
+    count = channel.count
     unbias = count / (count - 1) if count > 1 else math.nan  # the layer refuses count 1
-    scale_arg, grad_args = ("w, b, ", ", dw, db") if affine else ("", "")
+    split = channel.blocks > 1
+    scale_arg, grad_args = ("w, bias, ", ", dw, db") if affine else ("", "")
 
-    code = Code()
     code.line(PRELUDE)
-    code.line("import numba")
+    code.line("from numba import float64, uint64")
     code.line()
 
-    def start() -> None:
-        code.line("c = cuda.blockIdx.x")
-        code.line("t = cuda.threadIdx.x")
+    def first_sums() -> None:
+        """s1, s2: sums of d and d*d over this thread's values, d = x - the shift."""
+        code.line(f"shift = {channel.first()}")
+        code.line("s1 = 0.0")
+        code.line("s2 = 0.0")
+        with channel.values():
+            code.line("d = float64(x[o]) - shift")
+            code.line("s1 += d")
+            code.line("s2 += d * d")
 
-    def reduce_into(name: str) -> None:
-        """Every thread's `name` becomes the sum over the block."""
-        code.line(f"buf[t] = {name}")
-        _tree(code, ["buf"], threads)
-        code.line(f"{name} = buf[0]")
-
-    def normalise_into_y() -> None:
-        """y = act((x - mu) * r * w + b) over this thread's values, given mu and r."""
-        code.line("scale = r * w[c]" if affine else "scale = r")
-        code.line("shift = b[c]" if affine else "shift = 0.0")
-        with _my_values(code, count, positions, threads):
-            code.line("v = (x[n, c, s] - mu) * scale + shift")
-            code.line(f"y[n, c, s] = {apply_act(spec, 'v')}")
-
-    code.line(JIT)
-    with code.block(f"def forward_train(x, {scale_arg}y, mean, inv, running_mean, "
-                    "running_var, tracked)"):
-        start()
-        code.line(f"buf = cuda.shared.array({threads}, numba.float64)")
-        code.line("total = 0.0")
-        with _my_values(code, count, positions, threads):
-            code.line("total += x[n, c, s]")
-        reduce_into("total")
-        code.line(f"mu = total / {count}")
-        code.line("cuda.syncthreads()")  # everyone has read buf[0] before it is reused
-        code.line("spread = 0.0")
-        with _my_values(code, count, positions, threads):
-            code.line("d = x[n, c, s] - mu")
-            code.line("spread += d * d")
-        reduce_into("spread")
-        code.line(f"var = spread / {count}")  # biased: what normalises the batch
+    def statistics_from_sums() -> None:
+        """mu, var (biased) and r = 1/sqrt(var + eps) from the channel's s1 and s2, and
+        by one thread the statistics kept and the running ones. Shifted by one of the
+        channel's values, float64 sums of float32 values lose nothing to cancellation."""
+        code.line(f"m1 = s1 / {count}")
+        code.line("mu = shift + m1")
+        code.line(f"var = max(s2 / {count} - m1 * m1, 0.0)")  # what normalises the batch
         code.line(f"r = 1.0 / math.sqrt(var + {eps!r})")
-        with code.block("if t == 0"):
+        with code.block("if b == 0 and t == 0"):
             code.line("mean[c] = mu")
             code.line("inv[c] = r")
             # PyTorch's update, with the unbiased variance
@@ -139,63 +214,104 @@ def _render_batchnorm(spec: KernelSpec) -> str:
                       f"{unbias!r}")
             with code.block("if c == 0"):
                 code.line("tracked[0] += 1")
+
+    def normalise_into_y() -> None:
+        """y = act((x - mu) * r * w + bias) over this thread's values, given mu and r."""
+        code.line("scale = r * w[c]" if affine else "scale = r")
+        code.line("offset = bias[c]" if affine else "offset = 0.0")
+        with channel.values():
+            code.line("v = (x[o] - mu) * scale + offset")
+            code.line(f"y[o] = {apply_act(spec, 'v')}")
+
+    train_args = (f"x, {scale_arg}y, mean, inv, running_mean, running_var, tracked"
+                  + (", partial" if split else ""))
+    if split:
+        code.line(JIT)
+        with code.block("def statistics(x, partial)"):
+            channel.start()
+            first_sums()
+            channel.block_sums(["s1", "s2"])
+            channel.store_partials(["s1", "s2"])
+        code.line()
+    code.line(JIT)
+    with code.block(f"def {'normalize_train' if split else 'forward_train'}({train_args})"):
+        channel.start()
+        if split:
+            code.line(f"shift = {channel.first()}")
+            channel.gather_partials(["s1", "s2"])
+        else:
+            first_sums()
+            channel.block_sums(["s1", "s2"])
+        statistics_from_sums()
         normalise_into_y()
     code.line()
     code.line(JIT)
     with code.block(f"def forward_eval(x, {scale_arg}y, mean, inv, running_mean, "
                     "running_var)"):
-        start()
+        channel.start()
         code.line("mu = running_mean[c]")
         code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
-        with code.block("if t == 0"):
+        with code.block("if b == 0 and t == 0"):
             code.line("mean[c] = mu")
             code.line("inv[c] = r")
         normalise_into_y()
 
-    def sums() -> None:
-        """sum_g = sum of g, sum_gx = sum of g * xhat over channel c (block-wide)."""
-        start()
-        code.line(f"buf_g = cuda.shared.array({threads}, numba.float64)")
-        code.line(f"buf_gx = cuda.shared.array({threads}, numba.float64)")
+    def gradient_sums() -> None:
+        """sum_g and sum_gx: g and g * xhat summed over this thread's values."""
         code.line("mu = mean[c]")
         code.line("r = inv[c]")
-        code.line("sum_g = 0.0")
-        code.line("sum_gx = 0.0")
-        with _my_values(code, count, positions, threads):
-            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
-            code.line("sum_g += g")
-            code.line("sum_gx += g * (x[n, c, s] - mu) * r")
-        code.line("buf_g[t] = sum_g")
-        code.line("buf_gx[t] = sum_gx")
-        _tree(code, ["buf_g", "buf_gx"], threads)
-        code.line("sum_g = buf_g[0]")
-        code.line("sum_gx = buf_gx[0]")
-        if affine:
-            with code.block("if t == 0"):
-                code.line("dw[c] = sum_gx")
-                code.line("db[c] = sum_g")
+        code.line("g_total = 0.0")
+        code.line("gx_total = 0.0")
+        with channel.values():
+            gradient_lines(code, spec, "g", "dy[o]", "y[o]")
+            code.line("g_total += g")
+            code.line("gx_total += g * (x[o] - mu) * r")
+
+    def parameter_grads() -> None:
         code.line("gain = r * w[c]" if affine else "gain = r")
+        if affine:
+            with code.block("if b == 0 and t == 0"):
+                code.line("dw[c] = gx_total")
+                code.line("db[c] = g_total")
+
+    def input_grad(train: bool) -> None:
+        with channel.values():
+            gradient_lines(code, spec, "g", "dy[o]", "y[o]")
+            if train:  # the batch statistics depend on x too: remove g's mean and xhat part
+                code.line("xhat = (x[o] - mu) * r")
+                code.line("dx[o] = (g - mean_g - xhat * mean_gx) * gain")
+            else:  # fixed statistics: a per-channel affine map
+                code.line("dx[o] = g * gain")
 
     w_arg = "w, " if affine else ""
-    signature = f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad)"
-    code.line()
-    code.line(JIT)
-    with code.block(f"def backward_train{signature}"):
-        sums()
-        # the batch statistics depend on x too: remove g's mean and its xhat part
-        code.line(f"mean_g = sum_g / {count}")
-        code.line(f"mean_gx = sum_gx / {count}")
-        with _my_values(code, count, positions, threads):
-            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
-            code.line("xhat = (x[n, c, s] - mu) * r")
-            code.line("dx[n, c, s] = (g - mean_g - xhat * mean_gx) * gain")
-    code.line()
-    code.line(JIT)
-    with code.block(f"def backward_eval{signature}"):
-        sums()  # fixed statistics: a per-channel affine map
-        with _my_values(code, count, positions, threads):
-            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
-            code.line("dx[n, c, s] = g * gain")
+    signature = (f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad"
+                 + (", partial)" if split else ")"))
+    if split:
+        code.line()
+        code.line(JIT)
+        with code.block("def gradient_sums(x, y, dy, mean, inv, partial, act_grad)"):
+            channel.start()
+            gradient_sums()
+            channel.block_sums(["g_total", "gx_total"])
+            channel.store_partials(["g_total", "gx_total"])
+    for train in (True, False):
+        code.line()
+        code.line(JIT)
+        name = ("input_grad_" if split else "backward_") + ("train" if train else "eval")
+        with code.block(f"def {name}{signature}"):
+            channel.start()
+            if split:
+                code.line("mu = mean[c]")
+                code.line("r = inv[c]")
+                channel.gather_partials(["g_total", "gx_total"])
+            else:
+                gradient_sums()
+                channel.block_sums(["g_total", "gx_total"])
+            parameter_grads()
+            if train:
+                code.line(f"mean_g = g_total / {count}")
+                code.line(f"mean_gx = gx_total / {count}")
+            input_grad(train)
     return code.text()
 
 
@@ -210,36 +326,56 @@ class BatchNormLayer(KernelLayer):
         self.count = batch * self.view[2]
         self.channels = channels
         self.threads = block_threads(self.count)
+        self.blocks = channel_blocks(channels, self.count, self.threads)
         self.act = FusedAct(attrs.act, setup.batched_output, setup.dtype)
         self.spec = KernelSpec.make("cuda_batchnorm", setup.dtype, (self.view,),
                                     eps=attrs.eps, momentum=attrs.momentum,
                                     affine=attrs.affine, threads=self.threads,
-                                    **self.act.options())
+                                    blocks=self.blocks, **self.act.options())
         self.specs = [self.spec, *self.act.specs]
-        self.algorithm = "block per channel"
-        self.reason = (f"one block of {self.threads} threads per channel, shared-memory "
-                       "tree reductions")
-        module = cache.load(self.spec)
+        if self.blocks == 1:
+            self.algorithm = "block per channel"
+            self.reason = (f"one block of {self.threads} threads per channel, "
+                           "shared-memory tree sums")
+        else:
+            self.algorithm = "blocks per channel"
+            self.reason = (f"{self.blocks} blocks of {self.threads} threads per channel, "
+                           "shared-memory tree sums, then the blocks' sums in order")
         self.out = empty(setup.batched_output, setup.dtype)
         self.dx = empty(setup.batched_inputs[0], setup.dtype)
-        scale: list[View] = [None, None] if self.affine else []
-        weight: list[View] = [None] if self.affine else []
-        grid = self.channels, self.threads
-        view = self.view
-        # forward: x, [weight, bias], y, mean, inv, running_mean, running_var[, count]
-        self._forward_train = Launch(module.forward_train, *grid,
-                                     views=[view, *scale, view, None, None, None, None, (1,)])
-        self._forward_eval = Launch(module.forward_eval, *grid,
-                                    views=[view, *scale, view, None, None, None, None])
-        # backward: x, y, dy, [weight], mean, inv, dx, [dweight, dbias], act_grad
-        views = [view, view, view, *weight, None, None, view, *scale, None]
-        self._backward_train = Launch(module.backward_train, *grid, views=views)
-        self._backward_eval = Launch(module.backward_eval, *grid, views=views)
-        # the statistics forward used, kept as computed
+        # the statistics forward used, kept as computed; the blocks' sums of a channel
         self.mean = empty((channels,), np.float64)
         self.inv = empty((channels,), np.float64)
+        self.partial = empty((channels, self.blocks, 2), np.float64)
+        self._launches(cache.load(self.spec))
         self.x: DeviceArray | None = None
         self.train = False
+
+    def _launches(self, module: Any) -> None:
+        grid = self.channels * self.blocks, self.threads
+        scale: list[View] = [FLAT, FLAT] if self.affine else []
+        weight: list[View] = [FLAT] if self.affine else []
+        split: list[View] = [None] if self.blocks > 1 else []
+        # forward: x, [weight, bias], y, mean, inv, running_mean, running_var, count[,
+        # partial]
+        forward: list[View] = [FLAT, *scale, FLAT, FLAT, FLAT, FLAT, FLAT]
+        self._statistics = (Launch(module.statistics, *grid, views=[FLAT, None])
+                            if self.blocks > 1 else None)
+        self._forward_train = Launch(
+            module.normalize_train if self.blocks > 1 else module.forward_train, *grid,
+            views=[*forward, FLAT, *split])
+        self._forward_eval = Launch(module.forward_eval, *grid, views=forward)
+        # backward: x, y, dy, [weight], mean, inv, dx, [dweight, dbias], act_grad[,
+        # partial]
+        backward: list[View] = [FLAT, FLAT, FLAT, *weight, FLAT, FLAT, FLAT, *scale, None,
+                                *split]
+        self._gradient_sums = (Launch(module.gradient_sums, *grid,
+                                      views=[FLAT, FLAT, FLAT, FLAT, FLAT, None, None])
+                               if self.blocks > 1 else None)
+        prefix = "input_grad_" if self.blocks > 1 else "backward_"
+        self._backward_train = Launch(getattr(module, prefix + "train"), *grid,
+                                      views=backward)
+        self._backward_eval = Launch(getattr(module, prefix + "eval"), *grid, views=backward)
 
     def forward(self, inputs: list[DeviceArray], params: dict[str, DeviceArray],
                 mode: Mode) -> DeviceArray:
@@ -250,9 +386,12 @@ class BatchNormLayer(KernelLayer):
             if self.count < 2:
                 raise ValueError(f"'{self.name}': batch norm in training needs more than "
                                  "one value per channel")
+            split = [self.partial] if self._statistics is not None else []
+            if self._statistics is not None:
+                self._statistics(self.x, self.partial)
             self._forward_train(
                 self.x, *scale, self.out, self.mean, self.inv, params["running_mean"],
-                params["running_var"], params["num_batches_tracked"])
+                params["running_var"], params["num_batches_tracked"], *split)
         else:
             self._forward_eval(
                 self.x, *scale, self.out, self.mean, self.inv, params["running_mean"],
@@ -268,9 +407,13 @@ class BatchNormLayer(KernelLayer):
         act_grad = self.act.backward(self.out, grad_output, skip_act)
         weight = [params["weight"]] if self.affine else []
         param_grads = [grads["weight"], grads["bias"]] if self.affine else []
+        split = [self.partial] if self._gradient_sums is not None else []
+        if self._gradient_sums is not None:
+            self._gradient_sums(self.x, self.out, grad_output, self.mean, self.inv,
+                                self.partial, act_grad)
         run = self._backward_train if self.train else self._backward_eval
         run(self.x, self.out, grad_output, *weight, self.mean, self.inv, self.dx,
-            *param_grads, act_grad)
+            *param_grads, act_grad, *split)
         return [self.dx]
 
 

@@ -27,14 +27,14 @@ so backward recomputes xhat = (x - mean) / std from the input instead of storing
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.activations import apply_act, gradient_lines
+from convdsl.codegen.activations import act_from_spec, apply_act, gradient_lines, is_identity
 from convdsl.codegen.cuda.activation import FusedAct
 from convdsl.codegen.cuda.common import (
     CHANNEL_THREADS,
@@ -58,6 +58,7 @@ from convdsl.ir.ops import BatchNormAttrs, Op
 # its loads in turn.
 CHANNEL_BLOCKS = 512
 VALUES_PER_THREAD = 8
+GROUP = 4  # values a thread loads before it stores any, in the loops that store
 
 
 def block_threads(count: int) -> int:
@@ -123,21 +124,59 @@ class _Channel:
         """A loop over this block's and thread's values of channel c: binds `o`, their
         offset in the flat array. Blocks take turns by whole rows of `threads` values,
         so a warp reads consecutive addresses."""
-        code, positions = self.code, self.positions
-        start = "t" if self.blocks == 1 else f"b * {self.threads} + t"
-        # All unsigned (Numba would turn a mix with signed integers into floats): no
-        # wrap-around of negative indices, and division by a power of two is a shift.
-        code.line(f"first = uint64(c * {positions})")
-        code.line(f"j = uint64({start})")
+        code = self.code
+        self._first_value()
         with code.block(f"while j < uint64({self.count})"):
-            if positions == 1:
-                code.line(f"o = j * uint64({self.channels}) + first")
-            else:
-                code.line(f"o = (j // uint64({positions})) * "
-                          f"uint64({self.channels * positions}) + first + "
-                          f"j % uint64({positions})")
+            code.line(f"o = {self._offset('j')}")
             yield
-            code.line(f"j += uint64({self.blocks * self.threads})")
+            code.line(f"j += uint64({self.stride})")
+
+    def each_value(self, loads: dict[str, str], body: Callable[[str], None]) -> None:
+        """The loop of `values`, GROUP values a pass: the group's loads (name: array)
+        first, then `body(k)` for each, which writes the code for the k-th value (its
+        offset o{k}, its loads name_{k}). Where each value's store came before the next
+        value's load, a thread had one load in flight: the compiler cannot tell the
+        arrays apart, so it keeps that order."""
+        code = self.code
+        self._first_value()
+
+        def group(size: int) -> None:
+            for k in range(size):
+                at = "j" if k == 0 else f"j + uint64({k * self.stride})"
+                code.line(f"o{k} = {self._offset(at)}")
+            for k in range(size):
+                for name, array in loads.items():
+                    code.line(f"{name}_{k} = {array}[o{k}]")
+            for k in range(size):
+                body(str(k))
+            code.line(f"j += uint64({size * self.stride})")
+
+        last = (GROUP - 1) * self.stride
+        with code.block(f"while j + uint64({last}) < uint64({self.count})"):
+            group(GROUP)
+        with code.block(f"while j < uint64({self.count})"):
+            group(1)
+
+    @property
+    def stride(self) -> int:
+        return self.blocks * self.threads
+
+    def _first_value(self) -> None:
+        """Bind j, this thread's first value of the channel, and `first`, the channel's
+        offset in an example. All unsigned (Numba turns a mix of signed and unsigned
+        integers into floats): no wrap-around of negative indices, and division by a
+        power of two is a shift."""
+        start = "t" if self.blocks == 1 else f"b * {self.threads} + t"
+        self.code.line(f"first = uint64(c * {self.positions})")
+        self.code.line(f"j = uint64({start})")
+
+    def _offset(self, j: str) -> str:
+        """The flat offset of the channel's value number `j` (an unsigned expression)."""
+        if self.positions == 1:
+            return f"({j}) * uint64({self.channels}) + first"
+        return (f"(({j}) // uint64({self.positions})) * "
+                f"uint64({self.channels * self.positions}) + first + "
+                f"({j}) % uint64({self.positions})")
 
     def block_sums(self, names: list[str]) -> None:
         """Each thread's `names` become their sums over the block (a shared-memory tree:
@@ -219,9 +258,12 @@ def _render_batchnorm(spec: KernelSpec) -> str:
         """y = act((x - mu) * r * w + bias) over this thread's values, given mu and r."""
         code.line("scale = r * w[c]" if affine else "scale = r")
         code.line("offset = bias[c]" if affine else "offset = 0.0")
-        with channel.values():
-            code.line("v = (x[o] - mu) * scale + offset")
-            code.line(f"y[o] = {apply_act(spec, 'v')}")
+
+        def normalise(k: str) -> None:
+            code.line(f"v = (x_{k} - mu) * scale + offset")
+            code.line(f"y[o{k}] = {apply_act(spec, 'v')}")
+
+        channel.each_value({"x": "x"}, normalise)
 
     train_args = (f"x, {scale_arg}y, mean, inv, running_mean, running_var, tracked"
                   + (", partial" if split else ""))
@@ -275,13 +317,17 @@ def _render_batchnorm(spec: KernelSpec) -> str:
                 code.line("db[c] = g_total")
 
     def input_grad(train: bool) -> None:
-        with channel.values():
-            gradient_lines(code, spec, "g", "dy[o]", "y[o]")
+        loads = {"dy": "dy"} | ({} if is_identity(act_from_spec(spec)) else {"y": "y"})
+
+        def gradient(k: str) -> None:
+            gradient_lines(code, spec, "g", f"dy_{k}", f"y_{k}")
             if train:  # the batch statistics depend on x too: remove g's mean and xhat part
-                code.line("xhat = (x[o] - mu) * r")
-                code.line("dx[o] = (g - mean_g - xhat * mean_gx) * gain")
+                code.line(f"xhat = (x_{k} - mu) * r")
+                code.line(f"dx[o{k}] = (g - mean_g - xhat * mean_gx) * gain")
             else:  # fixed statistics: a per-channel affine map
-                code.line("dx[o] = g * gain")
+                code.line(f"dx[o{k}] = g * gain")
+
+        channel.each_value(loads | ({"x": "x"} if train else {}), gradient)
 
     w_arg = "w, " if affine else ""
     signature = (f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad"

@@ -267,14 +267,18 @@ def _render_batchnorm(spec: KernelSpec) -> str:
 
     train_args = (f"x, {scale_arg}y, mean, inv, running_mean, running_var, tracked"
                   + (", partial" if split else ""))
-    if split:
+    def partial_sums_kernel(header: str, sums: Callable[[], None], names: list[str]) -> None:
+        """A kernel whose blocks each write their sums of `names` to partial[c, b, :]."""
         code.line(JIT)
-        with code.block("def statistics(x, partial)"):
+        with code.block(header):
             channel.start()
-            first_sums()
-            channel.block_sums(["s1", "s2"])
-            channel.store_partials(["s1", "s2"])
+            sums()
+            channel.block_sums(names)
+            channel.store_partials(names)
         code.line()
+
+    if split:
+        partial_sums_kernel("def statistics(x, partial)", first_sums, ["s1", "s2"])
     code.line(JIT)
     with code.block(f"def {'normalize_train' if split else 'forward_train'}({train_args})"):
         channel.start()
@@ -332,16 +336,11 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     w_arg = "w, " if affine else ""
     signature = (f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad"
                  + (", partial)" if split else ")"))
+    code.line()
     if split:
-        code.line()
-        code.line(JIT)
-        with code.block("def gradient_sums(x, y, dy, mean, inv, partial, act_grad)"):
-            channel.start()
-            gradient_sums()
-            channel.block_sums(["g_total", "gx_total"])
-            channel.store_partials(["g_total", "gx_total"])
+        partial_sums_kernel("def gradient_sums(x, y, dy, mean, inv, partial, act_grad)",
+                            gradient_sums, ["g_total", "gx_total"])
     for train in (True, False):
-        code.line()
         code.line(JIT)
         name = ("input_grad_" if split else "backward_") + ("train" if train else "eval")
         with code.block(f"def {name}{signature}"):
@@ -358,6 +357,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
                 code.line(f"mean_g = g_total / {count}")
                 code.line(f"mean_gx = gx_total / {count}")
             input_grad(train)
+        code.line()
     return code.text()
 
 

@@ -6,6 +6,7 @@ so they are compiled once per dtype rather than generated per spec.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import numpy as np
@@ -74,14 +75,10 @@ def add_nonfinite(x: DeviceArray, counter: DeviceArray) -> None:
         launch_on(_kernels().count_nonfinite, blocks(x.size), THREADS, x, counter, 0)
 
 
+@functools.cache
 def _never() -> DeviceArray:
     """A counter that stays 0: the gate of an update that nothing checked."""
-    if "never" not in _GATES:
-        _GATES["never"] = cuda().to_device(np.zeros(1, dtype=np.int32))
-    return _GATES["never"]
-
-
-_GATES: dict[str, DeviceArray] = {}
+    return cuda().to_device(np.zeros(1, dtype=np.int32))
 
 
 def to_host(x: DeviceArray) -> np.ndarray:

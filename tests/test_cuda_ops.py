@@ -177,10 +177,11 @@ def test_batchnorm_threads_loop_over_many_values(monkeypatch: pytest.MonkeyPatch
 
 
 SPLIT_BATCHNORMS = [
-    ((3, 4, 5), "affine=yes, act=relu", True, 4),
-    ((3, 4, 5), "affine=no, act=identity", True, 4),
-    ((3, 20), "affine=yes, act=tanh", False, 4),
-    ((6,), "affine=yes, act=sigmoid", True, 24),  # flat: one position per channel
+    ((3, 4, 5), "affine=yes, act=relu", True, 4, "float64"),
+    ((3, 4, 5), "affine=yes, act=relu", True, 4, "float32"),
+    ((3, 4, 5), "affine=no, act=identity", True, 4, "float64"),
+    ((3, 20), "affine=yes, act=tanh", False, 4, "float64"),
+    ((6,), "affine=yes, act=sigmoid", True, 24, "float64"),  # flat: one position a channel
 ]
 
 
@@ -194,15 +195,15 @@ def share_channels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(norm, "CHANNEL_BLOCKS", 16)
 
 
-@pytest.mark.parametrize(("shape", "options", "train", "batch"), SPLIT_BATCHNORMS)
+@pytest.mark.parametrize(("shape", "options", "train", "batch", "dtype"), SPLIT_BATCHNORMS)
 def test_batchnorm_channels_shared_by_blocks(shape: tuple[int, ...], options: str,
-                                             train: bool, batch: int,
+                                             train: bool, batch: int, dtype: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Each channel's sums over several blocks: per-block partial sums, then a second
     kernel that adds them (forward statistics, and backward's sums)."""
     share_channels(monkeypatch)
     kernel = check_layer(network(shape, f"bn(momentum=0.3, {options})"), "y",
-                         batch=batch, dtype="float64", train=train, device="cuda")
+                         batch=batch, dtype=dtype, train=train, device="cuda")
     blocks = getattr(kernel, "blocks", None)
     assert blocks is not None and blocks > 1, blocks
 

@@ -115,7 +115,7 @@ class _Channel:
             self.code.line(f"b = cuda.blockIdx.x % {self.blocks}")
         self.code.line("t = cuda.threadIdx.x")
 
-    def first(self) -> str:
+    def first_value(self) -> str:
         """The channel's first value, x[0, c, 0], as float64: the shift of its sums."""
         return f"float64(x[uint64(c * {self.positions})])"
 
@@ -125,28 +125,28 @@ class _Channel:
         offset in the flat array. Blocks take turns by whole rows of `threads` values,
         so a warp reads consecutive addresses."""
         code = self.code
-        self._first_value()
+        self._start_loop()
         with code.block(f"while j < uint64({self.count})"):
             code.line(f"o = {self._offset('j')}")
             yield
             code.line(f"j += uint64({self.stride})")
 
-    def each_value(self, loads: dict[str, str], body: Callable[[str], None]) -> None:
-        """The loop of `values`, GROUP values a pass: the group's loads (name: array)
-        first, then `body(k)` for each, which writes the code for the k-th value (its
-        offset o{k}, its loads name_{k}). Where each value's store came before the next
-        value's load, a thread had one load in flight: the compiler cannot tell the
-        arrays apart, so it keeps that order."""
+    def each_value(self, loads: list[str], body: Callable[[str], None]) -> None:
+        """The loop of `values`, GROUP values a pass: the group's loads from the arrays
+        `loads` first, then `body(k)` for each value, which writes the code for the k-th
+        (its offset o{k}, its loaded values array_{k}). Where each value's store came
+        before the next value's load, a thread had one load in flight: the compiler
+        cannot tell the arrays apart, so it keeps that order."""
         code = self.code
-        self._first_value()
+        self._start_loop()
 
         def group(size: int) -> None:
             for k in range(size):
                 at = "j" if k == 0 else f"j + uint64({k * self.stride})"
                 code.line(f"o{k} = {self._offset(at)}")
             for k in range(size):
-                for name, array in loads.items():
-                    code.line(f"{name}_{k} = {array}[o{k}]")
+                for array in loads:
+                    code.line(f"{array}_{k} = {array}[o{k}]")
             for k in range(size):
                 body(str(k))
             code.line(f"j += uint64({size * self.stride})")
@@ -161,21 +161,21 @@ class _Channel:
     def stride(self) -> int:
         return self.blocks * self.threads
 
-    def _first_value(self) -> None:
-        """Bind j, this thread's first value of the channel, and `first`, the channel's
-        offset in an example. All unsigned (Numba turns a mix of signed and unsigned
+    def _start_loop(self) -> None:
+        """Bind j, the number of this thread's first value of the channel, and `base`,
+        the channel's offset in an example. All unsigned (Numba turns a mix of signed and unsigned
         integers into floats): no wrap-around of negative indices, and division by a
         power of two is a shift."""
         start = "t" if self.blocks == 1 else f"b * {self.threads} + t"
-        self.code.line(f"first = uint64(c * {self.positions})")
+        self.code.line(f"base = uint64(c * {self.positions})")
         self.code.line(f"j = uint64({start})")
 
     def _offset(self, j: str) -> str:
         """The flat offset of the channel's value number `j` (an unsigned expression)."""
         if self.positions == 1:
-            return f"({j}) * uint64({self.channels}) + first"
+            return f"({j}) * uint64({self.channels}) + base"
         return (f"(({j}) // uint64({self.positions})) * "
-                f"uint64({self.channels * self.positions}) + first + "
+                f"uint64({self.channels * self.positions}) + base + "
                 f"({j}) % uint64({self.positions})")
 
     def block_sums(self, names: list[str]) -> None:
@@ -228,7 +228,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
 
     def first_sums() -> None:
         """s1, s2: sums of d and d*d over this thread's values, d = x - the shift."""
-        code.line(f"shift = {channel.first()}")
+        code.line(f"shift = {channel.first_value()}")
         code.line("s1 = 0.0")
         code.line("s2 = 0.0")
         with channel.values():
@@ -263,7 +263,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
             code.line(f"v = (x_{k} - mu) * scale + offset")
             code.line(f"y[o{k}] = {apply_act(spec, 'v')}")
 
-        channel.each_value({"x": "x"}, normalise)
+        channel.each_value(["x"], normalise)
 
     train_args = (f"x, {scale_arg}y, mean, inv, running_mean, running_var, tracked"
                   + (", partial" if split else ""))
@@ -283,7 +283,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     with code.block(f"def {'normalize_train' if split else 'forward_train'}({train_args})"):
         channel.start()
         if split:
-            code.line(f"shift = {channel.first()}")
+            code.line(f"shift = {channel.first_value()}")
             channel.gather_partials(["s1", "s2"])
         else:
             first_sums()
@@ -321,7 +321,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
                 code.line("db[c] = g_total")
 
     def input_grad(train: bool) -> None:
-        loads = {"dy": "dy"} | ({} if is_identity(act_from_spec(spec)) else {"y": "y"})
+        loads = ["dy"] + ([] if is_identity(act_from_spec(spec)) else ["y"])
 
         def gradient(k: str) -> None:
             gradient_lines(code, spec, "g", f"dy_{k}", f"y_{k}")
@@ -331,7 +331,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
             else:  # fixed statistics: a per-channel affine map
                 code.line(f"dx[o{k}] = g * gain")
 
-        channel.each_value(loads | ({"x": "x"} if train else {}), gradient)
+        channel.each_value(loads + (["x"] if train else []), gradient)
 
     w_arg = "w, " if affine else ""
     signature = (f"(x, y, dy, {w_arg}mean, inv, dx{grad_args}, act_grad"

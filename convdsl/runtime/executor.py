@@ -171,7 +171,7 @@ class CompiledNetwork:
         self._warm_up_values: Arrays = {}  # warm_up's, of the stages in concat_writes
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
-        self._gate: Array | None = None  # train_step's count of NaN and infinity
+        self._nonfinite: Array = self.device.zeros((1,), np.int32)  # train_step's count
         # CUDA: where the gradients of a value read by several stages are added
         self._accumulators: Arrays = {}
         self._input_buffers: Arrays = {}  # where inputs and targets land on the device
@@ -304,7 +304,10 @@ class CompiledNetwork:
         with a loss; a mapping gives targets by output name."""
         if not self._values:
             raise RunError("loss() needs a forward pass first", "call net.forward(x) first")
-        queued = self._queue_losses(self._send_targets(targets))
+        return self._total(self._queue_losses(self._send_targets(targets)))
+
+    def _total(self, queued: list[QueuedLoss]) -> float:
+        """The weighted sum of queued losses; on a GPU the host waits here."""
         return float(sum(loss.weight * loss.value(self.device) for loss in queued))
 
     def _send_targets(self, targets: np.ndarray | Mapping[str, np.ndarray]) -> Arrays:
@@ -487,7 +490,8 @@ class CompiledNetwork:
         inputs = self._checked_inputs(x)
         targets_sent = self._send_targets(targets)
         self._forward(inputs, train=True, step=None)
-        gate = self._zeroed_gate()
+        gate = self._nonfinite
+        self.device.fill(gate, 0)
         queued = self._queue_losses(targets_sent)
         for loss in queued:
             self.device.add_nonfinite(loss.sums, gate)
@@ -496,7 +500,7 @@ class CompiledNetwork:
         optimizer.step(self.trained, self.grads, lr, skip_if=gate)
         # the one wait: everything above has run once the first copy is back
         closed = bool(self.device.get(gate)[0])
-        value = float(sum(loss.weight * loss.value(self.device) for loss in queued))
+        value = self._total(queued)
         scores = self.device.get(self._values[self.main_output])
         if not closed:
             return TrainStep(value, scores, None)
@@ -505,14 +509,6 @@ class CompiledNetwork:
             return TrainStep(value, scores, f"the loss is {value}")
         bad = self.device.first_nonfinite(self.grads)
         return TrainStep(value, scores, f"the gradient of '{bad}' holds NaN or infinity")
-
-    def _zeroed_gate(self) -> Array:
-        """The counter of a training step's NaN and infinity, zeroed (made once)."""
-        if self._gate is None:
-            self._gate = self.device.zeros((1,), np.int32)
-        else:
-            self.device.fill(self._gate, 0)
-        return self._gate
 
     # --- parameters -------------------------------------------------------
 

@@ -96,9 +96,11 @@ class Optimizer(ABC):
         if (isinstance(params, Packed) and isinstance(grads, Packed)
                 and self._lines_up(params, grads)):
             buffers = dict(self._packed_buffers())
-            for part in self._parts(params.flat.size):
-                self._update(params.flat[part], grads.flat[part],
-                             {kind: buffer.flat[part] for kind, buffer in buffers.items()},
+            size = params.flat.size
+            for part in self._parts(size):
+                self._update(_cut(params.flat, part, size), _cut(grads.flat, part, size),
+                             {kind: _cut(buffer.flat, part, size)
+                              for kind, buffer in buffers.items()},
                              float(lr), skip_if)
         else:
             for name, grad in grads.items():
@@ -303,6 +305,12 @@ class Schedule:
         if s.schedule == "cosine":
             return s.min_lr + (s.lr - s.min_lr) * (1 + math.cos(math.pi * e / total)) / 2
         return s.lr
+
+
+def _cut(flat: Array, part: slice, size: int) -> Array:
+    """flat[part], or flat itself where the part is all of it: on a GPU a slice is a new
+    array object every step, whose launch would pack its arguments anew."""
+    return flat if part.start == 0 and part.stop >= size else flat[part]
 
 
 def _some(names: list[str], limit: int = 4) -> str:

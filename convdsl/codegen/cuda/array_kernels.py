@@ -22,6 +22,13 @@ def scale(x: Any, factor: Any) -> None:
 
 
 @cuda.jit(cache=True)
+def copy(source: Any, target: Any) -> None:
+    i = cuda.grid(1)
+    if i < target.size:
+        target[i] = source[i]
+
+
+@cuda.jit(cache=True)
 def add(a: Any, b: Any, out: Any) -> None:
     i = cuda.grid(1)
     if i < out.size:

@@ -43,7 +43,13 @@ def scale(x: DeviceArray, factor: float) -> None:
 
 
 def copy(source: DeviceArray, target: DeviceArray) -> None:
-    target.copy_to_device(source)
+    """target[...] = source, arrays of one size: a kernel, queued like the others (and
+    recorded with them in a pass's graph), where a copy between device arrays would be
+    a call of its own into the driver."""
+    if source.size != target.size:
+        raise ValueError(f"copy of {source.size} values into {target.size}")
+    if target.size:
+        launch_on(_kernels().copy, blocks(target.size), THREADS, source, target)
 
 
 def like(x: DeviceArray) -> DeviceArray:

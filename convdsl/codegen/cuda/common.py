@@ -9,12 +9,12 @@ which is how the tests check every kernel on a machine without a GPU.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -121,20 +121,61 @@ PACKED = os.environ.get("CONVDSL_CUDA_PACKED_LAUNCH", "1") != "0"
 # How many times arguments were packed, and how many launches could not be (`_pack`).
 LAUNCH_COUNTS = {"packed": 0, "unpacked": 0}
 
+# Sets of arguments a launch site keeps packed besides its last: a site called on two
+# sets in turn (dropout's multiply, forward then backward) packs each once.
+KEPT_SETS = 4
+
 # Set while `convdsl time --kernels` measures (report/timing.py): every launch is handed
 # to it, with its kernel's name, to run between two synchronisations.
 LaunchTimer = Callable[[str, Callable[[], None]], None]
 LAUNCH_TIMER: LaunchTimer | None = None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedLaunch:
+    """One launch with its arguments packed for the driver: `launcher(target, config,
+    function, *args)` is cuda.core's `launch`, whose target is a stream or a graph
+    builder. `keep` holds the arrays whose addresses are packed, so that their memory
+    lives as long as the launch may still run (queued, or in a graph)."""
+
+    launcher: Callable[..., Any]
+    stream: Any
+    config: Any
+    function: Any
+    args: tuple[Any, ...]
+    keep: tuple[Any, ...]
+
+    def __call__(self) -> None:
+        self.launcher(self.stream, self.config, self.function, *self.args)
+
+    def into(self, builder: Any) -> None:
+        """Record this launch in a CUDA graph being built by stream capture."""
+        self.launcher(builder, self.config, self.function, *self.args)
+
+
+class Recorder(Protocol):
+    """What sees every launch while a pass is recorded (codegen/cuda/graphs.py)."""
+
+    def launch(self, packed: PackedLaunch) -> None:
+        """Launch `packed`, now or later in order, maybe as part of a graph."""
+
+    def interrupt(self) -> None:
+        """A launch that is not packed comes next, on numba.cuda's own path: whatever
+        waits must go first."""
+
+
+RECORDER: Recorder | None = None  # set while a pass is recorded (graphs.StepGraph)
+
+
 class Launch:
     """One launch site of a kernel: grid and block fixed, arguments packed once per set.
 
     Calling it with arrays and scalars launches the kernel on them, each array first
-    reshaped to its view. When a call passes the very same objects as the last one (the
-    same arrays by identity, equal scalars), the packed arguments of that call are reused.
-    The arrays of the last call stay referenced here, so their memory (whose addresses
-    are packed) cannot be freed and reused under it."""
+    reshaped to its view. When a call passes the very same objects as an earlier one (the
+    same arrays by identity, equal scalars of one type), the packed arguments of that
+    call are reused: the last set and KEPT_SETS more. The arrays of a kept set stay
+    referenced here, so their memory (whose addresses are packed) cannot be freed and
+    reused under it."""
 
     def __init__(self, kernel: Any, grid: Any, threads: Any,
                  views: Sequence[View] | None = None, every: View = None) -> None:
@@ -144,7 +185,8 @@ class Launch:
         self._views = None if views is None else tuple(views)
         self._every = every
         self._last: tuple[Any, ...] | None = None
-        self._packed: Callable[[], Any] | None = None
+        self._packed: PackedLaunch | None = None
+        self._kept: OrderedDict[tuple[Any, ...], PackedLaunch] = OrderedDict()
 
     def __call__(self, *args: Any) -> None:
         if LAUNCH_TIMER is not None:
@@ -153,18 +195,34 @@ class Launch:
             self._launch(args)
 
     def _launch(self, args: tuple[Any, ...]) -> None:
-        if PACKED and self._packed is not None and _same(args, self._last):
-            self._packed()
+        if PACKED and self._packed is not None:
+            if not _same(args, self._last):
+                self._recall(args)
+            _run(self._packed)
             return
         shaped = self._shaped(args)
-        # once a call has packed, the kernel is compiled: new arguments (an optimizer's
-        # learning rate, another batch's buffer) only need packing again
-        packed = _pack(self._configured, shaped) if PACKED and self._packed else None
+        if RECORDER is not None:
+            RECORDER.interrupt()
+        self._configured(*shaped)  # numba.cuda's path: compiles or loads on first use
+        packed = _pack(self._configured, shaped, args) if PACKED else None
+        self._last, self._packed = args, packed
+
+    def _recall(self, args: tuple[Any, ...]) -> None:
+        """Make `args` the last set: packed before and kept, or packed now. Once a call
+        has packed, the kernel is compiled, so new arguments (an optimizer's learning
+        rate, another batch's buffer) only need packing."""
+        assert self._packed is not None and self._last is not None
+        self._kept[_key(self._last)] = self._packed
+        key = _key(args)
+        packed = self._kept.pop(key, None)
         if packed is None:
-            self._configured(*shaped)  # numba.cuda's path: compiles or loads on first use
-            packed = _pack(self._configured, shaped) if PACKED else None
-        else:
-            packed()
+            packed = _pack(self._configured, self._shaped(args), args)
+        while len(self._kept) > KEPT_SETS:
+            self._kept.popitem(last=False)
+        if packed is None:  # cannot be packed after all: numba.cuda's path this time
+            if RECORDER is not None:
+                RECORDER.interrupt()
+            self._configured(*self._shaped(args))
         self._last, self._packed = args, packed
 
     def _shaped(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -172,6 +230,16 @@ class Launch:
         if len(views) != len(args):
             raise TypeError(f"a launch with {len(views)} views got {len(args)} arguments")
         return tuple(_view(arg, view) for arg, view in zip(args, views))
+
+
+def _run(packed: PackedLaunch | None) -> None:
+    """Launch packed arguments: now, or through the recorder of the pass."""
+    if packed is None:
+        return
+    if RECORDER is None:
+        packed()
+    else:
+        RECORDER.launch(packed)
 
 
 def _kernel_name(kernel: Any) -> str:
@@ -204,10 +272,18 @@ def _same(args: tuple[Any, ...], last: tuple[Any, ...] | None) -> bool:
     return True
 
 
-def _pack(configured: Any, args: tuple[Any, ...]) -> Callable[[], Any] | None:
-    """The launch of `configured` on `args` as one prepared driver call, or None where
-    that is not possible: the simulator, a kernel not compiled for exactly these types,
-    a debug or cooperative kernel, or an argument numba.cuda would copy to the device."""
+def _key(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What `_same` compares, as a dictionary key: arrays by identity (their ids stay
+    unique while the set that holds them is kept), scalars by type and value."""
+    return tuple((type(arg), arg) if isinstance(arg, _SCALARS) else id(arg) for arg in args)
+
+
+def _pack(configured: Any, shaped: tuple[Any, ...], args: tuple[Any, ...]
+          ) -> PackedLaunch | None:
+    """The launch of `configured` on `shaped` (`args` in their views) as one prepared
+    driver call, or None where that is not possible: the simulator, a kernel not
+    compiled for exactly these types, a debug or cooperative kernel, or an argument
+    numba.cuda would copy to the device."""
     if simulated():
         return None
     try:
@@ -217,13 +293,13 @@ def _pack(configured: Any, args: tuple[Any, ...]) -> Callable[[], Any] | None:
         if dispatcher.specialized:
             kernel = next(iter(dispatcher.overloads.values()))
         else:
-            types = tuple(dispatcher.typeof_pyval(arg) for arg in args)
+            types = tuple(dispatcher.typeof_pyval(arg) for arg in shaped)
             kernel = dispatcher.overloads.get(types)
         if kernel is None or kernel.debug or kernel.cooperative:
             raise LookupError("no plain overload for these argument types")
         writebacks: list[Any] = []
         packed: list[Any] = []
-        for kind, value in zip(kernel.argument_types, args):
+        for kind, value in zip(kernel.argument_types, shaped):
             kernel._prepare_args(kind, value, configured.stream, writebacks, packed)
         if writebacks:
             raise LookupError("an argument is copied to the device on each call")
@@ -233,8 +309,8 @@ def _pack(configured: Any, args: tuple[Any, ...]) -> Callable[[], Any] | None:
         LAUNCH_COUNTS["unpacked"] += 1
         return None
     LAUNCH_COUNTS["packed"] += 1
-    return functools.partial(numba_dispatcher.launch, configured.stream, config, function,
-                             *packed)
+    return PackedLaunch(numba_dispatcher.launch, configured.stream, config, function,
+                        tuple(packed), (*args, *shaped))
 
 
 def _launch_config(numba_dispatcher: Any, configured: Any) -> Any:

@@ -324,7 +324,8 @@ def machine(bench: Bench, dry_run: bool) -> list[str]:
     lines.append("convdsl CUDA settings: packed launches "
                  f"{_switch('CONVDSL_CUDA_PACKED_LAUNCH')}, k tables "
                  f"{_switch('CONVDSL_CUDA_K_TABLES')}, prefetch "
-                 f"{_switch('CONVDSL_CUDA_PREFETCH')}, largest tile "
+                 f"{_switch('CONVDSL_CUDA_PREFETCH')}, graphs "
+                 f"{_switch('CONVDSL_CUDA_GRAPHS')}, largest tile "
                  f"{os.environ.get('CONVDSL_CUDA_MAX_TILE', '64')}")
     if dry_run:
         lines.append("DRY RUN: tiny batches, one repetition; the numbers mean nothing.")
@@ -337,12 +338,18 @@ def _switch(variable: str) -> str:
 
 
 def launch_note() -> str:
-    """How many launch sites packed their arguments (codegen/cuda/common.Launch)."""
-    from convdsl.codegen.cuda import common
+    """How many launch sites packed their arguments (codegen/cuda/common.Launch), and
+    how many passes ran as CUDA graphs (codegen/cuda/graphs.py)."""
+    from convdsl.codegen.cuda import common, graphs
 
-    counts = common.LAUNCH_COUNTS
-    return (f"launch arguments packed {counts['packed']} times; "
-            f"{counts['unpacked']} launches could not be packed")
+    counts, passes = common.LAUNCH_COUNTS, graphs.GRAPH_COUNTS
+    note = (f"launch arguments packed {counts['packed']} times; "
+            f"{counts['unpacked']} launches could not be packed; CUDA graphs built "
+            f"{passes['built']}, passes launched as a graph {passes['replayed']}, "
+            f"launch by launch {passes['plain']}")
+    if graphs.FAILURE:
+        note += f"; graphs switched off after: {graphs.FAILURE[0][:300]}"
+    return note
 
 
 def nvidia_driver() -> str:

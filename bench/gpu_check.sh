@@ -12,7 +12,9 @@
 #   f  ablation.log     ResNet-18-CIFAR's benchmark again, once without prefetching the
 #                       next K-slice (cuda_bench_no_prefetch.md), once with 128x128 product
 #                       tiles (cuda_bench_tile128.md), once without k tables
-#                       (cuda_bench_no_tables.md)
+#                       (cuda_bench_no_tables.md); LeNet-5's without CUDA graphs
+#                       (cuda_bench_no_graphs.md), and its kernels one by one
+#                       (convdsl time --kernels, batch 64)
 #   g  baseline.log     (only when GPU_CHECK_BASELINE=DIR names an earlier source tree, e.g.
 #                       `git archive be34868 | tar -x -C DIR`, carried along) that tree's own
 #                       bench/gpu.py, cuda_bench_baseline.md: an A/B on the same machine
@@ -49,7 +51,7 @@ export MPLBACKEND=Agg
 LENET_RECIPE="--epochs 20 --val-split 0 --lr 0.02"
 
 declare -A CAP=([a]=${CAP_a:-60} [b]=${CAP_b:-150} [c]=${CAP_c:-150} [d]=${CAP_d:-90}
-                [e]=${CAP_e:-240} [f]=${CAP_f:-210} [g]=${CAP_g:-240})
+                [e]=${CAP_e:-240} [f]=${CAP_f:-240} [g]=${CAP_g:-240})
 declare -A FLOOR=([a]=30 [b]=60 [c]=60 [d]=45 [e]=150 [f]=60 [g]=150)
 declare -A RC=() TOOK=()
 ORDER="a b c d e f g"
@@ -183,14 +185,17 @@ $PY bench/gpu.py --budget 20 --profile-iterations 5 --markdown $OUT/cuda_bench.m
 # (f) ResNet-18-CIFAR with the products' other settings: without prefetching the next
 # K-slice, then 128x128 tiles (8x8 register blocks, one block per SM), then without k
 # tables (packed launches, switched off, measured 2.1x on LeNet-5's step:
-# docs/performance.md)
-run_step f ablation.log "the benchmark without prefetch, with 128x128 tiles, without k tables" "
+# docs/performance.md); then LeNet-5 without CUDA graphs, and its per-kernel times
+run_step f ablation.log "the benchmark without prefetch, with 128x128 tiles, without k tables, without graphs" "
 CONVDSL_CUDA_PREFETCH=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
     --markdown $OUT/cuda_bench_no_prefetch.md
 CONVDSL_CUDA_MAX_TILE=128 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
     --markdown $OUT/cuda_bench_tile128.md
 CONVDSL_CUDA_K_TABLES=0 $PY bench/gpu.py --only resnet18_cifar --budget 10 \
-    --markdown $OUT/cuda_bench_no_tables.md"
+    --markdown $OUT/cuda_bench_no_tables.md
+CONVDSL_CUDA_GRAPHS=0 $PY bench/gpu.py --only lenet5 --budget 10 \
+    --markdown $OUT/cuda_bench_no_graphs.md
+$PY -m convdsl.cli time networks/lenet5.cnn --batch 64 --device cuda --kernels"
 
 # (g) the same benchmark at the baseline tree: its own convdsl and its own bench/gpu.py,
 # with its own kernel cache (the generated kernels differ)
@@ -215,7 +220,7 @@ tail -n 2 "$WORK"/warm-*.log > "$OUT/warm.log" 2>/dev/null
     grep -hE " in [0-9.]+s( \(|$)|^test split:|\(test split\):|^training stopped|^interrupted|^TIMED OUT" \
         "$OUT/$log.log" 2>/dev/null | sed "s/^/  $log: /" | tail -n 4
   done
-  for report in cuda_bench cuda_bench_unpacked cuda_bench_no_tables cuda_bench_baseline; do
+  for report in cuda_bench cuda_bench_no_tables cuda_bench_no_graphs cuda_bench_baseline; do
     if [ -f "$OUT/$report.md" ]; then
       echo "$report:"; sed -n '/^| case/,/^$/p' "$OUT/$report.md"
     fi

@@ -11,7 +11,9 @@ kernel queued before them, and the GPU then idles until the host queues the next
 kernels are never run: every launch site (codegen/cuda/common.Launch) is replaced by a
 counter, and the simulator's copies are watched, which the simulator makes possible
 without a driver. A step is what `convdsl train` does (CompiledNetwork.train_step):
-forward, loss, backward, the check for NaN, and an SGD update with momentum.
+forward, loss, backward, the check for NaN, and an SGD update with momentum. Once a
+step repeats, its launches go to the driver as CUDA graphs of graphs.CHUNK launches each
+(codegen/cuda/graphs.py; tests/test_cuda_graphs.py checks it): the last column.
 """
 
 from __future__ import annotations
@@ -150,13 +152,16 @@ def main() -> None:
         sys.exit("run it with NUMBA_ENABLE_CUDASIM=1: launches are counted, never run")
     events = Events()
     events.watch()
+    from convdsl.codegen.cuda.graphs import CHUNK
+
     print("| network | batch | trained arrays | launches per training step "
-          "| host waits per step |")
-    print("|---|---:|---:|---:|---:|")
+          "| host waits per step | driver calls per repeated step (graphs) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for entry in args.network or DEFAULT:
         path, _, batch = entry.rpartition(":")
         arrays, launches, waits = count_step(path, int(batch), events)
-        print(f"| {path} | {batch} | {arrays} | {launches} | {waits} |")
+        graphs = -(-launches // CHUNK)  # a graph per CHUNK launches (codegen/cuda/graphs.py)
+        print(f"| {path} | {batch} | {arrays} | {launches} | {waits} | {graphs} |")
 
 
 if __name__ == "__main__":

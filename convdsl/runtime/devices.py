@@ -10,9 +10,10 @@ the executor calls for outputs, metrics and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -113,6 +114,25 @@ class Device:
     def synchronize(self) -> None:
         """Wait for queued work (a no-op: the CPU's kernels return when done)."""
 
+    def recorder(self) -> PassRecorder:
+        """What runs a pass that repeats (a training step, an inference) so that its
+        launches can be replayed as one: on the CPU, nothing."""
+        return Unrecorded()
+
+
+class PassRecorder(Protocol):
+    """Runs each pass of a network inside `pass_()` (codegen/cuda/graphs.StepGraph
+    launches a repeating pass as one CUDA graph)."""
+
+    def pass_(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class Unrecorded:
+    """The recorder that changes nothing."""
+
+    def pass_(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
 
 class CudaDevice(Device):
     """numba.cuda device arrays on the default GPU."""
@@ -169,6 +189,11 @@ class CudaDevice(Device):
 
     def synchronize(self) -> None:
         self._cuda.synchronize()
+
+    def recorder(self) -> PassRecorder:
+        from convdsl.codegen.cuda.graphs import StepGraph
+
+        return StepGraph()
 
 
 _OPENED: dict[str, Device] = {}

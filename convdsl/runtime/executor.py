@@ -15,6 +15,7 @@ share memory where their lifetimes allow (passes/memory.py, plan_gradients).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -172,6 +173,9 @@ class CompiledNetwork:
         self._loss_grads: Arrays = {}
         self._through_softmax: set[str] = set()
         self._nonfinite: Array = self.device.zeros((1,), np.int32)  # train_step's count
+        # on a GPU, a training step and an inference that repeat run as CUDA graphs
+        self._recorders = {"train_step": self.device.recorder(),
+                           "inference": self.device.recorder()}
         # CUDA: where the gradients of a value read by several stages are added
         self._accumulators: Arrays = {}
         self._input_buffers: Arrays = {}  # where inputs and targets land on the device
@@ -201,8 +205,18 @@ class CompiledNetwork:
     def forward(self, x: np.ndarray | Mapping[str, np.ndarray], train: bool = False,
                 step: int | None = None) -> np.ndarray:
         """The main output for a batch; every declared output lands in `outputs`."""
-        self._forward(self._checked_inputs(x), train, step)
+        inputs = self._checked_inputs(x)
+        with self._recorded("inference" if not train else None):
+            self._forward(inputs, train, step)
         return self.device.get(self._values[self.main_output])
+
+    def _recorded(self, pass_: str | None) -> contextlib.AbstractContextManager[None]:
+        """Run a pass that repeats (a training step, an inference: `pass_`) so that the
+        GPU can replay it as one graph (codegen/cuda/graphs.py). Not with `check`, which
+        reads every stage's output in the middle of the pass."""
+        if pass_ is None or self.check:
+            return contextlib.nullcontext()
+        return self._recorders[pass_].pass_()
 
     def _forward(self, inputs: Arrays, train: bool, step: int | None) -> None:
         """Send checked inputs and run every stage (on a GPU, queue them): each stage's
@@ -489,15 +503,16 @@ class CompiledNetwork:
         out first, because a copy from host memory waits for every kernel queued before it."""
         inputs = self._checked_inputs(x)
         targets_sent = self._send_targets(targets)
-        self._forward(inputs, train=True, step=None)
         gate = self._nonfinite
-        self.device.fill(gate, 0)
-        queued = self._queue_losses(targets_sent)
-        for loss in queued:
-            self.device.add_nonfinite(loss.sums, gate)
-        self.backward(input_grad=False)
-        self.device.add_nonfinite(self.grads.flat, gate)
-        optimizer.step(self.trained, self.grads, lr, skip_if=gate)
+        with self._recorded("train_step"):
+            self._forward(inputs, train=True, step=None)
+            self.device.fill(gate, 0)
+            queued = self._queue_losses(targets_sent)
+            for loss in queued:
+                self.device.add_nonfinite(loss.sums, gate)
+            self.backward(input_grad=False)
+            self.device.add_nonfinite(self.grads.flat, gate)
+            optimizer.step(self.trained, self.grads, lr, skip_if=gate)
         # the one wait: everything above has run once the first copy is back
         closed = bool(self.device.get(gate)[0])
         value = self._total(queued)

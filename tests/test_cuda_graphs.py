@@ -180,15 +180,29 @@ def test_a_new_learning_rate_sends_the_held_launches_and_builds_again(graphs: An
                                    "replayed": 2, "plain": 5}
 
 
-def test_adam_whose_steps_differ_never_waits(graphs: Any) -> None:
-    """Adam's step count is an argument of its update, so no two steps launch the same:
-    nothing is held back, no graph is built, and the results are the same."""
-    settings = TrainSettings(optimizer="adam", lr=0.01)
-    rates = [0.01] * 4
+def test_adams_steps_repeat_too(graphs: Any) -> None:
+    """Adam's step count and rate reach its update in device memory (sent before the
+    step's launches), not as arguments, so its steps launch the same and run as graphs."""
+    settings = TrainSettings(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    rates = [0.01] * 5
     want = plain(graphs, rates, settings)
     graphs.GRAPH_COUNTS.update(counts())
     assert_same(train(compiled(), rates, settings), want)
-    assert dict(graphs.GRAPH_COUNTS) == {"built": 0, "launched": 0, "replayed": 0, "plain": 4}
+    built = graphs.GRAPH_COUNTS["built"]
+    assert built >= 3
+    assert dict(graphs.GRAPH_COUNTS) == {"built": built, "launched": 2 * built,
+                                         "replayed": 2, "plain": 3}
+
+
+def test_a_pass_that_differs_every_time_never_waits(graphs: Any) -> None:
+    """A rate that changes every step (a warm-up) changes the update's arguments: no
+    step is held back and no graph is built."""
+    rates = [0.01 * (step + 1) for step in range(4)]
+    want = plain(graphs, rates)
+    graphs.GRAPH_COUNTS.update(counts())
+    assert_same(train(compiled(), rates), want)
+    assert dict(graphs.GRAPH_COUNTS) == {"built": 0, "launched": 0, "replayed": 0,
+                                         "plain": 4}
 
 
 def test_inference_repeats_as_a_graph_between_training_steps(graphs: Any) -> None:

@@ -503,6 +503,7 @@ class CompiledNetwork:
         out first, because a copy from host memory waits for every kernel queued before it."""
         inputs = self._checked_inputs(x)
         targets_sent = self._send_targets(targets)
+        optimizer.send(lr)
         gate = self._nonfinite
         with self._recorded("train_step"):
             self._forward(inputs, train=True, step=None)

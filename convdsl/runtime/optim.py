@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,12 @@ class Optimizer(ABC):
                              {kind: buffer[name] for kind, buffer in self.buffers.items()},
                              float(lr), skip_if)
         self.steps += 1
+
+    def send(self, lr: float) -> None:
+        """Put on the device what the next step's update reads there rather than in its
+        arguments (Adam's factors), before the step's kernels are queued: a step whose
+        every launch is the last one's replays as a CUDA graph. Here, nothing."""
+        return
 
     def skipped(self) -> None:
         """The last step's gate was closed, so it changed nothing: it does not count
@@ -234,6 +241,30 @@ class Adam(Optimizer):
         self.eps = eps
         self.weight_decay = weight_decay
         self.decoupled = decoupled
+        self._dtypes = {np.dtype(params[name].dtype) for name in self.names}
+        # on a GPU, per dtype: the factors of a step on the device, and their (t, lr)
+        self._factors: dict[np.dtype[Any], Array] = {}
+        self._sent: dict[np.dtype[Any], tuple[int, float]] = {}
+
+    def send(self, lr: float) -> None:
+        if self.device.name == "cuda":
+            for dtype in self._dtypes:
+                self._factors_on_device(lr, dtype)
+
+    def _factors_on_device(self, lr: float, dtype: np.dtype[Any]) -> Array:
+        """(1 - lr * weight_decay, the step size, the root of v's bias correction) of the
+        next step, in `dtype`, where the GPU's update reads them: copied only when the
+        step or the rate changed since the last copy."""
+        t = self.steps + 1
+        factors = self._factors.get(dtype)
+        if factors is None:
+            factors = self._factors[dtype] = self.device.zeros((3,), dtype)
+        if self._sent.get(dtype) != (t, lr):
+            values = [1 - lr * self.weight_decay, lr / (1 - self.beta1 ** t),
+                      (1 - self.beta2 ** t) ** 0.5]
+            self.device.assign(factors, np.array(values, dtype=dtype))
+            self._sent[dtype] = (t, lr)
+        return factors
 
     def _update(self, param: Array, grad: Array, buffers: Mapping[str, Array],
                 lr: float, skip_if: Array | None) -> None:
@@ -241,8 +272,9 @@ class Adam(Optimizer):
         if self.device.name == "cuda":
             from convdsl.codegen.cuda import arrays
 
-            arrays.adam_step(param, grad, m, v, lr, self.beta1, self.beta2, self.eps,
-                             self.weight_decay, self.decoupled, self.steps + 1, skip_if)
+            factors = self._factors_on_device(lr, np.dtype(param.dtype))
+            arrays.adam_step(param, grad, m, v, factors, self.beta1, self.beta2, self.eps,
+                             self.weight_decay, self.decoupled, skip_if)
             return
         if self.weight_decay and self.decoupled:
             param *= 1 - lr * self.weight_decay

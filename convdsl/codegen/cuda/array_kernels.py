@@ -92,17 +92,21 @@ def sgd_step(param: Any, grad: Any, buffer: Any, lr: Any, weight_decay: Any, mom
 
 @cuda.jit(cache=True)
 def adam_step(param: Any, grad: Any, m: Any, v: Any, weight_decay: Any, decoupled: Any,
-              decay_factor: Any, one_minus_beta1: Any, beta2: Any, one_minus_beta2: Any,
-              step_size: Any, bias2_root: Any, eps: Any, skip: Any) -> None:
+              factors: Any, one_minus_beta1: Any, beta2: Any, one_minus_beta2: Any,
+              eps: Any, skip: Any) -> None:
     """runtime/optim.py's Adam and AdamW, one thread per value, in PyTorch's order;
-    nothing changes where skip[0] is not 0."""
+    nothing changes where skip[0] is not 0. What changes from step to step comes in
+    device memory, so that every step launches the same (codegen/cuda/graphs.py):
+    factors = (1 - lr * weight_decay, the step size, the root of v's bias correction)."""
     i = cuda.grid(1)
     if i < param.size and skip[0] == 0:
         g = grad[i]
         p = param[i]
+        step_size = factors[1]
+        bias2_root = factors[2]
         if weight_decay != 0:
             if decoupled:
-                p = p * decay_factor
+                p = p * factors[0]
             else:
                 g = g + weight_decay * p
         mi = m[i] + one_minus_beta1 * (g - m[i])

@@ -129,14 +129,16 @@ def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, 
 
 
 def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceArray,
-              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-              decoupled: bool, t: int, skip_if: DeviceArray | None = None) -> None:
-    """One Adam (or AdamW) update of one parameter in place, step t counted from 1;
-    nothing changes where the counter `skip_if` is not 0."""
+              factors: DeviceArray, beta1: float, beta2: float, eps: float,
+              weight_decay: float, decoupled: bool, skip_if: DeviceArray | None = None
+              ) -> None:
+    """One Adam (or AdamW) update of one parameter in place; `factors`, on the device in
+    the parameter's dtype, holds what changes with the step and the rate: (1 - lr *
+    weight_decay, lr / (1 - beta1^t), (1 - beta2^t)^0.5). Nothing changes where the
+    counter `skip_if` is not 0."""
     cast = param.dtype.type
     launch_on(
         _kernels().adam_step, blocks(param.size), THREADS,
-        param, grad, m, v, cast(weight_decay), decoupled,
-        cast(1 - lr * weight_decay), cast(1 - beta1), cast(beta2), cast(1 - beta2),
-        cast(lr / (1 - beta1 ** t)), cast((1 - beta2 ** t) ** 0.5), cast(eps),
+        param, grad, m, v, cast(weight_decay), decoupled, factors,
+        cast(1 - beta1), cast(beta2), cast(1 - beta2), cast(eps),
         _never() if skip_if is None else skip_if)

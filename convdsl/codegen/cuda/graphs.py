@@ -19,8 +19,10 @@ its repeating passes (a training step, an inference) inside `StepGraph.pass_()`:
   packed) sends every held launch to the driver in order, and the rest of the pass runs
   launch by launch, as without graphs; so does a pass whose predecessor differed from
   its own predecessor: the recorder waits until a pass has repeated once before it holds
-  launches back, so that a pass that changes every time (Adam's step count is an
-  argument) never waits for its own end to start.
+  launches back, so that a pass that changes every time (a learning rate warming up,
+  an argument of SGD's update) never waits for its own end to start. Adam's step count
+  and rate reach its update in device memory instead (Optimizer.send, before the step's
+  first launch), so Adam's steps repeat.
 
 The order of the GPU's work never changes, only when the host hands it over: everything
 the pass needs from the host was copied before its first launch, and nothing is read

@@ -1,4 +1,4 @@
-"""A pass that repeats, launched as one CUDA graph.
+"""A pass that repeats, launched as CUDA graphs.
 
 Packed launches (common.Launch) took most of numba.cuda's Python out of a launch, but
 each launch is still a call into the driver, and a training step of LeNet-5 is some
@@ -59,6 +59,9 @@ class StepGraph:
         self._previous: list[PackedLaunch | None] | None = None  # the last pass's launches
         self._repeated = False  # whether the last pass launched what the one before did
         self._graphs: dict[int, Any] = {}  # by first launch: built from _previous's
+        # graphs dropped during a pass may still run on the GPU: kept until the next pass,
+        # which starts after the host has read this one's results (and so waited for it)
+        self._retired: list[Any] = []
         self._current: list[PackedLaunch | None] = []
         self._sent = 0  # how many of _current have gone to the driver
         self._holding = False  # whether this pass still holds its launches back
@@ -69,14 +72,15 @@ class StepGraph:
         if not GRAPHS or FAILURE or common.RECORDER is not None or common.LAUNCH_TIMER:
             yield
             return
-        self._current, self._sent = [], 0
+        self._current, self._sent, self._retired = [], 0, []
         self._holding = self._repeated
         common.RECORDER = self
         try:
             yield
         except BaseException:
             self._send_held()
-            self._previous, self._repeated, self._graphs = None, False, {}
+            self._previous, self._repeated = None, False
+            self._drop_graphs()
             raise
         finally:
             common.RECORDER = None
@@ -115,9 +119,13 @@ class StepGraph:
         else:
             GRAPH_COUNTS["replayed"] += 1
         if not same:
-            self._graphs = {}
+            self._drop_graphs()
         self._repeated = same and None not in self._current
         self._previous = self._current
+
+    def _drop_graphs(self) -> None:
+        self._retired.extend(self._graphs.values())
+        self._graphs = {}
 
     def _send_held(self) -> None:
         """Hand every held launch to the driver, in order."""
@@ -142,7 +150,7 @@ class StepGraph:
             graph.launch(launches[0].stream)
         except Exception as exc:  # a driver or cuda.core that cannot: launch by launch
             FAILURE.append(f"{type(exc).__name__}: {exc}")
-            self._graphs = {}
+            self._drop_graphs()
             self._holding = False
             self._send_held()
             return

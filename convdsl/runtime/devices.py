@@ -116,13 +116,13 @@ class Device:
 
     def recorder(self) -> PassRecorder:
         """What runs a pass that repeats (a training step, an inference) so that its
-        launches can be replayed as one: on the CPU, nothing."""
+        launches can be replayed together: on the CPU, nothing."""
         return Unrecorded()
 
 
 class PassRecorder(Protocol):
     """Runs each pass of a network inside `pass_()` (codegen/cuda/graphs.StepGraph
-    launches a repeating pass as one CUDA graph)."""
+    launches a repeating pass as CUDA graphs)."""
 
     def pass_(self) -> contextlib.AbstractContextManager[None]: ...
 

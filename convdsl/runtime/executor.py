@@ -212,7 +212,7 @@ class CompiledNetwork:
 
     def _recorded(self, pass_: str | None) -> contextlib.AbstractContextManager[None]:
         """Run a pass that repeats (a training step, an inference: `pass_`) so that the
-        GPU can replay it as one graph (codegen/cuda/graphs.py). Not with `check`, which
+        GPU can replay it as CUDA graphs (codegen/cuda/graphs.py). Not with `check`, which
         reads every stage's output in the middle of the pass."""
         if pass_ is None or self.check:
             return contextlib.nullcontext()

@@ -152,7 +152,7 @@ def assert_same(got: tuple[list[float], dict[str, np.ndarray]],
         np.testing.assert_array_equal(got[1][name], value, err_msg=name)
 
 
-def test_a_repeating_training_step_runs_as_one_graph(graphs: Any) -> None:
+def test_a_repeating_training_step_runs_as_graphs(graphs: Any) -> None:
     """The first step compiles and packs, and starts the momentum (an argument of the
     update); the third launches what the second did, so the fourth holds its launches
     back and launches them as graphs of CHUNK launches, built once and replayed by every
@@ -162,8 +162,8 @@ def test_a_repeating_training_step_runs_as_one_graph(graphs: Any) -> None:
     assert_same(train(compiled(), rates), want)
     built = graphs.GRAPH_COUNTS["built"]
     assert built >= 3  # the step's launches, 8 to a graph
-    assert dict(graphs.GRAPH_COUNTS) == {"built": built, "launched": 2 * built, "replayed": 2,
-                                   "plain": 3}
+    assert dict(graphs.GRAPH_COUNTS) == {"built": built, "launched": 2 * built,
+                                         "replayed": 2, "plain": 3}
     assert not graphs.FAILURE
 
 
@@ -249,8 +249,8 @@ def test_a_new_learning_rate_sends_the_held_launches_and_builds_again(graphs: An
     per_step = -(-launches // 8)
     before_the_update = (launches - 1) // 8  # the update is the last launch
     assert dict(graphs.GRAPH_COUNTS) == {"built": 2 * per_step,
-                                   "launched": 2 * per_step + before_the_update,
-                                   "replayed": 2, "plain": 5}
+                                         "launched": 2 * per_step + before_the_update,
+                                         "replayed": 2, "plain": 5}
 
 
 def test_adams_steps_repeat_too(graphs: Any) -> None:

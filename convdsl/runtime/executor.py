@@ -499,8 +499,10 @@ class CompiledNetwork:
         as after any training forward).
 
         On a GPU the host waits for the device once, at the end, to read the count, the
-        losses and the scores; everything before is queued. The batch and its targets go
-        out first, because a copy from host memory waits for every kernel queued before it."""
+        losses and the scores; everything before is queued. The batch, its targets and
+        what the update reads on the device (Optimizer.send) go out first, because a copy
+        from host memory waits for every kernel queued before it; the queued part is one
+        recorded pass, replayed as CUDA graphs once it repeats (codegen/cuda/graphs.py)."""
         inputs = self._checked_inputs(x)
         targets_sent = self._send_targets(targets)
         optimizer.send(lr)

@@ -99,9 +99,9 @@ def test_maxpool_ties_go_to_the_first_maximum() -> None:
 
 def test_pool_over_many_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of one warp: the element index crosses block boundaries."""
-    from convdsl.codegen.cuda import unary
+    from convdsl.codegen.cuda import common
 
-    monkeypatch.setattr(unary, "THREADS", 32)
+    monkeypatch.setattr(common, "THREADS", 32)
     check_layer(network((2, 6, 7), "maxpool(2, stride=1)"), "y", dtype="float64",
                 device="cuda")
     check_layer(network((2, 6, 7), "avgpool(3, stride=2, pad=1)"), "y", dtype="float64",

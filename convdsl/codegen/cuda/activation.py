@@ -22,7 +22,7 @@ from convdsl.codegen.activations import (
     softmax_forward_lines,
 )
 from convdsl.codegen.cuda import arrays
-from convdsl.codegen.cuda.common import JIT, PRELUDE, THREADS, DeviceArray, Launch, blocks
+from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, grid_for
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ActSpec
@@ -92,11 +92,11 @@ class ActivationStep:
             self.spec = KernelSpec.make("cuda_softmax", dtype, (self._view,))
             self._threads = shape[0] * positions
         module = None if self.identity else cache.load(self.spec)
-        grid = blocks(self._threads)
+        grid = grid_for(self._threads)
         self._forward = (None if module is None else
-                         Launch(module.forward, grid, THREADS, every=self._view))
+                         Launch(module.forward, *grid, every=self._view))
         self._backward = (None if module is None else
-                          Launch(module.backward, grid, THREADS, every=self._view))
+                          Launch(module.backward, *grid, every=self._view))
 
     def forward(self, x: DeviceArray, y: DeviceArray) -> None:
         if self._forward is None:

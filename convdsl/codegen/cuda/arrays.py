@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from convdsl.codegen.cuda.common import THREADS, DeviceArray, blocks, cuda, launch_on
+from convdsl.codegen.cuda.common import DeviceArray, cuda, grid_for, launch_on
 
 
 def _kernels() -> ModuleType:
@@ -27,19 +27,19 @@ def flat(x: DeviceArray) -> DeviceArray:
 
 def fill(x: DeviceArray, value: float = 0.0) -> None:
     if x.size:
-        launch_on(_kernels().fill, blocks(x.size), THREADS, x, x.dtype.type(value))
+        launch_on(_kernels().fill, *grid_for(x.size), x, x.dtype.type(value))
 
 
 def add(a: DeviceArray, b: DeviceArray, out: DeviceArray) -> None:
     """out = a + b, elementwise; out may be a or b."""
     if out.size:
-        launch_on(_kernels().add, blocks(out.size), THREADS, a, b, out)
+        launch_on(_kernels().add, *grid_for(out.size), a, b, out)
 
 
 def scale(x: DeviceArray, factor: float) -> None:
     """x *= factor, in x's dtype."""
     if x.size:
-        launch_on(_kernels().scale, blocks(x.size), THREADS, x, x.dtype.type(factor))
+        launch_on(_kernels().scale, *grid_for(x.size), x, x.dtype.type(factor))
 
 
 def copy(source: DeviceArray, target: DeviceArray) -> None:
@@ -49,7 +49,7 @@ def copy(source: DeviceArray, target: DeviceArray) -> None:
     if source.size != target.size:
         raise ValueError(f"copy of {source.size} values into {target.size}")
     if target.size:
-        launch_on(_kernels().copy, blocks(target.size), THREADS, source, target)
+        launch_on(_kernels().copy, *grid_for(target.size), source, target)
 
 
 def like(x: DeviceArray) -> DeviceArray:
@@ -70,7 +70,7 @@ def count_nonfinite(*xs: DeviceArray) -> list[int]:
     kernel = _kernels().count_nonfinite
     for slot, x in enumerate(xs):
         if x.size:
-            launch_on(kernel, blocks(x.size), THREADS, x, counts, slot)
+            launch_on(kernel, *grid_for(x.size), x, counts, slot)
     return [int(count) for count in counts.copy_to_host()[:len(xs)]]
 
 
@@ -78,7 +78,7 @@ def add_nonfinite(x: DeviceArray, counter: DeviceArray) -> None:
     """counter[0] += how many NaN or infinite values x holds, on the device: nothing
     comes back, so the host does not wait (an update reads the counter: sgd_step)."""
     if x.size:
-        launch_on(_kernels().count_nonfinite, blocks(x.size), THREADS, x, counter, 0)
+        launch_on(_kernels().count_nonfinite, *grid_for(x.size), x, counter, 0)
 
 
 @functools.cache
@@ -107,10 +107,10 @@ def fold_batch_norm(weight: DeviceArray, bias: DeviceArray | None,
     placeholder = norm["running_var"]  # stands in for arrays a case does not read
     gamma = norm.get("weight", placeholder)
     beta = norm.get("bias", placeholder)
-    launch_on(kernels.fold_weight, blocks(weight.size), THREADS, weight,
+    launch_on(kernels.fold_weight, *grid_for(weight.size), weight,
               weight.size // channels, gamma, norm["running_var"], float(eps), affine,
               out_weight)
-    launch_on(kernels.fold_bias, blocks(channels), THREADS,
+    launch_on(kernels.fold_bias, *grid_for(channels),
               placeholder if bias is None else bias, bias is not None, gamma, beta,
               norm["running_mean"], norm["running_var"], float(eps), affine, out_bias)
 
@@ -122,7 +122,7 @@ def sgd_step(param: DeviceArray, grad: DeviceArray, buffer: DeviceArray | None, 
     take the parameter's dtype, so float32 training computes in float32 as on the CPU.
     Where the counter `skip_if` is not 0 when the kernel runs, nothing changes."""
     cast = param.dtype.type
-    launch_on(_kernels().sgd_step, blocks(param.size), THREADS,
+    launch_on(_kernels().sgd_step, *grid_for(param.size),
               param, grad, param if buffer is None else buffer, cast(lr),
               cast(weight_decay), cast(momentum), nesterov, first,
               _never() if skip_if is None else skip_if)
@@ -138,7 +138,7 @@ def adam_step(param: DeviceArray, grad: DeviceArray, m: DeviceArray, v: DeviceAr
     counter `skip_if` is not 0."""
     cast = param.dtype.type
     launch_on(
-        _kernels().adam_step, blocks(param.size), THREADS,
+        _kernels().adam_step, *grid_for(param.size),
         param, grad, m, v, cast(weight_decay), decoupled, factors,
         cast(1 - beta1), cast(beta2), cast(1 - beta2), cast(eps),
         _never() if skip_if is None else skip_if)

@@ -29,6 +29,7 @@ PRELUDE = "import math\n\nfrom numba import cuda\n"
 JIT = "@cuda.jit(cache=True, fastmath=False)"
 DEVICE_JIT = "@cuda.jit(device=True, inline=True)"
 THREADS = 256  # threads per block of the one-thread-per-element kernels
+WARP = 32
 # At most this many threads sum one channel in a one-block-per-channel kernel (batch norm,
 # a convolution's bias gradient). Such a kernel has as many blocks as channels (64 in
 # ResNet-18-CIFAR's first layers, 6 in LeNet-5's), and a thread waits on each of its
@@ -86,6 +87,15 @@ def _has_numba_cuda() -> bool:
 def blocks(count: int, threads: int = THREADS) -> int:
     """Blocks of `threads` threads that cover `count` elements (at least one)."""
     return max(1, math.ceil(count / threads))
+
+
+def grid_for(count: int) -> tuple[int, int]:
+    """(blocks, threads) for one thread per element of `count`: whole warps, at most
+    THREADS per block, so that a small array (a bias, a tiny layer) does not start
+    hundreds of idle threads. On a GPU they would cost little; in the simulator each
+    thread is a Python thread."""
+    threads = min(THREADS, max(WARP, math.ceil(count / WARP) * WARP))
+    return blocks(count, threads), threads
 
 
 def zeros(shape: tuple[int, ...], dtype: Any) -> DeviceArray:

@@ -53,11 +53,10 @@ from convdsl.codegen.cuda.common import (
     CHANNEL_THREADS,
     FLAT,
     JIT,
-    THREADS,
     DeviceArray,
     Launch,
-    blocks,
     cuda,
+    grid_for,
     zeros,
 )
 from convdsl.codegen.cuda.conv_gemm import (
@@ -533,13 +532,13 @@ class ConvLayer(KernelLayer):
         self.splits = 1 if weight is None else weight.splits
         size = g.out_channels * g.cg * g.volume
         self._part = zeros((self.splits * size,), setup.dtype) if self.splits > 1 else None
-        self._reduce = (Launch(module.reduce_splits, blocks(size), THREADS, every=FLAT)
+        self._reduce = (Launch(module.reduce_splits, *grid_for(size), every=FLAT)
                         if self._part is not None else None)
         out_size = math.prod(setup.batched_output)
         threads = reduce_threads(setup.batch * g.positions)
         self._prepare = (Launch(module.prepare, g.out_channels, threads, every=FLAT)
                          if g.bias else None)
-        self._scale = (Launch(module.scale, blocks(out_size), THREADS, every=FLAT)
+        self._scale = (Launch(module.scale, *grid_for(out_size), every=FLAT)
                        if g.has_act else None)
         self.y = zeros(setup.batched_output, setup.dtype)
         self.dx = zeros(setup.batched_inputs[0], setup.dtype)

@@ -22,7 +22,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act
 from convdsl.codegen.cuda import conv_gemm
 from convdsl.codegen.cuda.activation import FusedAct, derivative
-from convdsl.codegen.cuda.common import FLAT, JIT, THREADS, DeviceArray, Launch, blocks, zeros
+from convdsl.codegen.cuda.common import FLAT, JIT, DeviceArray, Launch, grid_for, zeros
 from convdsl.codegen.cuda.conv import SIMPLE_BELOW
 from convdsl.codegen.cuda.conv_gemm import Operand, Product, Tiles, unsigned
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
@@ -171,9 +171,9 @@ class DenseLayer(KernelLayer):
         self.splits = weight.splits
         size = attrs.units * setup.in_shapes[0][0]
         self._part = zeros((self.splits * size,), setup.dtype) if self.splits > 1 else None
-        self._reduce = (Launch(module.reduce_splits, blocks(size), THREADS, every=FLAT)
+        self._reduce = (Launch(module.reduce_splits, *grid_for(size), every=FLAT)
                         if self.splits > 1 else None)
-        self._prepare = Launch(module.prepare, blocks(attrs.units), THREADS, every=FLAT)
+        self._prepare = Launch(module.prepare, *grid_for(attrs.units), every=FLAT)
         self.y = zeros(setup.batched_output, setup.dtype)
         self.g = zeros(setup.batched_output, setup.dtype)  # the gradient before the activation
         self.dx = zeros(setup.batched_inputs[0], setup.dtype)

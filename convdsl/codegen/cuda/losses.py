@@ -24,8 +24,7 @@ import numpy as np
 
 from convdsl.codegen import cache
 from convdsl.codegen.cuda import arrays
-from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, DeviceArray, Launch, empty
-from convdsl.codegen.cuda.unary import grid_for
+from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, DeviceArray, Launch, empty, grid_for
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import Loss

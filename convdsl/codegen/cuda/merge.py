@@ -18,8 +18,7 @@ import math
 from convdsl.codegen import cache
 from convdsl.codegen.activations import apply_act, gradient_lines
 from convdsl.codegen.cuda.activation import FusedAct
-from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, empty
-from convdsl.codegen.cuda.unary import grid_for
+from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, empty, grid_for
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec

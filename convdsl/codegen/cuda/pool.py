@@ -26,8 +26,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from convdsl.codegen import cache
-from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, View, empty
-from convdsl.codegen.cuda.unary import grid_for
+from convdsl.codegen.cuda.common import JIT, PRELUDE, DeviceArray, Launch, View, empty, grid_for
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.pool_windows import (
     avg_divisor,

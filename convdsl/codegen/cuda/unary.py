@@ -16,22 +16,12 @@ import math
 from convdsl.codegen import cache
 from convdsl.codegen.cuda import arrays
 from convdsl.codegen.cuda.activation import ActivationStep
-from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, THREADS, DeviceArray, Launch, empty
+from convdsl.codegen.cuda.common import FLAT, JIT, PRELUDE, DeviceArray, Launch, empty, grid_for
 from convdsl.codegen.layer import KernelLayer, LayerSetup, Mode, builder
 from convdsl.codegen.source import Code
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import DropoutAttrs, Op
 from convdsl.runtime.random import dropout_mask
-
-WARP = 32
-
-
-def grid_for(count: int) -> tuple[int, int]:
-    """(blocks, threads) for one thread per element of `count`: whole warps, at most
-    THREADS per block, so that a tiny layer does not start hundreds of idle threads
-    (each costs real time in the simulator)."""
-    threads = min(THREADS, max(WARP, math.ceil(count / WARP) * WARP))
-    return max(1, math.ceil(count / threads)), threads
 
 
 @cache.template("cuda_multiply")

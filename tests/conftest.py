@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cuda_simulator
+
 os.environ.setdefault("CONVDSL_CACHE", str(Path(__file__).resolve().parent.parent
                                            / ".convdsl-cache"))
 # The convolution cost model's built-in machine rates: the same algorithm choices on
@@ -29,3 +31,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # other test worker already uses: each would only add its start-up. The worker path
     # has its own tests, which ask for workers explicitly.
     os.environ.setdefault("CONVDSL_COMPILE_WORKERS", "1")
+
+# The simulator's switch interval and shared memory made fit for the tests
+# (tests/cuda_simulator.py). Last: it imports Numba, which reads the settings above.
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    cuda_simulator.prepare()

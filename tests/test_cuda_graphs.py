@@ -30,7 +30,7 @@ pytestmark = pytest.mark.cuda
 # Batch norm, dropout, a flatten, a residual add, two losses: a step touches every kind
 # of launch site (generated kernels, whole-array kernels, the optimizer's, copies).
 NETWORK = """
-input x: 2x6x6
+input x: 2x4x4
 c = conv(3, 3, pad=same, act=relu)
 n = c -> conv(3, 3, pad=same, bias=no) -> bn
 s = add(n, c, act=relu)
@@ -126,7 +126,7 @@ def train(net: CompiledNetwork, rates: list[float], settings: TrainSettings = MO
     rng = np.random.default_rng(7)
     losses = []
     for lr in rates:
-        step = net.train_step(random_array(rng, (2, 2, 6, 6)), TARGETS, optimizer, lr)
+        step = net.train_step(random_array(rng, (2, 2, 4, 4)), TARGETS, optimizer, lr)
         assert step.nonfinite is None
         losses.append(step.loss)
     return losses, net.state_dict()
@@ -281,7 +281,7 @@ def test_inference_repeats_as_a_graph_between_training_steps(graphs: Any) -> Non
     (batch norm folds its statistics on the first inference after training, so that
     one launches more and is not held)."""
     net = compiled()
-    x = random_array(np.random.default_rng(5), (2, 2, 6, 6))
+    x = random_array(np.random.default_rng(5), (2, 2, 4, 4))
     want = net.forward(x)
     optimizer = make_optimizer(MOMENTUM, net.trained)
     for _ in range(3):

@@ -307,17 +307,19 @@ def test_outputs_no_backward_reads_share_memory_once_read() -> None:
         "a.3", "short.1"}
     # fused, a.3 is computed inside the add's stage; short.1 is that stage's residual
     assert set(transient_outputs(network, fusion_groups(network))) == {"short.1"}
-    net = convdsl.compile(RESIDUAL, batch=2, warm=False, fuse=False)
+    # batch 3 and GEMM, as test_shared_buffers_change_no_result: shared kernels
+    net = convdsl.compile(RESIDUAL, batch=3, algo="gemm", warm=False, fuse=False)
     plan = net.output_plan
     assert plan is not None and len(plan.buffers) == 2  # both are read by one add
-    net.forward(np.zeros((2, 3, 8, 8), np.float32))
+    net.forward(np.zeros((3, 3, 8, 8), np.float32))
     with pytest.raises(RunError, match="share=False"):
         net.activation("a.3")
-    separate = convdsl.compile(RESIDUAL, batch=2, warm=False, share=False, fuse=False)
-    separate.forward(np.zeros((2, 3, 8, 8), np.float32))
-    assert separate.activation("a.3").shape == (2, 8, 4, 4)
-    fused = convdsl.compile(RESIDUAL, batch=2, warm=False)
-    fused.forward(np.zeros((2, 3, 8, 8), np.float32))
+    separate = convdsl.compile(RESIDUAL, batch=3, algo="gemm", warm=False, share=False,
+                                fuse=False)
+    separate.forward(np.zeros((3, 3, 8, 8), np.float32))
+    assert separate.activation("a.3").shape == (3, 8, 4, 4)
+    fused = convdsl.compile(RESIDUAL, batch=3, algo="gemm", warm=False)
+    fused.forward(np.zeros((3, 3, 8, 8), np.float32))
     with pytest.raises(RunError, match="share=False"):
         fused.activation("short.1")
 
@@ -350,7 +352,7 @@ def test_shared_buffers_change_no_result(source: str | Path, algo: str | None,
 def test_warm_up_leaves_every_parameter_and_statistic_as_it_was() -> None:
     """warm_up() saves only what a forward changes (batch norm's running statistics),
     so that no copy of the weights adds to the peak; all comes back as it was."""
-    net = convdsl.compile(RESIDUAL, batch=2, dtype="float32", algo="gemm", seed=2,
+    net = convdsl.compile(RESIDUAL, batch=3, dtype="float32", algo="gemm", seed=2,
                           warm=False)
     before = net.state_dict()
     net.warm_up()

@@ -34,7 +34,7 @@ output fc
 
 @pytest.fixture(scope="module")
 def lenet_timing() -> tuple[convdsl.CompiledNetwork, Timing]:
-    net = convdsl.compile(LENET, batch=3)
+    net = convdsl.compile(LENET, batch=2)  # as in tests/test_torch_parity.py: shared kernels
     return net, time_network(net, iterations=2)
 
 
@@ -43,7 +43,7 @@ def test_one_row_per_stage_in_forward_order(
     net, timing = lenet_timing
     assert [s.name for s in timing.stages] == [stage.name for stage in net.stages]
     assert (timing.network, timing.batch, timing.dtype, timing.iterations) == (
-        "lenet5", 3, "float32", 2)
+        "lenet5", 2, "float32", 2)
     ops = {s.name: s.ops for s in timing.stages}
     # a stage is named by its last layer: c1 and the pooling after it are stage s2
     assert ops["s2"] == "conv+relu+maxpool" and ops["out"] == "dense"
@@ -62,14 +62,14 @@ def test_flops_follow_the_macs(lenet_timing: tuple[convdsl.CompiledNetwork, Timi
     stages = {s.name: s for s in timing.stages}
     # stages with weights (s2 and s4: c1 and c3 with the pooling after each)
     for name, layer in (("s2", "c1"), ("s4", "c3"), ("f5", "f5"), ("f6", "f6"), ("out", "out")):
-        flops = 2 * net.network.counts[layer].macs * 3
+        flops = 2 * net.network.counts[layer].macs * net.batch
         assert stages[name].forward_flops == flops > 0
         # the first layer skips the input's gradient in a training step
         assert stages[name].backward_flops == (flops if name == "s2" else 2 * flops)
     for name in ("flatten_1",):  # no multiply-adds: no rate to show
         assert stages[name].forward_flops == stages[name].backward_flops == 0
         assert stages[name].forward_gflops is None and stages[name].backward_gflops is None
-    assert timing.forward_flops == 2 * net.network.macs * 3
+    assert timing.forward_flops == 2 * net.network.macs * net.batch
     c1 = stages["s2"].forward_flops
     assert timing.train_flops == 3 * timing.forward_flops - c1
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference_check import assert_matches_reference
 
 import convdsl
 from convdsl.cli import main
 from convdsl.errors import ConvDslError, RunError
 from convdsl.passes.fusion import concat_writes, fusion_groups
-from convdsl.runtime.reference import ReferenceNetwork
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = sorted([*ROOT.glob("networks/*.cnn"), *ROOT.glob("examples/*.cnn")])
@@ -155,17 +155,6 @@ def smaller(path: Path) -> convdsl.Network:
     return convdsl.load(path)
 
 
-def random_targets(net: convdsl.CompiledNetwork, rng: np.random.Generator) -> dict:
-    targets = {}
-    for output in net.network.outputs:
-        shape = net.network.shapes[output.name]
-        if output.loss.value == "cross_entropy":
-            targets[output.name] = rng.integers(0, shape[0], (net.batch, *shape[1:]))
-        elif output.loss.value == "mse":
-            targets[output.name] = rng.standard_normal((net.batch, *shape))
-    return targets
-
-
 def fused_networks() -> list[Path]:
     fusable = [p for p in ZOO if any(g.fused for g in fusion_groups(convdsl.load(p)))]
     if os.environ.get("CONVDSL_FUSION_ZOO") == "all":
@@ -254,31 +243,9 @@ def test_fused_stages_compute_what_the_layers_compute(path: Path) -> None:
 def assert_fusion_changes_nothing(network: convdsl.Network, batch: int,
                                   algo: str | None = None) -> None:
     """The fused network computes what the NumPy reference computes layer by layer, in
-    float64: outputs, loss, input and parameter gradients, training then inference, and
-    the running statistics after both. (The reference, not the network compiled without
-    fusion: it is independent of the kernels, and it halves the test's cold compiles.)"""
+    float64 (the reference, not the network compiled without fusion: it is independent
+    of the kernels, and it halves the test's cold compiles)."""
     fused = convdsl.compile(network, batch=batch, dtype="float64", warm=False, algo=algo,
                             seed=0)
     assert len(fused.stages) < len(fusion_groups(network, fuse=False))
-    plain = ReferenceNetwork(network, params=fused.state_dict(), seed=0)  # same dropout
-    rng = np.random.default_rng(0)
-    inputs = {name: rng.standard_normal((batch, *shape))
-              for name, shape in network.input_shapes.items()}
-    targets = random_targets(fused, rng)
-    for train in (True, False):
-        mode = "train" if train else "eval"
-        y1, y2 = (net.forward(inputs, train=train, step=1) for net in (fused, plain))
-        np.testing.assert_allclose(y1, y2, rtol=1e-9, atol=1e-12, err_msg=f"output ({mode})")
-        assert fused.loss(targets) == pytest.approx(plain.loss(targets), rel=1e-9)
-        g1, g2 = fused.backward(), plain.backward()
-        grads1 = g1 if isinstance(g1, dict) else {"input": g1}
-        grads2 = g2 if isinstance(g2, dict) else {"input": g2}
-        for name in grads2:
-            np.testing.assert_allclose(grads1[name], grads2[name], rtol=1e-8, atol=1e-12,
-                                       err_msg=f"gradient of {name} ({mode})")
-        assert set(fused.grads) == set(plain.grads)
-        for name, grad in plain.grads.items():
-            np.testing.assert_allclose(fused.grads[name], grad, rtol=1e-8, atol=1e-11,
-                                       err_msg=f"{name} ({mode})")
-    for name, value in plain.params.items():  # running statistics moved the same way
-        np.testing.assert_allclose(fused.params[name], value, rtol=1e-12, err_msg=name)
+    assert_matches_reference(fused)

@@ -117,9 +117,11 @@ def test_the_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> Non
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == "lenet5: batch 2, float32, cpu, median of 1 iteration after 1 warm-up"
-    # which pools ran the kernels: timings on another pool are not comparable
+    # which pools ran the kernels, and which kernels: timings on another pool, or with
+    # other kernels on threads, are not comparable
     assert re.fullmatch(r"threads: \d+ threads on Numba's \w+ pool, "
-                        r"OPENBLAS_THREAD_TIMEOUT=.+", lines[1])
+                        r"OPENBLAS_THREAD_TIMEOUT=\S+; kernels of [\d,]+ multiply-adds or "
+                        r"more on threads \(CONVDSL_THREADS_FROM\)", lines[1])
     assert lines[2].split()[:3] == ["stage", "ops", "algorithm"]
     rows = [line for line in lines if line.split()[0] in
             ("s2", "s4", "flatten_1", "f5", "f6", "out")]

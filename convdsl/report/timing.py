@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from convdsl import threads
+from convdsl.codegen import source
 from convdsl.codegen.layer import Mode
 from convdsl.ir.ops import Activation, Layer, Op
 from convdsl.runtime.executor import CompiledNetwork, Stage
@@ -178,7 +179,8 @@ def time_network(net: CompiledNetwork, iterations: int = 10, seed: int = 0,
         net.device.fill(net.grads.flat, 0.0)
     stages = tuple(_stage_time(net, stage, forward[stage.name], backward[stage.name])
                    for stage in net.stages)
-    pools = threads.describe() if net.device.name == "cpu" else ""
+    pools = (f"{threads.describe()}; {source.describe_threads()}"
+             if net.device.name == "cpu" else "")
     return Timing(net.network.name, net.batch, net.dtype, iterations, stages,
                   train_step, inference, net.device.name, pools, per_kernel)
 

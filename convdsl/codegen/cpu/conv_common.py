@@ -36,7 +36,7 @@ from typing import Any
 
 from convdsl.codegen.activations import act_from_spec, derivative_expression, is_identity
 from convdsl.codegen.layer import LayerSetup
-from convdsl.codegen.source import Code, jit
+from convdsl.codegen.source import VALUES_PER_MAC, Code, jit
 from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import ActSpec, ConvAttrs, FilterAttrs
 
@@ -98,6 +98,11 @@ class Geometry:
         return math.prod(self.out)
 
     @property
+    def macs(self) -> int:
+        """Multiply-adds of one pass over the batch."""
+        return self.batch * self.out_channels * self.positions * self.cg * self.volume
+
+    @property
     def zero(self) -> str:
         """A zero of the arrays' dtype, so that sums accumulate in that dtype."""
         return "np.float32(0.0)" if self.dtype == "float32" else "0.0"
@@ -125,6 +130,20 @@ class Geometry:
 # test stops LLVM from vectorising the loop; a computed subscript cast to unsigned skips
 # it (measured: im2col and the epilogues run 2.5-4x faster).
 IMPORTS = "from numba import uintp  # unsigned subscripts: no wrap-around test\n\n"
+
+
+# The work of a convolution kernel, for the choice of threads (source.parallel_line).
+
+def macs(spec: KernelSpec) -> int:
+    """The direct algorithm's loops do every multiply-add."""
+    return Geometry.from_spec(spec).macs
+
+
+def columns(spec: KernelSpec) -> int:
+    """The other algorithms' loops move values (im2col, transforms, spreading by stride),
+    about one per im2col column entry, and leave the multiply-adds to BLAS or NumPy."""
+    g = Geometry.from_spec(spec)
+    return g.macs // g.og // VALUES_PER_MAC
 
 
 def spec_layout(setup: LayerSetup) -> tuple[tuple[int, ...], dict[str, Any]]:

@@ -27,6 +27,7 @@ from convdsl.codegen.cpu.conv_common import (
     affine,
     emit_prepare,
     ix,
+    macs,
     names,
     position_loops,
     prepare_call,
@@ -242,7 +243,7 @@ def _driver(code: Code, g: Geometry, prepared: bool) -> None:
             code.line("conv_weight_grad(x, dy, dw, ws['rows'])")
 
 
-@cache.template("conv_direct")
+@cache.template("conv_direct", work=macs)
 def render(spec: KernelSpec) -> str:
     g = Geometry.from_spec(spec)
     code = Code()

@@ -38,6 +38,7 @@ from convdsl.codegen.cpu.conv_common import (
     IMPORTS,
     Geometry,
     affine,
+    columns,
     emit_prepare,
     ix,
     names,
@@ -275,7 +276,7 @@ def _driver(code: Code, g: Geometry, prepared: bool) -> None:
             ])
 
 
-@cache.template("conv_fft")
+@cache.template("conv_fft", work=columns)
 def render(spec: KernelSpec) -> str:
     g = Geometry.from_spec(spec)
     code = Code()

@@ -34,6 +34,7 @@ from convdsl.codegen.cpu.conv_common import (
     IMPORTS,
     Geometry,
     affine,
+    columns,
     emit_prepare,
     flat_position,
     input_position,
@@ -403,7 +404,7 @@ def _pointwise_driver(code: Code, g: Geometry, finished: bool, prepared: bool) -
                       f"out=dx.reshape(({batch}, {groups}, {cg}, {positions})))")
 
 
-@cache.template("conv_gemm")
+@cache.template("conv_gemm", work=columns)
 def render(spec: KernelSpec) -> str:
     g = Geometry.from_spec(spec)
     code = Code()

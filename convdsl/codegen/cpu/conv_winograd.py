@@ -43,7 +43,13 @@ from fractions import Fraction
 
 from convdsl.codegen import cache
 from convdsl.codegen.activations import act_options, forward_expression
-from convdsl.codegen.cpu.conv_common import IMPORTS, Geometry, emit_prepare, prepare_call
+from convdsl.codegen.cpu.conv_common import (
+    IMPORTS,
+    Geometry,
+    columns,
+    emit_prepare,
+    prepare_call,
+)
 from convdsl.codegen.cpu.conv_gemm import finish_in_place
 from convdsl.codegen.source import PRELUDE, Code, jit
 from convdsl.codegen.spec import KernelSpec
@@ -520,7 +526,7 @@ def tiling(spec: KernelSpec) -> Tiling:
     return TILINGS[int(spec.option("tile"))]
 
 
-@cache.template("conv_winograd")
+@cache.template("conv_winograd", work=columns)
 def render(spec: KernelSpec) -> str:
     g, t = Geometry.from_spec(spec), tiling(spec)
     if not applies(g):

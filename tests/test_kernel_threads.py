@@ -16,7 +16,7 @@ import pytest
 from reference_check import assert_matches_reference
 
 import convdsl
-from convdsl.codegen import cache, source
+from convdsl.codegen import cache, parallel, source
 from convdsl.codegen.layer import ALGORITHMS
 from convdsl.codegen.spec import KernelSpec
 from convdsl.errors import RunError
@@ -97,6 +97,15 @@ def test_the_choice_is_part_of_the_kernel_file_and_of_the_loaded_module(
     assert parallel is not serial
     assert (serial.PARALLEL, parallel.PARALLEL) == (False, True)
     assert cache.load(spec) is parallel
+
+
+def test_a_warm_up_record_belongs_to_one_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record lists the versions a warm-up loads from one set of kernel files; under
+    another threshold the files differ, so the record must too."""
+    net = convdsl.compile(SMALL, batch=2, warm=False)
+    default = parallel.record_name(net.stages)
+    monkeypatch.setenv(source.THREADS_VARIABLE, "0")
+    assert parallel.record_name(net.stages) != default
 
 
 def test_a_threads_from_that_is_no_number_is_a_clear_error(

@@ -73,6 +73,7 @@ def largest_array(spec: KernelSpec) -> int:
 
 
 def work(spec: KernelSpec) -> int:
+    """The kernel's work in multiply-adds, by its template's measure."""
     return _WORK.get(spec.template, largest_array)(spec)
 
 

@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from convdsl.codegen import cache
+from convdsl.codegen import cache, source
 from convdsl.codegen.spec import KernelSpec
 
 if TYPE_CHECKING:
@@ -77,10 +77,12 @@ def warm(compiled: CompiledNetwork) -> str:
 
 def record_name(stages: Sequence[Stage]) -> str:
     """Names the record of a list of stages: their kernel classes and kernels, in order
-    (the same list runs the same kernel functions in a warm-up)."""
-    return cache.record_name(f"{stage.name}:{type(stage.kernel).__name__}:"
-                             + ",".join(spec.key for spec in stage.kernel.specs)
-                             for stage in stages)
+    (the same list runs the same kernel functions in a warm-up), and the threshold of
+    threads, which decides which of a spec's two kernel files holds them."""
+    return cache.record_name([
+        *(f"{stage.name}:{type(stage.kernel).__name__}:"
+          + ",".join(spec.key for spec in stage.kernel.specs) for stage in stages),
+        f"threads from {source.threads_from()}"])
 
 
 def _compiled_signatures(stages: Sequence[Stage]) -> dict[str, cache.Signatures]:

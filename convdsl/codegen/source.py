@@ -1,4 +1,5 @@
-"""A small writer for generated Python: lines, indented blocks and nested loops."""
+"""A small writer for generated Python (lines, indented blocks and nested loops), and
+the decorator of generated CPU kernels with its choice of threads."""
 
 from __future__ import annotations
 

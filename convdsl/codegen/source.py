@@ -93,7 +93,7 @@ def threads_from() -> int:
         value = -1
     if value < 0:
         raise RunError(f"{THREADS_VARIABLE}={text!r} is not a whole number of "
-                       "multiply-adds or elements",
+                       "multiply-adds",
                        f"set it to 0 to run every kernel on threads, or unset it for "
                        f"the default, {THREADS_FROM}")
     return value
@@ -105,9 +105,9 @@ def parallel_line(work: int) -> str:
     return f"PARALLEL = {threaded}  # work {work}, threads from {threads_from()}\n"
 
 
-PRELUDE = "import math\n\nimport numba\nimport numpy as np\nfrom numba import prange\n\n"
-
-
 def describe_threads() -> str:
     """Which kernels run on threads, for reports."""
     return f"kernels of {threads_from():,} multiply-adds or more on threads ({THREADS_VARIABLE})"
+
+
+PRELUDE = "import math\n\nimport numba\nimport numpy as np\nfrom numba import prange\n\n"

@@ -101,8 +101,8 @@ def threads_from() -> int:
 
 def parallel_line(work: int) -> str:
     """The generated module's PARALLEL: whether its kernels' prange loops use threads."""
-    threaded = work >= threads_from()
-    return f"PARALLEL = {threaded}  # work {work}, threads from {threads_from()}\n"
+    threshold = threads_from()
+    return f"PARALLEL = {work >= threshold}  # work {work}, threads from {threshold}\n"
 
 
 def describe_threads() -> str:

@@ -33,6 +33,7 @@ import convdsl
 from convdsl import threads
 from convdsl.codegen import cache, source
 from convdsl.codegen.layer import KernelLayer, Mode, build_layer, layer_setups
+from convdsl.network import Network
 from convdsl.runtime.params import init_params
 
 
@@ -60,16 +61,18 @@ def layers() -> list[Layer]:
     return cases
 
 
-def build(layer: Layer, threads_from: int) -> tuple[KernelLayer, int]:
+def parse(layer: Layer) -> Network:
+    return convdsl.loads(f"input {layer.shape}\nl = {layer.text}\noutput l")
+
+
+def build(network: Network, layer: Layer, threads_from: int) -> tuple[KernelLayer, int]:
     os.environ[source.THREADS_VARIABLE] = str(threads_from)
-    network = convdsl.loads(f"input {layer.shape}\nl = {layer.text}\noutput l")
     setup = layer_setups(network, layer.batch, "float32")["l"]
     kernel = build_layer(setup)
     return kernel, max(cache.work(spec) for spec in kernel.specs)
 
 
-def seconds(kernel: KernelLayer, layer: Layer, repeats: int) -> float:
-    network = convdsl.loads(f"input {layer.shape}\nl = {layer.text}\noutput l")
+def seconds(kernel: KernelLayer, network: Network, layer: Layer, repeats: int) -> float:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((layer.batch, *network.input_shape)).astype(np.float32)
     params = {name.rpartition(".")[2]: array.astype(np.float32)
@@ -140,9 +143,11 @@ def main() -> None:
     for layer in layers():
         if args.only and layer.kind != args.only:
             continue
-        serial, work = build(layer, 1 << 62)
-        threaded, _ = build(layer, 0)
-        one, many = seconds(serial, layer, args.repeats), seconds(threaded, layer, args.repeats)
+        network = parse(layer)
+        serial, work = build(network, layer, 1 << 62)
+        threaded, _ = build(network, layer, 0)
+        one = seconds(serial, network, layer, args.repeats)
+        many = seconds(threaded, network, layer, args.repeats)
         print(f"{layer.kind:<16} {layer.shape:>12} {layer.batch:>5} {work:>10} "
               f"{one * 1e6:>10.1f} {many * 1e6:>10.1f} {many / one:>6.2f}")
 

@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
 import convdsl
 from convdsl.codegen import cache, parallel
+from convdsl.codegen.cpu import conv
+from convdsl.codegen.layer import layer_setups
 
 # Two stages with kernels of their own (conv + relu, dense): something to share.
 TEXT = "input x: 2x7x7\nc = conv(3, 3, act=relu)\nflatten\nfc = dense(4)\noutput fc\n"
@@ -140,3 +143,22 @@ def test_a_damaged_record_falls_back_to_the_warm_up(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cache, "read_record", lambda record: broken)
     parallel.warm(net)
     assert calls == [1]
+
+
+def test_the_bias_gradient_stays_small_in_machine_code() -> None:
+    """LLVM's O3 unrolled `prepare` (dy *= act'(y), db = sum of dy) of LeNet-5's c3 at
+    batch 32 into 14,000 lines of IR and took 18 s over it, while batch 64 took 0.5 s: the
+    loop bounds were constants. They are read from the arrays now. Compiled afresh here,
+    so that a copy in Numba's disk cache cannot hide the size."""
+    text = "input x: 6x14x14\nc = conv(16, 5, act=relu)\noutput c"
+    setup = layer_setups(convdsl.loads(text), 32, "float32", "direct")["c"]
+    module = cache.load(conv.conv_spec(setup, "direct"))
+    prepare = numba.njit(parallel=True, nogil=True)(module.prepare.py_func)
+    dy = np.random.default_rng(0).standard_normal((32, 16, 100)).astype(np.float32)
+    y, db = dy.copy(), np.zeros(16, np.float32)
+    expected = np.where(y > 0, dy, 0)
+    prepare(y, dy, db, True)
+    np.testing.assert_allclose(dy, expected)
+    np.testing.assert_allclose(db, expected.sum(axis=(0, 2)), rtol=1e-5)
+    (ir,) = prepare.inspect_llvm().values()
+    assert ir.count("\n") < 4000

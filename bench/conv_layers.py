@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import numpy as np
 
 import convdsl
 from convdsl.codegen import cost
-from convdsl.codegen.cpu import conv, conv_winograd
-from convdsl.codegen.layer import ALGORITHMS, LayerSetup, Mode, layer_setups
+from convdsl.codegen.cpu import conv, conv_fit, conv_winograd
+from convdsl.codegen.layer import ALGORITHMS, LayerSetup, layer_setups
 from convdsl.ir.ops import Op
 
 # Winograd with each tile size, as a column of its own: name -> (algorithm, tile)
@@ -71,17 +70,8 @@ def interleaved(layers: dict[str, conv.ConvLayer], x: np.ndarray, dy: np.ndarray
                 params: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
     """Median seconds of one forward + backward of each layer, in turn each round, after
     a first round that compiles or loads the kernels."""
-    grads = {name: np.zeros_like(value) for name, value in params.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in layers}
-    for round_ in range(rounds + 1):
-        for name, kernel in layers.items():
-            gradient = dy.copy()  # backward scales it by the activation's derivative
-            started = time.perf_counter()
-            kernel.forward([x], params, Mode(train=True))
-            kernel.backward(gradient, params, grads)
-            if round_:
-                seconds[name].append(time.perf_counter() - started)
-    return {name: statistics.median(times) for name, times in seconds.items()}
+    return {name: statistics.median(seconds) for name, seconds in
+            conv_fit.timed_rounds(layers, x, dy, params, rounds).items()}
 
 
 def time_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:

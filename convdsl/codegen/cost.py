@@ -30,13 +30,14 @@ compile does not time again.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,31 @@ NO_CALIBRATE = "CONVDSL_NO_CALIBRATE"
 CALIBRATION_FILE = "calibration.json"
 TUNING_FILE = "tuning.json"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Rates:
-    """What this machine does per second, in float32 on all of Numba's threads."""
+    """What this machine does per second, in float32 on all of Numba's threads, and how
+    its convolution kernels run against the estimates those rates give."""
 
     blas: float  # flop/s of a large matrix product
     loops: float  # flop/s of a generated multiply-add loop along rows
     fft: float  # flop/s of real FFTs, counted as 2.5 L log2 L per transform
     copy: float  # bytes/s (read + written) of a strided copy, as in im2col
     call: float  # seconds per kernel call: Python, and waking the thread pools
+    # Measured over estimated seconds of each algorithm on a reference layer
+    # (cpu/conv_fit.py). The micro-benchmarks above miss much of what makes one machine's
+    # kernels faster than another's (caches, vector width); these catch it. They are 1
+    # where the model's constants were fitted, which is what the built-in rates assume.
+    direct_fit: float = 1.0
+    gemm_fit: float = 1.0  # Winograd's too: its constants are fitted as ratios to GEMM
+    fft_fit: float = 1.0
+
+    def fit(self, template: str) -> float:
+        """The fit that applies to a convolution kernel template's estimate."""
+        return {"conv_direct": self.direct_fit, "conv_gemm": self.gemm_fit,
+                "conv_winograd": self.gemm_fit, "conv_fft": self.fft_fit}[template]
 
 
 # Measured by `calibrate` on the 2-core development machine (best of 5 runs each; the
@@ -112,9 +128,9 @@ def _effective(rates: Rates) -> Rates:
     """The rates the kernels reach: the measured ones (loops capped, LOOPS_PER_BLAS)
     times EFFICIENCY."""
     loops = min(rates.loops, LOOPS_PER_BLAS * rates.blas)
-    return Rates(blas=rates.blas * EFFICIENCY["blas"], loops=loops * EFFICIENCY["loops"],
-                 fft=rates.fft * EFFICIENCY["fft"], copy=rates.copy * EFFICIENCY["copy"],
-                 call=rates.call)
+    return replace(rates, blas=rates.blas * EFFICIENCY["blas"],
+                   loops=loops * EFFICIENCY["loops"], fft=rates.fft * EFFICIENCY["fft"],
+                   copy=rates.copy * EFFICIENCY["copy"])
 
 
 def _scale(spec: KernelSpec) -> float:
@@ -234,7 +250,13 @@ def estimate_winograd(g: Geometry, chunk: int, tile: int, rates: Rates,
 
 
 def estimate(spec: KernelSpec, rates: Rates) -> float:
-    """Seconds of one forward and one backward pass of a convolution kernel spec."""
+    """Seconds of one forward and one backward pass of a convolution kernel spec: the
+    model's, times how this machine's kernels of that algorithm measured against it."""
+    return modelled(spec, rates) * rates.fit(spec.template)
+
+
+def modelled(spec: KernelSpec, rates: Rates) -> float:
+    """The model's seconds from the rates alone, before the fit."""
     g, scale, rates = Geometry.from_spec(spec), _scale(spec), _effective(rates)
     if spec.template == "conv_direct":
         return estimate_direct(g, rates, scale)
@@ -255,25 +277,60 @@ _RATES: Rates | None = None  # this process's, once read or measured
 
 def rates() -> Rates:
     """This machine's rates: built in with CONVDSL_NO_CALIBRATE=1, else read from the
-    cache, else measured (about a second, once per machine) and written there."""
+    cache, else measured (once per machine) and written there."""
     global _RATES
     if os.environ.get(NO_CALIBRATE, "") not in ("", "0"):
         return DEFAULT_RATES
     if _RATES is None:
-        _RATES = _read_calibration()
+        _RATES = stored_rates()
     if _RATES is None:
-        measured = calibrate()
-        # On a busy machine BLAS threads lose their turns and a product can measure
-        # 40x slower than idle (seen here: 4.7 against 203 GFLOP/s), which would
-        # steer every layer away from GEMM for good. A BLAS product slower than the
-        # generated loops is such a measurement: use the built-in rates, keep nothing.
-        _RATES = _write_calibration(measured) if plausible(measured) else DEFAULT_RATES
+        _RATES = measure() or DEFAULT_RATES
     return _RATES
 
 
+def measure() -> Rates | None:
+    """Measure this machine's rates and its kernels' fits now, and keep them in the cache
+    for every later compile; None when the measurements look disturbed (nothing kept)."""
+    global _RATES
+    log.info("measuring this machine for the cost model: micro-benchmarks, then a "
+             "reference layer in each algorithm (compiled the first time)")
+    started = time.perf_counter()
+    measured = calibrate()
+    # On a busy machine BLAS threads lose their turns and a product can measure 40x
+    # slower than idle (seen here: 4.7 against 203 GFLOP/s), which would steer every
+    # layer away from GEMM for good. Such rates are not kept, and not fitted to.
+    if plausible(measured):
+        measured = fit_kernels(measured)
+    if not plausible(measured):
+        log.warning("the measurements look disturbed by other work (%s); using the "
+                    "built-in rates; `convdsl calibrate` measures again", measured)
+        return None
+    _RATES = _write_calibration(measured)
+    log.info("measured in %.1f s; kept in %s", time.perf_counter() - started,
+             cache.cache_dir() / CALIBRATION_FILE)
+    return _RATES
+
+
+# A fit outside these bounds (measured over estimated seconds) is taken for a timing
+# that other work disturbed: the fits measured on two machines so far lie in 0.3-1.
+FIT_BOUNDS = (0.05, 20.0)
+
+
 def plausible(measured: Rates) -> bool:
-    """Whether measured rates look like an idle machine's (BLAS beats plain loops)."""
-    return measured.blas >= measured.loops
+    """Whether measured rates look like an idle machine's: BLAS beats plain loops, and
+    no kernel ran absurdly far from its estimate."""
+    low, high = FIT_BOUNDS
+    fits = (measured.direct_fit, measured.gemm_fit, measured.fft_fit)
+    return measured.blas >= measured.loops and all(low <= fit <= high for fit in fits)
+
+
+def fit_kernels(measured: Rates) -> Rates:
+    """`measured` with the fits of its kernels, timed on the reference layer."""
+    # imported here: the reference layer is built by the convolution builder, which
+    # imports this module for its choices
+    from convdsl.codegen.cpu import conv_fit
+
+    return conv_fit.fit(measured)
 
 
 def _machine() -> dict[str, object]:
@@ -305,14 +362,18 @@ def _stored_calibrations() -> list[dict[str, Any]]:
         entries, list) else []
 
 
-def _read_calibration() -> Rates | None:
+def stored_rates() -> Rates | None:
+    """This machine's stored rates; None when there are none, or they are damaged, or
+    they come from a version without the kernels' fits: then they are measured again."""
     machine = _machine()
     for entry in _stored_calibrations():
         if entry.get("machine") == machine:
-            try:
-                return Rates(**entry["rates"])
-            except (KeyError, TypeError):
-                return None  # damaged: measure again
+            stored = entry.get("rates")
+            names = {field.name for field in fields(Rates)}
+            if not isinstance(stored, dict) or set(stored) != names or not all(
+                    isinstance(value, (int, float)) for value in stored.values()):
+                return None
+            return Rates(**stored)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
@@ -184,6 +185,35 @@ def cmd_time(args: argparse.Namespace) -> int:
         print(json.dumps(timing.to_dict(), indent=2))
     else:
         print(timing_table(timing))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from convdsl.codegen import cache, cost
+    from convdsl.report.calibration import calibration_lines
+
+    built_in = os.environ.get(cost.NO_CALIBRATE, "") not in ("", "0")
+    kept = cache.cache_dir() / cost.CALIBRATION_FILE
+    if args.show:
+        stored = None if built_in else cost.stored_rates()
+        if built_in:
+            print(f"cost model rates: built in ({cost.NO_CALIBRATE} is set)")
+        elif stored is None:
+            print("cost model rates: built in; this machine is not measured yet (the first "
+                  "compile that chooses an algorithm measures it, or `convdsl calibrate`)")
+        else:
+            print(f"cost model rates: measured on this machine, kept in {kept}")
+        print("\n".join(calibration_lines(stored or cost.DEFAULT_RATES)))
+        return EXIT_OK
+    if built_in:
+        raise RunError(f"{cost.NO_CALIBRATE} is set, so compiles use the built-in rates and "
+                       "would ignore a measurement", f"unset {cost.NO_CALIBRATE} to measure")
+    rates = cost.measure()
+    if rates is None:
+        raise RunError("the measurements looked disturbed by other work; nothing was kept",
+                       "measure again when the machine is idle")
+    print(f"cost model rates: measured on this machine, kept in {kept}")
+    print("\n".join(calibration_lines(rates)))
     return EXIT_OK
 
 
@@ -402,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(predict)
     predict.set_defaults(run=cmd_predict)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this machine for the cost model's algorithm choices")
+    calibrate.add_argument("--show", action="store_true",
+                           help="print the rates compiles use now; measure nothing")
+    calibrate.set_defaults(run=cmd_calibrate)
+
     plot = commands.add_parser("plot", help="redraw a run's loss and accuracy curves")
     plot.add_argument("folder", metavar="RUN")
     plot.add_argument("-o", "--output", metavar="OUT.png",
@@ -474,8 +510,24 @@ def _add_device_option(parser: argparse.ArgumentParser) -> None:
                         'GPU (pip install "convdsl[cuda]"); never falls back silently')
 
 
+class _Notes(logging.Handler):
+    """convdsl's log records (such as a first measurement of the machine) as lines on
+    the stderr of the moment, which tests and callers may have replaced."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"convdsl: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("convdsl")
+    if not any(isinstance(handler, _Notes) for handler in logger.handlers):
+        logger.addHandler(_Notes(logging.INFO))
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_notes()
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 import convdsl
 from convdsl import cli
+from convdsl.codegen import cost
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "networks" / "lenet5.cnn"
@@ -195,3 +197,74 @@ def test_ci_runs_the_readme_test_command() -> None:
     tests = steps[steps.index('pip install -e ".[dev]"') + 1:]
     ci_lines = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()}
     assert tests and all(step in ci_lines for step in tests), tests
+
+
+def _measured_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> cost.Rates:
+    """Calibration on, in an empty cache, with made-up measurements (nothing compiled)."""
+    monkeypatch.delenv(cost.NO_CALIBRATE)
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "_RATES", None)
+    measured = cost.Rates(blas=2.4e11, loops=7.7e10, fft=6e9, copy=2.7e10, call=2e-6)
+    monkeypatch.setattr(cost, "calibrate", lambda: measured)
+    monkeypatch.setattr(cost, "fit_kernels", lambda rates: dataclasses.replace(
+        rates, direct_fit=0.87, gemm_fit=0.3, fft_fit=0.47))
+    return measured
+
+
+def test_calibrate_measures_keeps_and_shows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _measured_machine(monkeypatch, tmp_path)
+    status, out, err = run(capsys, "calibrate", "--show")
+    assert status == 0
+    assert "not measured yet" in out
+    assert not (tmp_path / cost.CALIBRATION_FILE).exists()  # --show measures nothing
+    status, out, err = run(capsys, "calibrate")
+    assert status == 0, err
+    assert f"kept in {tmp_path / cost.CALIBRATION_FILE}" in out
+    assert "BLAS products         240.0 GFLOP/s" in out
+    assert "generated loops        77.0 GFLOP/s (the model counts at most 30.0" in out
+    assert "of a 5x5 layer, 16 -> 32 channels on 28x28 maps, batch 8" in out
+    assert "direct 0.87, GEMM and Winograd 0.30, FFT 0.47" in out
+    assert "convdsl: measuring this machine for the cost model" in err
+    monkeypatch.setattr(cost, "calibrate", lambda: pytest.fail("measured again"))
+    status, out, _ = run(capsys, "calibrate", "--show")
+    assert status == 0
+    assert "measured on this machine" in out and "GEMM and Winograd 0.30" in out
+
+
+def test_the_first_compile_says_it_measures_the_machine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _measured_machine(monkeypatch, tmp_path)
+    network = write(tmp_path, "net.cnn", "input x: 1x8x8\nc = conv(4, 3)\noutput c\n")
+    status, _, err = run(capsys, "compile", str(network))
+    assert status == 0, err
+    assert "convdsl: measuring this machine for the cost model" in err
+    assert "convdsl: measured in " in err
+    status, _, err = run(capsys, "compile", str(network))  # measured: nothing said
+    assert status == 0
+    assert "measuring" not in err
+
+
+def test_calibrate_refuses_when_the_built_in_rates_are_forced(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "calibrate")  # tests run with CONVDSL_NO_CALIBRATE=1
+    assert status == 1
+    assert "convdsl: error: CONVDSL_NO_CALIBRATE is set" in err
+    assert "hint: unset CONVDSL_NO_CALIBRATE to measure" in err
+    status, out, _ = run(capsys, "calibrate", "--show")
+    assert status == 0
+    assert "built in (CONVDSL_NO_CALIBRATE is set)" in out
+
+
+def test_calibrate_keeps_nothing_from_a_disturbed_machine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    measured = _measured_machine(monkeypatch, tmp_path)
+    monkeypatch.setattr(cost, "calibrate", lambda: dataclasses.replace(measured, blas=4e9))
+    status, _, err = run(capsys, "calibrate")
+    assert status == 1
+    assert "measurements look disturbed" in err
+    assert "hint: measure again when the machine is idle" in err
+    assert not (tmp_path / cost.CALIBRATION_FILE).exists()

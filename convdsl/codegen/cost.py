@@ -17,9 +17,13 @@ per second (`Rates`):
             transforms as copies of as many planes, times a slack fitted to measurements.
 
 The rates are measured once per machine by tiny micro-benchmarks (a few seconds,
-most of it compiling one small Numba kernel) and kept as JSON in the kernel cache
-(`calibration.json`). With CONVDSL_NO_CALIBRATE=1 the built-in rates of the 2-core
-machine the model was fitted on are used instead, so that choices are deterministic.
+most of it compiling one small Numba kernel). Then a reference layer runs in the
+direct, GEMM and FFT algorithms, and each one's measured over estimated seconds is kept
+as its fit, which multiplies its estimates (`cpu/conv_fit.py`: the micro-benchmarks
+alone did not carry the model from one machine to another). Rates and fits are kept as
+JSON in the kernel cache (`calibration.json`); `convdsl calibrate` measures them again.
+With CONVDSL_NO_CALIBRATE=1 the built-in rates of the 2-core machine the model was
+fitted on are used instead, with fits of 1, so that choices are deterministic.
 
 The algorithm `tune` refines the model by measurement: the builder times each
 candidate's forward and backward once, and `tuned` keeps the decision in
@@ -312,7 +316,8 @@ def measure() -> Rates | None:
 
 
 # A fit outside these bounds (measured over estimated seconds) is taken for a timing
-# that other work disturbed: the fits measured on two machines so far lie in 0.3-1.
+# that other work disturbed: on the Intel Xeon of conv_fit.py the fits were 0.2-0.5, and
+# they are 1 by construction where the model's constants were fitted.
 FIT_BOUNDS = (0.05, 20.0)
 
 

@@ -67,6 +67,8 @@ class Reference:
 
 
 REFERENCE = Reference(channels=16, outputs=32, size=28, window=5, batch=8)
+# Not Winograd: its spec asks the cost model for a tile, and the cost model's rates are
+# what is being measured here (it takes GEMM's fit)
 FITTED = ("direct", "gemm", "fft")
 # NumPy's FFTs take four or five rounds to reach their speed (11.5 ms, then 9.0, 8.8,
 # 8.5, 8.1 on a 3x3 layer)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +286,33 @@ def test_rates_measured_on_a_busy_machine_are_not_kept() -> None:
     assert cost.plausible(dataclasses.replace(idle, gemm_fit=0.3, direct_fit=0.87))
     assert not cost.plausible(dataclasses.replace(idle, direct_fit=high * 2))
     assert not cost.plausible(dataclasses.replace(idle, gemm_fit=low / 2))
+
+
+# Run in two processes at once on one empty cache: measuring is a stub that notes each
+# measurement in a file and takes a second, as the real one takes ten.
+RACER = """
+import dataclasses, os, sys, time
+from convdsl.codegen import cost
+
+def slow():
+    with open(sys.argv[1], "a") as notes:
+        print(os.getpid(), file=notes)
+    time.sleep(1.0)
+    return cost.Rates(blas=2e11, loops=2e10, fft=5e9, copy=1e10, call=1e-5)
+
+cost.calibrate = slow
+cost.fit_kernels = lambda rates: dataclasses.replace(rates, gemm_fit=0.3)
+print(cost.rates().gemm_fit)
+"""
+
+
+def test_processes_that_start_together_measure_once(tmp_path: Path) -> None:
+    env = {**os.environ, "CONVDSL_CACHE": str(tmp_path / "cache")}
+    env.pop(cost.NO_CALIBRATE, None)
+    notes = tmp_path / "measurements"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(notes)], env=env,
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [racer.communicate(timeout=120)[0] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0]
+    assert [output.strip() for output in outputs] == ["0.3", "0.3"]  # both use it
+    assert len(notes.read_text().split()) == 1  # one measured, the other waited and read

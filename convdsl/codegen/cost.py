@@ -40,7 +40,8 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from convdsl.codegen.spec import KernelSpec
 CHOICES = ("auto", "tune", "direct", "gemm", "fft", "winograd")
 NO_CALIBRATE = "CONVDSL_NO_CALIBRATE"
 CALIBRATION_FILE = "calibration.json"
+LOCK_FILE = "calibration.lock"
 TUNING_FILE = "tuning.json"
 
 log = logging.getLogger(__name__)
@@ -288,8 +290,31 @@ def rates() -> Rates:
     if _RATES is None:
         _RATES = stored_rates()
     if _RATES is None:
-        _RATES = measure() or DEFAULT_RATES
+        with _one_measurement_at_a_time():
+            # another process may have measured while this one waited
+            _RATES = stored_rates() or measure() or DEFAULT_RATES
     return _RATES
+
+
+@contextmanager
+def _one_measurement_at_a_time() -> Iterator[None]:
+    """Hold an exclusive lock on the cache's calibration while measuring: processes that
+    start together on a new machine (a sweep of trainings) would measure each other's
+    load, and keep it. The lock goes with its process, however that ends. Where there
+    is no fcntl (Windows), measurements are not serialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = cache.cache_dir() / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def measure() -> Rates | None:

@@ -2,12 +2,17 @@
 
     python bench/conv_layers.py                      # ResNet's 3x3 layers, batch 32
     python bench/conv_layers.py --layer 64x32x32:64 --layer 3x32x32:64 --rounds 9
-    python bench/conv_layers.py --network examples/inception_module.cnn --batch 32
+    python bench/conv_layers.py --network examples/inception_module.cnn:32 \
+        --network networks/lenet5.cnn:64 --network networks/resnet20_cifar.cnn:32
 
-With --network, every convolution of the file (one per distinct geometry) runs in each
+With --network, every convolution of each file (one per distinct geometry) runs in each
 algorithm that applies (Winograd with the tile the model would take), except those the
 cost model expects to take more than conv.TUNE_WITHIN times the best estimate (as `tune`
-skips them), and the table gives the model's choice against the fastest measured.
+skips them), and the table gives the model's choice against the fastest measured (after
+WARMUP_ROUNDS untimed rounds), each algorithm's measured and estimated milliseconds, and
+at the end how many layers the model put on a slower algorithm and how much slower the
+layers as chosen are in total. docs/performance.md has this for 57 layers of nine
+networks, before and after the cost model's fits.
 
 A layer is `CxHxW:O` (a 3x3 convolution with padding 1 and ReLU, C input channels on
 HxW maps, O outputs). For each layer GEMM and Winograd with each tile size (and FFT with
@@ -74,8 +79,14 @@ def interleaved(layers: dict[str, conv.ConvLayer], x: np.ndarray, dy: np.ndarray
             conv_fit.timed_rounds(layers, x, dy, params, rounds).items()}
 
 
-def time_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
-    """Median seconds of one forward + backward of each named layer setup, interleaved."""
+# Untimed rounds before a network's layers are timed: NumPy's FFTs take four or five
+# rounds to reach their speed (codegen/cpu/conv_fit.py)
+WARMUP_ROUNDS = 4
+
+
+def fastest_of_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
+    """Fastest seconds of one forward + backward of each named layer setup, in turn each
+    round, after WARMUP_ROUNDS untimed ones."""
     rng = np.random.default_rng(0)
     first = next(iter(setups.values()))
     x = rng.standard_normal(first.batched_inputs[0], dtype=np.float32)
@@ -84,15 +95,27 @@ def time_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
               for field, shape in first.param_shapes}
     layers = {name: conv.ConvLayer(setup, setup.algo, "bench", None)
               for name, setup in setups.items()}
-    return interleaved(layers, x, dy, params, rounds)
+    seconds = conv_fit.timed_rounds(layers, x, dy, params, WARMUP_ROUNDS + rounds)
+    return {name: min(values[WARMUP_ROUNDS:]) for name, values in seconds.items()}
 
 
-def network_choices(path: str, batch: int, rounds: int) -> None:
+@dataclasses.dataclass
+class Choice:
+    """One layer: the milliseconds of the model's choice and of the fastest measured."""
+
+    chosen_ms: float
+    fastest_ms: float
+
+
+def network_choices(path: str, batch: int, rounds: int) -> list[Choice]:
     """The model's choice against the fastest measured, per distinct convolution."""
     network = convdsl.load(path)
     seen: set[str] = set()
-    print(f"{network.name}, batch {batch}, forward + backward, median of {rounds} rounds")
-    print(f"{'layer':>28}  {'model':>8}  {'fastest':>8}  {'model/fastest':>13}  measured ms")
+    choices = []
+    print(f"{network.name}, batch {batch}, forward + backward, fastest of {rounds} rounds "
+          f"after {WARMUP_ROUNDS}")
+    print(f"{'layer':>28}  {'model':>8}  {'fastest':>8}  {'model/fastest':>13}  "
+          "measured / estimated ms")
     for name, setup in layer_setups(network, batch, "float32", "auto").items():
         if setup.layer.op is not Op.CONV:
             continue
@@ -109,11 +132,24 @@ def network_choices(path: str, batch: int, rounds: int) -> None:
                       for algorithm, estimate in estimates.items()
                       if estimate <= conv.TUNE_WITHIN * best}
         ms = {algorithm: 1e3 * value
-              for algorithm, value in time_setups(candidates, rounds).items()}
+              for algorithm, value in fastest_of_setups(candidates, rounds).items()}
         fastest = min(ms, key=ms.__getitem__)
-        listing = ", ".join(f"{algorithm} {value:.1f}" for algorithm, value in ms.items())
+        listing = ", ".join(f"{algorithm} {value:.2f} / {1e3 * estimates[algorithm]:.2f}"
+                            for algorithm, value in ms.items())
         print(f"{name:>28}  {chosen:>8}  {fastest:>8}  {ms[chosen] / ms[fastest]:13.2f}  "
               f"{listing}", flush=True)
+        choices.append(Choice(ms[chosen], ms[fastest]))
+    return choices
+
+
+def summary(choices: list[Choice]) -> str:
+    """How far the model's choices are from the fastest, over every layer timed."""
+    slower = [choice.chosen_ms / choice.fastest_ms for choice in choices
+              if choice.chosen_ms > choice.fastest_ms]
+    total = sum(c.chosen_ms for c in choices) / sum(c.fastest_ms for c in choices)
+    worst = f", the worst {max(slower):.2f} times" if slower else ""
+    return (f"{len(choices)} layers: {len(slower)} not on the fastest algorithm measured"
+            f"{worst}; as chosen they take {total:.3f} times the fastest in total")
 
 
 def model_choice(layer: str, batch: int) -> str:
@@ -129,10 +165,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fft", action="store_true", help="time FFT too (slow on these)")
-    parser.add_argument("--network", help="a .cnn file: its own convolutions, every algorithm")
+    parser.add_argument("--network", action="append", metavar="FILE[:BATCH]",
+                        help="a .cnn file: its own convolutions, every algorithm (repeatable; "
+                        "BATCH defaults to --batch)")
     args = parser.parse_args()
     if args.network:
-        network_choices(args.network, args.batch, args.rounds)
+        print(f"cost model: {cost.rates()}")
+        choices = []
+        for item in args.network:
+            path, _, batch = item.partition(":")
+            choices += network_choices(path, int(batch or args.batch), args.rounds)
+        print(summary(choices))
         return
     algorithms = tuple(name for name in ALGORITHMS
                        if name not in ("direct", "winograd") and (args.fft or name != "fft"))

@@ -17,9 +17,9 @@ geometric means over 57 layers of nine networks).
 
 The reference is a 5x5 layer like an Inception module's (16 -> 32 channels on 28x28
 maps, batch 8). On the machine above, with fits from it the model chose the fastest
-algorithm for 54 of those 57 layers (the other three took at most 1.21 times the
-fastest), and the layers as chosen took 1.002 times the fastest in total; without fits,
-13 layers and 1.14 (`python bench/conv_layers.py --network` times a network's layers).
+algorithm for 52-54 of those 57 layers (the others, near ties, took at most 1.25 times
+the fastest), and the layers as chosen took 1.003 times the fastest in total; without
+fits, 13 layers and 1.14 (`python bench/conv_layers.py --network FILE:BATCH ...`).
 Fits from a smaller 3x3 layer (32 channels on 16x16) came out direct 0.88, GEMM 0.29,
 FFT 0.35-0.47 against 0.40-0.44, 0.24-0.25 and 0.44-0.49 here, and sent two of the Inception
 module's 5x5 layers to FFT at 1.4 and 2.3 times GEMM's time: FFT's estimate is the

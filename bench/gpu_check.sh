@@ -43,6 +43,10 @@ mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs"
 
 export CONVDSL_CACHE=${CONVDSL_CACHE:-/tmp/convdsl-cache}
+# A CPU compile on a machine not yet measured would first spend about ten seconds of
+# scarce device time measuring it for the CPU's cost model (codegen/cpu/conv_fit.py);
+# the CPU's algorithm choices do not matter here
+export CONVDSL_NO_CALIBRATE=${CONVDSL_NO_CALIBRATE:-1}
 export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg

@@ -87,12 +87,7 @@ WARMUP_ROUNDS = 4
 def fastest_of_setups(setups: dict[str, LayerSetup], rounds: int) -> dict[str, float]:
     """Fastest seconds of one forward + backward of each named layer setup, in turn each
     round, after WARMUP_ROUNDS untimed ones."""
-    rng = np.random.default_rng(0)
-    first = next(iter(setups.values()))
-    x = rng.standard_normal(first.batched_inputs[0], dtype=np.float32)
-    dy = rng.standard_normal(first.batched_output, dtype=np.float32)
-    params = {field: rng.standard_normal(shape, dtype=np.float32)
-              for field, shape in first.param_shapes}
+    x, dy, params = conv_fit.random_pass(next(iter(setups.values())))
     layers = {name: conv.ConvLayer(setup, setup.algo, "bench", None)
               for name, setup in setups.items()}
     seconds = conv_fit.timed_rounds(layers, x, dy, params, WARMUP_ROUNDS + rounds)

@@ -81,14 +81,21 @@ def fit(rates: cost.Rates) -> cost.Rates:
     layers = {name: ConvLayer(dataclasses.replace(setup, algo=name), name,
                               "reference layer of the cost model's fit", None)
               for name in FITTED}
+    x, dy, params = random_pass(setup)
+    fits = {f"{name}_fit": min(seconds) / cost.modelled(conv_spec(setup, name), rates)
+            for name, seconds in timed_rounds(layers, x, dy, params, ROUNDS).items()}
+    return dataclasses.replace(rates, **fits)
+
+
+def random_pass(setup: LayerSetup) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Random float32 input, output gradient and parameters for timing the layer: a
+    kernel's time does not depend on the values."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(setup.batched_inputs[0], dtype=np.float32)
     dy = rng.standard_normal(setup.batched_output, dtype=np.float32)
     params = {field: rng.standard_normal(shape, dtype=np.float32)
               for field, shape in setup.param_shapes}
-    fits = {f"{name}_fit": min(seconds) / cost.modelled(conv_spec(setup, name), rates)
-            for name, seconds in timed_rounds(layers, x, dy, params, ROUNDS).items()}
-    return dataclasses.replace(rates, **fits)
+    return x, dy, params
 
 
 def timed_rounds(layers: dict[str, ConvLayer], x: np.ndarray, dy: np.ndarray,

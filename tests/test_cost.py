@@ -2,7 +2,8 @@
 
 Everything here runs with CONVDSL_NO_CALIBRATE=1 (the built-in rates), so choices do
 not depend on the machine or on its load; no test checks a timing. Only the tuning test
-and the fit's test compile kernels (one small layer, three algorithms each)."""
+and the fit's tests compile kernels (small layers, three algorithms each; one test in
+worker processes)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import convdsl
-from convdsl.codegen import cost
+from convdsl.codegen import cache, cost, parallel
 from convdsl.codegen.cpu import conv, conv_fit
 from convdsl.codegen.layer import ALGORITHMS, LayerSetup, layer_setups
 
@@ -206,6 +207,59 @@ def test_the_fit_times_the_reference_layer(monkeypatch: pytest.MonkeyPatch) -> N
     assert unfitted == cost.DEFAULT_RATES
 
 
+# A layer no other test compiles, so that this process has loaded none of its kernels
+# from another cache
+COLD = conv_fit.Reference(channels=3, outputs=2, size=7, window=3, batch=2)
+
+
+def test_workers_compile_the_reference_kernels(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker per algorithm compiles the kernels the fit then times, and the fit
+    only loads them; with the kernels in the cache no worker starts again."""
+    monkeypatch.setenv("CONVDSL_CACHE", str(tmp_path))
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "2")
+    assert conv_fit.compile_in_workers(COLD) == len(conv_fit.FITTED)
+    setup = COLD.setup()
+    specs = [conv.conv_spec(setup, name) for name in conv_fit.FITTED]
+    assert all(cache.has_machine_code(spec) for spec in specs)
+    layers = {name: conv.ConvLayer(dataclasses.replace(setup, algo=name), name, "test", None)
+              for name in conv_fit.FITTED}
+    assert [layer.specs for layer in layers.values()] == [[spec] for spec in specs]
+    conv_fit.timed_rounds(layers, *conv_fit.random_pass(setup), rounds=1)
+    functions = [f for spec in specs for f in cache.dispatchers(spec).values()]
+    assert sum(sum(f._cache_misses.values()) for f in functions) == 0  # nothing compiled
+    assert sum(sum(f._cache_hits.values()) for f in functions) > 0
+    assert conv_fit.compile_in_workers(COLD) == 0
+
+
+def test_one_core_compiles_the_reference_kernels_here(monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    monkeypatch.setattr(cache, "has_machine_code", lambda spec: False)  # all cold
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "1")
+
+    def refuse(*_: object) -> int:
+        raise AssertionError("a worker started")
+
+    monkeypatch.setattr(parallel, "run_workers", refuse)
+    assert conv_fit.compile_in_workers(COLD) == 0
+
+
+def test_workers_that_cannot_start_leave_the_compile_here(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "has_machine_code", lambda spec: False)  # all cold
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "2")
+    tried: list[int] = []
+
+    def fail(requests: list[object], environment: dict[str, str]) -> int:
+        tried.append(len(requests))
+        assert environment == {cost.NO_CALIBRATE: "1"}  # no worker waits for the lock
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(parallel, "run_workers", fail)
+    assert conv_fit.compile_in_workers(COLD) == 0
+    assert tried == [len(conv_fit.FITTED)]
+
+
 def test_a_fit_is_the_fastest_time_over_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the timings made up: each fit is the fastest round over the model's seconds,
     so the fitted estimate of the reference layer is what was measured."""
@@ -292,7 +346,7 @@ def test_rates_measured_on_a_busy_machine_are_not_kept() -> None:
 # measurement in a file and takes a second, as the real one takes ten.
 RACER = """
 import dataclasses, os, sys, time
-from convdsl.codegen import cost
+from convdsl.codegen import cache, cost, parallel
 
 def slow():
     with open(sys.argv[1], "a") as notes:

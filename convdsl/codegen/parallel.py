@@ -155,7 +155,7 @@ def compile_in_workers(compiled: CompiledNetwork, workers: int | None = None) ->
         shares = plan(compiled.stages, workers)
         if len(shares) < 2:
             return 0
-        return _run_workers(_requests(compiled, shares))
+        return run_workers(_requests(compiled, shares))
     except Exception:  # only ever a shortcut: the warm-up compiles what is missing
         log.debug("compiling in worker processes failed", exc_info=True)
         return 0
@@ -206,18 +206,31 @@ def _requests(compiled: CompiledNetwork, shares: list[list[str]]) -> list[dict[s
                                 for name in share}} for share in shares]
 
 
-def _run_workers(requests: list[dict[str, Any]]) -> int:
-    """Start one worker per request, wait for all; every process is reaped, whatever
-    happens here (an interrupt included)."""
+def layer_request(text: str, batch: int, dtype: str, layer: str, algo: str,
+                  specs: Sequence[KernelSpec]) -> dict[str, Any]:
+    """A worker's request to compile the kernels `specs` of `layer`, in a network
+    `text` of that one layer (its own stage), computed by the convolution algorithm
+    `algo`."""
+    return {"cache": str(cache.cache_dir()), "text": text, "filename": f"<{layer}>",
+            "batch": batch, "dtype": dtype, "fuse": True, "seed": 0, "device": "cpu",
+            "algos": {layer: algo}, "stages": {layer: [spec.key for spec in specs]}}
+
+
+def run_workers(requests: list[dict[str, Any]],
+                 environment: Mapping[str, str] | None = None) -> int:
+    """Start one worker per request (with `environment` added to this process's),
+    wait for all; returns how many finished; every process is reaped, whatever happens
+    here (an interrupt included)."""
     processes: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
     finished = 0
+    variables = {**os.environ, **(environment or {})}
     with contextlib.ExitStack() as files:
         try:
             for request in requests:
                 errors = files.enter_context(tempfile.TemporaryFile())
                 process = subprocess.Popen([sys.executable, "-m", __name__],
                                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                           stderr=errors)
+                                           stderr=errors, env=variables)
                 processes.append((process, errors))
                 assert process.stdin is not None
                 process.stdin.write(json.dumps(request).encode())

@@ -96,6 +96,29 @@ def test_workers_fill_a_cold_cache_and_a_new_process_only_loads(tmp_path: Path) 
             np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def test_the_compile_command_uses_the_workers_and_leaves_a_record(tmp_path: Path) -> None:
+    """`convdsl compile` on a cold cache compiles in workers, then times each layer's
+    first run here; it leaves the record that lets the next process load without a run."""
+    source = tmp_path / "net.cnn"
+    source.write_text(TEXT)
+    env = {**os.environ, "CONVDSL_CACHE": str(tmp_path / "cache"),
+           parallel.WORKERS_VARIABLE: "2"}
+    command = [sys.executable, "-m", "convdsl.cli", "compile", str(source), "--batch", str(BATCH)]
+
+    def compile_once() -> str:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                              check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    assert "compile in 2 worker processes" in compile_once()
+    again = compile_once()  # nothing cold: no worker starts
+    assert "then compile or load from the cache and run once" in again
+    assert "worker" not in again
+    warm = _child(tmp_path, tmp_path / "cache", "record", "warm.npz")
+    assert warm["how"] == "record" and warm["compiled"] == 0
+
+
 def test_stages_sharing_a_kernel_go_to_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     net = convdsl.compile(BLOCKS, batch=2, warm=False)
     monkeypatch.setattr(cache, "has_machine_code", lambda spec: False)  # all cold

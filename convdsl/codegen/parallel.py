@@ -59,20 +59,33 @@ def warm(compiled: CompiledNetwork) -> str:
     """Compile or load every kernel of `compiled` now, as `compiled.warm_up()` does;
     returns how: "record" (loaded, nothing run), "workers" (compiled in worker processes,
     then warmed up here) or "here" (the plain warm-up)."""
-    if compiled.device.name != "cpu":
-        from convdsl.codegen.cuda.common import simulated
-
-        workers = 0 if simulated() else compile_in_workers(compiled, cuda_worker_count())
-        compiled.warm_up()
-        return "workers" if workers else "here"
-    name = record_name(compiled.stages)
-    wanted = cache.read_record(name)
-    if wanted is not None and _load_recorded(compiled, wanted):
-        return "record"
-    workers = compile_in_workers(compiled)
+    if compiled.device.name == "cpu":
+        wanted = cache.read_record(record_name(compiled.stages))
+        if wanted is not None and _load_recorded(compiled, wanted):
+            return "record"
+    workers = compile_cold_stages(compiled)
     compiled.warm_up()
-    cache.write_record(name, _compiled_signatures(compiled.stages))
+    remember(compiled)
     return "workers" if workers else "here"
+
+
+def compile_cold_stages(compiled: CompiledNetwork) -> int:
+    """The stages of `compiled` without machine code, compiled in worker processes
+    where the device and the cores allow; returns how many workers worked (0: none, the
+    warm-up compiles everything). Under the CUDA simulator nothing is compiled."""
+    if compiled.device.name == "cpu":
+        return compile_in_workers(compiled)
+    from convdsl.codegen.cuda.common import simulated
+
+    return 0 if simulated() else compile_in_workers(compiled, cuda_worker_count())
+
+
+def remember(compiled: CompiledNetwork) -> None:
+    """After a full warm-up on the CPU, record which versions every kernel function was
+    compiled for, so that the next process with these stages loads them without running
+    anything (warm)."""
+    if compiled.device.name == "cpu":
+        cache.write_record(record_name(compiled.stages), _compiled_signatures(compiled.stages))
 
 
 def record_name(stages: Sequence[Stage]) -> str:

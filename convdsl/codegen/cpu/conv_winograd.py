@@ -237,7 +237,7 @@ def _per_output(code: Code, name: str, params: str, outputs: int) -> Iterator[No
     code.line()
     code.line(jit())
     with code.block(f"def {name}({params})"), code.block(f"for o in prange({outputs})"):
-        code.line(f"{name}_row({params}, o)")
+        code.line(f"{name}_row({params}, uintp(o))  # one type: the loop index is retyped")
     code.line()
 
 

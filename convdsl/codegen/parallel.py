@@ -23,7 +23,9 @@ Under the CUDA simulator nothing is compiled, so no worker starts.
 
 Either shortcut only ever saves time: a version missing from the cache is compiled where
 it is needed, as without them. Any failure falls back to the plain warm-up.
-CONVDSL_COMPILE_WORKERS sets the number of workers (1: none, compile here).
+CONVDSL_COMPILE_WORKERS sets the number of workers (1: none, compile here). `convdsl
+compile` and `gradcheck` use the workers too (compile_cold_stages), and so does the cost
+model's first calibration, for its reference layer (layer_request, codegen/cpu/conv_fit.py).
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ def layer_request(text: str, batch: int, dtype: str, layer: str, algo: str,
 
 
 def run_workers(requests: list[dict[str, Any]],
-                 environment: Mapping[str, str] | None = None) -> int:
+                environment: Mapping[str, str] | None = None) -> int:
     """Start one worker per request (with `environment` added to this process's),
     wait for all; returns how many finished; every process is reaped, whatever happens
     here (an interrupt included)."""

@@ -139,3 +139,17 @@ def test_every_template_computes_the_reference_on_threads(
     network = compiled(text, batch, algo)
     assert all(threaded(spec) for spec in specs(network).values())
     assert_matches_reference(network)
+    assert not compiled_twice_for_the_index(network)
+
+
+def compiled_twice_for_the_index(net: convdsl.CompiledNetwork) -> list[str]:
+    """Kernel functions with two versions whose arguments differ only between int64 and
+    uint64: a helper called from a prange loop with the loop's index, which Numba types
+    both ways, so that a cold compile builds it twice (Winograd's did, 1.2 s a module).
+    On a warm cache, or where compile workers built the kernels, such helpers are never
+    compiled in this process: only a cold run without workers (CI's, under xdist) sees
+    them."""
+    return [f"{spec.template}.{name}" for spec in specs(net).values()
+            for name, function in cache.dispatchers(spec).items()
+            if len({str(types).replace("uint64", "int64") for types in function.signatures})
+            < len(function.signatures)]

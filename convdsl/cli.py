@@ -142,6 +142,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     joined = concat_lines(compiled)
     if joined:
         print(f"written into concatenations in inference ({len(joined)}): " + "; ".join(joined))
+    if any(stage.kernel.reason.startswith("estimated") for stage in compiled.stages):
+        from convdsl.report.calibration import rates_in_use
+
+        print(f"algorithms chosen by the cost model, rates {rates_in_use()} "
+              "(`convdsl calibrate --show`)")
     print(f"{net.name}: {len(compiled.network.layers) - len(net.input_shapes)} layers in "
           f"{len(compiled.stages)} stages, {len(kernels)} distinct kernels, "
           f"batch {args.batch}, {args.dtype}, {args.device}")
@@ -199,20 +204,13 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from convdsl.codegen import cache, cost
-    from convdsl.report.calibration import calibration_lines
+    from convdsl.codegen import cost
+    from convdsl.report.calibration import built_in_forced, calibration_lines, rates_in_use
 
-    built_in = os.environ.get(cost.NO_CALIBRATE, "") not in ("", "0")
-    kept = cache.cache_dir() / cost.CALIBRATION_FILE
+    built_in = built_in_forced()
     if args.show:
         stored = None if built_in else cost.stored_rates()
-        if built_in:
-            print(f"cost model rates: built in ({cost.NO_CALIBRATE} is set)")
-        elif stored is None:
-            print("cost model rates: built in; this machine is not measured yet (the first "
-                  "compile that chooses an algorithm measures it, or `convdsl calibrate`)")
-        else:
-            print(f"cost model rates: measured on this machine, kept in {kept}")
+        print(f"cost model rates: {rates_in_use()}")
         print("\n".join(calibration_lines(stored or cost.DEFAULT_RATES)))
         return EXIT_OK
     if built_in:
@@ -222,7 +220,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if rates is None:
         raise RunError("the measurements looked disturbed by other work; nothing was kept",
                        "measure again when the machine is idle")
-    print(f"cost model rates: measured on this machine, kept in {kept}")
+    print(f"cost model rates: {rates_in_use()}")
     print("\n".join(calibration_lines(rates)))
     return EXIT_OK
 

@@ -238,13 +238,27 @@ def test_the_first_compile_says_it_measures_the_machine(
         capsys: pytest.CaptureFixture[str]) -> None:
     _measured_machine(monkeypatch, tmp_path)
     network = write(tmp_path, "net.cnn", "input x: 1x8x8\nc = conv(4, 3)\noutput c\n")
-    status, _, err = run(capsys, "compile", str(network))
+    status, out, err = run(capsys, "compile", str(network))
     assert status == 0, err
     assert "convdsl: measuring this machine for the cost model" in err
     assert "convdsl: measured in " in err
+    assert ("algorithms chosen by the cost model, rates measured on this machine, kept in "
+            f"{tmp_path / cost.CALIBRATION_FILE}") in out
     status, _, err = run(capsys, "compile", str(network))  # measured: nothing said
     assert status == 0
     assert "measuring" not in err
+
+
+def test_compile_says_which_rates_chose_the_algorithms(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    network = write(tmp_path, "net.cnn", "input x: 1x8x8\nc = conv(4, 3)\noutput c\n")
+    status, out, _ = run(capsys, "compile", str(network))  # tests run with the built-in rates
+    assert status == 0
+    assert ("algorithms chosen by the cost model, rates built in (CONVDSL_NO_CALIBRATE is "
+            "set)") in out
+    status, out, _ = run(capsys, "compile", str(network), "--algo", "gemm")  # asked for
+    assert status == 0
+    assert "chosen by the cost model" not in out
 
 
 def test_calibrate_refuses_when_the_built_in_rates_are_forced(

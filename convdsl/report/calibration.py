@@ -10,8 +10,25 @@
 
 from __future__ import annotations
 
-from convdsl.codegen import cost
+import os
+
+from convdsl.codegen import cache, cost
 from convdsl.codegen.cpu import conv_fit
+
+
+def built_in_forced() -> bool:
+    """Whether CONVDSL_NO_CALIBRATE makes every compile use the built-in rates."""
+    return os.environ.get(cost.NO_CALIBRATE, "") not in ("", "0")
+
+
+def rates_in_use() -> str:
+    """Which rates the cost model's choices use now, for a line after "rates: "."""
+    if built_in_forced():
+        return f"built in ({cost.NO_CALIBRATE} is set)"
+    if cost.stored_rates() is None:
+        return ("built in; this machine is not measured yet (the first compile that chooses "
+                "an algorithm measures it, or `convdsl calibrate`)")
+    return f"measured on this machine, kept in {cache.cache_dir() / cost.CALIBRATION_FILE}"
 
 
 def calibration_lines(rates: cost.Rates) -> list[str]:

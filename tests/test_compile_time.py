@@ -34,7 +34,7 @@ CHILD = """
 import json, sys
 import numpy as np
 import convdsl
-from convdsl.codegen import cache, parallel, source
+from convdsl.codegen import cache, parallel
 
 text, batch, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 net = convdsl.compile(text, batch=batch, seed=3, warm=False)
@@ -99,11 +99,12 @@ def test_workers_fill_a_cold_cache_and_a_new_process_only_loads(tmp_path: Path) 
 def test_the_compile_command_uses_the_workers_and_leaves_a_record(tmp_path: Path) -> None:
     """`convdsl compile` on a cold cache compiles in workers, then times each layer's
     first run here; it leaves the record that lets the next process load without a run."""
-    source = tmp_path / "net.cnn"
-    source.write_text(TEXT)
+    network = tmp_path / "net.cnn"
+    network.write_text(TEXT)
     env = {**os.environ, "CONVDSL_CACHE": str(tmp_path / "cache"),
            parallel.WORKERS_VARIABLE: "2"}
-    command = [sys.executable, "-m", "convdsl.cli", "compile", str(source), "--batch", str(BATCH)]
+    command = [sys.executable, "-m", "convdsl.cli", "compile", str(network), "--batch",
+               str(BATCH)]
 
     def compile_once() -> str:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,

@@ -346,7 +346,7 @@ def test_rates_measured_on_a_busy_machine_are_not_kept() -> None:
 # measurement in a file and takes a second, as the real one takes ten.
 RACER = """
 import dataclasses, os, sys, time
-from convdsl.codegen import cache, cost, parallel
+from convdsl.codegen import cost
 
 def slow():
     with open(sys.argv[1], "a") as notes:

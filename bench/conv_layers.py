@@ -57,17 +57,13 @@ def time_layer(layer: str, batch: int, rounds: int, algorithms: tuple[str, ...]
     channels, height, width, outputs = parse(layer)
     network = convdsl.loads(f"input x: {channels}x{height}x{width}\n"
                             f"c = conv({outputs}, 3, pad=1, act=relu)\noutput c")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
-    dy = rng.standard_normal((batch, outputs, height, width), dtype=np.float32)
-    params = {"weight": rng.standard_normal((outputs, channels, 3, 3), dtype=np.float32),
-              "bias": rng.standard_normal(outputs, dtype=np.float32)}
     layers = {}
     for name in algorithms:
         algorithm, tile = VARIANTS.get(name, (name, None))
         setup = layer_setups(network, batch, "float32", algorithm)["c"]
         if conv.applies(setup, algorithm):
             layers[name] = conv.ConvLayer(setup, algorithm, "bench", None, tile)
+    x, dy, params = conv_fit.random_pass(setup)  # the same arrays for every algorithm
     return interleaved(layers, x, dy, params, rounds)
 
 

@@ -18,6 +18,7 @@ import convdsl
 from convdsl.codegen import cache, parallel, source
 from convdsl.codegen.cpu import conv
 from convdsl.codegen.layer import Mode, layer_setups
+from convdsl.runtime.executor import Stage
 
 # Two stages with kernels of their own (conv + relu, dense): something to share.
 TEXT = "input x: 2x7x7\nc = conv(3, 3, act=relu)\nflatten\nfc = dense(4)\noutput fc\n"
@@ -128,12 +129,30 @@ def test_stages_sharing_a_kernel_go_to_one_worker(monkeypatch: pytest.MonkeyPatc
     assert sorted(name for share in shares for name in share) == sorted(
         stage.name for stage in net.stages if stage.kernel.specs)
     owner = {name: index for index, share in enumerate(shares) for name in share}
+
+    def sized_files(stage: Stage) -> set[Path]:
+        return {cache.kernel_file(s) for s in stage.kernel.specs if cache.sized(s)}
+
     for first in net.stages:
         for second in net.stages:
-            if {s.key for s in first.kernel.specs} & {s.key for s in second.kernel.specs}:
+            if sized_files(first) & sized_files(second):
                 assert owner[first.name] == owner[second.name]
     assert owner["d"] == owner["f"]  # the same conv + bn + relu
     assert len(parallel.plan(net.stages, 1)) == 1
+
+
+def test_a_kernel_for_every_size_ties_no_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three batch norms share one kernel file, which serves every size; only the
+    two stages that share their convolution must go to one worker."""
+    net = convdsl.compile(BLOCKS, batch=2, warm=False)
+    monkeypatch.setattr(cache, "has_machine_code", lambda spec: False)
+    stages = {stage.name: stage for stage in net.stages}
+    norms = [spec for name in ("b", "d", "f")
+             for spec in stages[name].kernel.specs if spec.template == "batchnorm"]
+    assert len(norms) == 3 and not any(cache.sized(spec) for spec in norms)
+    assert len({cache.kernel_file(spec) for spec in norms}) == 1
+    shares = parallel.plan(net.stages, 3)
+    assert sorted(map(sorted, shares)) == [["b"], ["d", "f"], ["fc"]]
 
 
 def test_plan_skips_stages_with_machine_code(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +182,8 @@ def test_a_damaged_record_falls_back_to_the_warm_up(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(parallel, "compile_in_workers", lambda compiled: 0)
     monkeypatch.setattr(cache, "write_record", lambda record, value: None)
     spec = net.stages[0].kernel.specs[0]
-    broken = {spec.key: {"no_such_function": [()]}}  # e.g. written by another version
+    # e.g. written by another version
+    broken = {cache.kernel_file(spec).name: {"no_such_function": [()]}}
     monkeypatch.setattr(cache, "read_record", lambda record: broken)
     parallel.warm(net)
     assert calls == [1]

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,11 +98,13 @@ def record_name(stages: Sequence[Stage]) -> str:
     return cache.record_name([
         *(f"{stage.name}:{type(stage.kernel).__name__}:"
           + ",".join(spec.key for spec in stage.kernel.specs) for stage in stages),
-        f"threads from {source.threads_from()}"])
+        f"threads from {source.threads_from()}", "signatures by kernel file"])
 
 
 def _compiled_signatures(stages: Sequence[Stage]) -> dict[str, cache.Signatures]:
-    return {spec.key: cache.signatures(spec) for spec in _unique_specs(stages)}
+    """The versions of every kernel file's functions, by the file's name."""
+    return {cache.kernel_file(spec).name: cache.signatures(spec)
+            for spec in _unique_specs(stages)}
 
 
 def _load_recorded(compiled: CompiledNetwork,
@@ -113,9 +116,10 @@ def _load_recorded(compiled: CompiledNetwork,
         for stage in compiled.stages:
             start = time.perf_counter()
             for spec in stage.kernel.specs:
-                if spec.key not in done:
-                    cache.load_signatures(spec, wanted.get(spec.key, {}))
-                    done.add(spec.key)
+                name = cache.kernel_file(spec).name
+                if name not in done:
+                    cache.load_signatures(spec, wanted.get(name, {}))
+                    done.add(name)
             seconds[stage.name] = time.perf_counter() - start
     except Exception:  # a stale or damaged record: the warm-up still gives every kernel
         log.debug("kernel record unusable; warming up instead", exc_info=True)
@@ -125,10 +129,12 @@ def _load_recorded(compiled: CompiledNetwork,
 
 
 def _unique_specs(stages: Sequence[Stage]) -> list[KernelSpec]:
-    specs: dict[str, KernelSpec] = {}
+    """One spec for each kernel file the stages use (specs of a template that reads its
+    sizes at run time share a file where only their shapes differ)."""
+    specs: dict[Path, KernelSpec] = {}
     for stage in stages:
         for spec in stage.kernel.specs:
-            specs.setdefault(spec.key, spec)
+            specs.setdefault(cache.kernel_file(spec), spec)
     return list(specs.values())
 
 
@@ -179,18 +185,25 @@ def compile_in_workers(compiled: CompiledNetwork, workers: int | None = None) ->
 def plan(stages: Sequence[Stage], workers: int) -> list[list[str]]:
     """The stages without machine code, as at most `workers` lists of stage names: stages
     that share a kernel in the same list, lists balanced by their number of new kernel
-    functions (each takes Numba about the same time to compile)."""
+    functions (each takes Numba about the same time to compile).
+
+    A kernel that serves every size (batch norm, epilogues, elementwise) does not tie
+    stages together: in ResNet-20 one such kernel serves every stage, which would put all
+    of them in one list. Every worker whose stages use it may compile it; it is small,
+    and one compiled version of it serves all its stages."""
     cold = [stage for stage in stages
             if any(not cache.has_machine_code(spec) for spec in stage.kernel.specs)]
-    groups: list[tuple[set[str], list[str]]] = []  # (spec keys, stage names)
+    groups: list[tuple[set[Path], list[str]]] = []  # (kernel files, stage names)
     for stage in cold:
-        keys = {spec.key for spec in stage.kernel.specs}
-        touching = [group for group in groups if group[0] & keys]
-        merged = (keys.union(*(g[0] for g in touching)),
+        files = {cache.kernel_file(spec) for spec in stage.kernel.specs}
+        ties = {cache.kernel_file(spec) for spec in stage.kernel.specs if cache.sized(spec)}
+        touching = [group for group in groups if group[0] & ties]
+        merged = (files.union(*(g[0] for g in touching)),
                   [name for g in touching for name in g[1]] + [stage.name])
         groups = [group for group in groups if group not in touching] + [merged]
-    specs = {spec.key: spec for spec in _unique_specs(cold)}
-    costs = [sum(len(cache.functions(specs[key])) for key in keys) for keys, _ in groups]
+    specs = {cache.kernel_file(spec): spec for spec in _unique_specs(cold)}
+    costs = [sum(len(cache.functions(specs[file])) for file in files)
+             for files, _ in groups]
     shares: list[list[str]] = [[] for _ in range(min(workers, len(groups)))]
     loads = [0] * len(shares)
     for cost, (_, names) in sorted(zip(costs, groups), key=lambda item: -item[0]):

@@ -99,9 +99,14 @@ def threads_from() -> int:
     return value
 
 
-def parallel_line(work: int) -> str:
-    """The generated module's PARALLEL: whether its kernels' prange loops use threads."""
+def parallel_line(work: int, sized: bool = True) -> str:
+    """The generated module's PARALLEL: whether its kernels' prange loops use threads.
+    sized=False: a module that serves every size (codegen/cache.py) names neither the
+    work nor the threshold, so that all sizes on one side of it share the module."""
     threshold = threads_from()
+    if not sized:
+        side = "at or above" if work >= threshold else "below"
+        return f"PARALLEL = {work >= threshold}  # work {side} the threshold of threads\n"
     return f"PARALLEL = {work >= threshold}  # work {work}, threads from {threshold}\n"
 
 

@@ -39,6 +39,11 @@ class KernelSpec:
                 return value
         raise KeyError(f"kernel spec {self.template} has no option {name!r}")
 
+    def unsized(self) -> KernelSpec:
+        """The spec without its shapes: what the source of a template that reads its
+        sizes at run time depends on (codegen/cache.py)."""
+        return KernelSpec(self.template, self.dtype, (), self.options)
+
     def canonical(self) -> str:
         """A stable text form: the same spec always gives the same text."""
         return json.dumps({"version": GENERATOR_VERSION, "template": self.template,

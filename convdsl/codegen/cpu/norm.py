@@ -31,23 +31,25 @@ from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import BatchNormAttrs, Op
 
 
-@cache.template("batchnorm")
+@cache.template("batchnorm", sized=False)
 def _render_batchnorm(spec: KernelSpec) -> str:
-    """forward_train, forward_eval, backward_train, backward_eval over (N, C, S) arrays."""
-    ((batch, channels, positions),) = spec.shapes
-    count = batch * positions  # values per channel
+    """forward_train, forward_eval, backward_train, backward_eval over (N, C, S) arrays
+    of any size (read from x): the loops wait on memory, not on their bounds."""
     affine = bool(spec.option("affine"))
     eps = float(spec.option("eps"))
     momentum = float(spec.option("momentum"))
     keep = 1.0 - momentum
-    unbias = count / (count - 1) if count > 1 else math.nan  # the builder refuses count 1
     scale_arg, grad_args = ("w, b, ", ", dw, db") if affine else ("", "")
     residual = bool(spec.option("residual"))
     res_arg, dres_arg = ("res, ", "dres, ") if residual else ("", "")
-    every_value = [("n", f"range({batch})"), ("s", f"range({positions})")]
+    every_value = [("n", "range(batch)"), ("s", "range(positions)")]
 
     code = Code()
     code.line(PRELUDE)
+
+    def sizes() -> None:
+        code.line("batch, channels, positions = x.shape")
+        code.line("count = batch * positions  # values per channel")
 
     def normalise_into_y() -> None:
         """y = act((x - mu) * r * w + b) over channel c, given mu and r."""
@@ -61,33 +63,38 @@ def _render_batchnorm(spec: KernelSpec) -> str:
 
     code.line(jit())
     with code.block(f"def forward_train(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
-                    "running_var)"), code.block(f"for c in prange({channels})"):
-        code.line("total = 0.0")
-        with code.loops(every_value):
-            code.line("total += x[n, c, s]")
-        code.line(f"mu = total / {count}")
-        code.line("spread = 0.0")  # two passes: no cancellation in E[x^2] - E[x]^2
-        with code.loops(every_value):
-            code.line("d = x[n, c, s] - mu")
-            code.line("spread += d * d")
-        code.line(f"var = spread / {count}")  # biased: what normalises the batch
-        code.line(f"r = 1.0 / math.sqrt(var + {eps!r})")
-        code.line("mean[c] = mu")
-        code.line("inv[c] = r")
-        # PyTorch's update, with the unbiased variance
-        code.line(f"running_mean[c] = {keep!r} * running_mean[c] + {momentum!r} * mu")
-        code.line(f"running_var[c] = {keep!r} * running_var[c] + {momentum!r} * var * "
-                  f"{unbias!r}")
-        normalise_into_y()
+                    "running_var)"):
+        sizes()
+        code.line("unbias = count / (count - 1)  # the builder refuses a count of 1")
+        with code.block("for c in prange(channels)"):
+            code.line("total = 0.0")
+            with code.loops(every_value):
+                code.line("total += x[n, c, s]")
+            code.line("mu = total / count")
+            code.line("spread = 0.0")  # two passes: no cancellation in E[x^2] - E[x]^2
+            with code.loops(every_value):
+                code.line("d = x[n, c, s] - mu")
+                code.line("spread += d * d")
+            code.line("var = spread / count")  # biased: what normalises the batch
+            code.line(f"r = 1.0 / math.sqrt(var + {eps!r})")
+            code.line("mean[c] = mu")
+            code.line("inv[c] = r")
+            # PyTorch's update, with the unbiased variance
+            code.line(f"running_mean[c] = {keep!r} * running_mean[c] + {momentum!r} * mu")
+            code.line(f"running_var[c] = {keep!r} * running_var[c] + {momentum!r} * var * "
+                      "unbias")
+            normalise_into_y()
     code.line()
     code.line(jit())
     with code.block(f"def forward_eval(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
-                    "running_var)"), code.block(f"for c in prange({channels})"):
-        code.line("mu = running_mean[c]")
-        code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
-        code.line("mean[c] = mu")
-        code.line("inv[c] = r")
-        normalise_into_y()
+                    "running_var)"):
+        sizes()
+        with code.block("for c in prange(channels)"):
+            code.line("mu = running_mean[c]")
+            code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
+            code.line("mean[c] = mu")
+            code.line("inv[c] = r")
+            normalise_into_y()
 
     def sums() -> None:
         """sum_g = sum of g, sum_gx = sum of g * xhat over channel c."""
@@ -110,24 +117,26 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     signature = f"(x, y, dy, {w_arg}mean, inv, {dres_arg}dx{grad_args}, act_grad)"
     code.line()
     code.line(jit())
-    with code.block(f"def backward_train{signature}"), \
-            code.block(f"for c in prange({channels})"):
-        sums()
-        # the batch statistics depend on x too: remove g's mean and its xhat part
-        code.line(f"mean_g = sum_g / {count}")
-        code.line(f"mean_gx = sum_gx / {count}")
-        with code.loops(every_value):
-            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
-            code.line("xhat = (x[n, c, s] - mu) * r")
-            code.line("dx[n, c, s] = (g - mean_g - xhat * mean_gx) * gain")
+    with code.block(f"def backward_train{signature}"):
+        sizes()
+        with code.block("for c in prange(channels)"):
+            sums()
+            # the batch statistics depend on x too: remove g's mean and its xhat part
+            code.line("mean_g = sum_g / count")
+            code.line("mean_gx = sum_gx / count")
+            with code.loops(every_value):
+                gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+                code.line("xhat = (x[n, c, s] - mu) * r")
+                code.line("dx[n, c, s] = (g - mean_g - xhat * mean_gx) * gain")
     code.line()
     code.line(jit())
-    with code.block(f"def backward_eval{signature}"), \
-            code.block(f"for c in prange({channels})"):
-        sums()  # fixed statistics: a per-channel affine map
-        with code.loops(every_value):
-            gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
-            code.line("dx[n, c, s] = g * gain")
+    with code.block(f"def backward_eval{signature}"):
+        sizes()
+        with code.block("for c in prange(channels)"):
+            sums()  # fixed statistics: a per-channel affine map
+            with code.loops(every_value):
+                gradient_lines(code, spec, "g", "dy[n, c, s]", "y[n, c, s]")
+                code.line("dx[n, c, s] = g * gain")
     return code.text()
 
 

@@ -14,7 +14,9 @@ from kernel_harness import assert_close
 
 import convdsl
 from convdsl.cli import main
+from convdsl.codegen import cache
 from convdsl.codegen.layer import registered_ops
+from convdsl.codegen.spec import KernelSpec
 from convdsl.errors import RunError
 from convdsl.ir.ops import Op
 from convdsl.runtime.gradcheck import random_targets
@@ -37,6 +39,41 @@ def _inputs(net: convdsl.CompiledNetwork, rng: np.random.Generator) -> dict[str,
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
     net = convdsl.compile(ROOT / path, batch=3, dtype="float64", seed=5, warm=False)
+    _check_against_the_reference(net, train)
+
+
+# Two of each kernel that serves every size (batch norm, Winograd's epilogue, dense's
+# epilogue, add, dropout's multiply), at different shapes
+SIZES = ("input x: 3x8x8\n"
+         "a = conv(4, 3, pad=same, bias=no, algo=winograd) -> bn(act=relu)\n"
+         "b = conv(4, 3, pad=same, algo=winograd, act=relu)\n"
+         "s = add(a, b, act=relu) -> dropout(0.3)\n"
+         "c = conv(6, 3, stride=2, pad=1, bias=no, algo=gemm) -> bn(act=relu)\n"
+         "d = conv(6, 3, pad=same, algo=winograd, act=relu)\n"
+         "t = add(c, d, act=relu) -> dropout(0.3)\n"
+         "flatten\nh = dense(8, act=relu)\ng = dense(5, act=relu)\nfc = dense(3)\noutput fc\n")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_kernels_for_every_size_serve_layers_of_every_shape(train: bool) -> None:
+    net = convdsl.compile(SIZES, batch=3, dtype="float64", seed=5, warm=False)
+    by_template: dict[str, list[KernelSpec]] = {}
+    for stage in net.stages:
+        for spec in stage.kernel.specs:
+            by_template.setdefault(spec.template, []).append(spec)
+    for template in ("batchnorm", "conv_epilogue", "dense_epilogue", "add", "multiply"):
+        specs = list({spec.key: spec for spec in by_template[template]}.values())
+        assert len({spec.shapes for spec in specs}) > 1, template
+        assert len({cache.kernel_file(spec) for spec in specs}) < len(specs), template
+    for template in ("conv_winograd", "conv_gemm"):  # sizes baked in: a file per shape
+        specs = list({spec.key: spec for spec in by_template[template]}.values())
+        assert len({cache.kernel_file(spec) for spec in specs}) == len(specs), template
+    _check_against_the_reference(net, train)
+
+
+def _check_against_the_reference(net: convdsl.CompiledNetwork, train: bool) -> None:
+    """Outputs, losses, every gradient and the running statistics against the
+    reference in float64, after one forward and backward."""
     ref = ReferenceNetwork(net.network, params=net.state_dict(), seed=5)  # same dropout
     rng = np.random.default_rng(1)
     x = _inputs(net, rng)

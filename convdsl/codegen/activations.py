@@ -83,9 +83,10 @@ def act_from_spec(spec: KernelSpec) -> ActSpec:
     return ActSpec(kind, spec.option("slope"), spec.option("alpha"))
 
 
-@cache.template("act")
+@cache.template("act", sized=False)
 def _render_elementwise(spec: KernelSpec) -> str:
-    """forward(x, y): y = act(x); backward(y, dy, dx): dx = dy * act'(y); flat arrays."""
+    """forward(x, y): y = act(x); backward(y, dy, dx): dx = dy * act'(y); flat arrays
+    of any size."""
     act = act_from_spec(spec)
     code = Code()
     code.line(PRELUDE)

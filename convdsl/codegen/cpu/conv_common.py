@@ -42,6 +42,29 @@ from convdsl.ir.ops import ActSpec, ConvAttrs, FilterAttrs
 
 
 @dataclass(frozen=True)
+class Epilogue:
+    """What a convolution's epilogue (bias, activation) bakes in. Its kernels read
+    their sizes from their arrays, so one epilogue serves every shape."""
+
+    dtype: str
+    bias: bool
+    act: ActSpec
+
+    @staticmethod
+    def from_spec(spec: KernelSpec) -> Epilogue:
+        return Epilogue(spec.dtype, bool(spec.option("bias")), act_from_spec(spec))
+
+    @property
+    def zero(self) -> str:
+        """A zero of the arrays' dtype, so that sums accumulate in that dtype."""
+        return "np.float32(0.0)" if self.dtype == "float32" else "0.0"
+
+    @property
+    def has_act(self) -> bool:
+        return not is_identity(self.act)
+
+
+@dataclass(frozen=True)
 class Geometry:
     """Everything about one convolution that its kernels bake in, read from the spec."""
 
@@ -103,13 +126,16 @@ class Geometry:
         return self.batch * self.out_channels * self.positions * self.cg * self.volume
 
     @property
+    def epilogue(self) -> Epilogue:
+        return Epilogue(self.dtype, self.bias, self.act)
+
+    @property
     def zero(self) -> str:
-        """A zero of the arrays' dtype, so that sums accumulate in that dtype."""
-        return "np.float32(0.0)" if self.dtype == "float32" else "0.0"
+        return self.epilogue.zero
 
     @property
     def has_act(self) -> bool:
-        return not is_identity(self.act)
+        return self.epilogue.has_act
 
     def reach(self, axis: int) -> int:
         """Padded positions the windows touch on `axis`: (Q-1)*s + d*(K-1) + 1."""
@@ -218,26 +244,25 @@ def flat_position(names: list[str], sizes: tuple[int, ...]) -> str:
     return affine(terms)
 
 
-def emit_prepare(code: Code, g: Geometry) -> bool:
-    """`prepare(y, dy[, db], apply_act)` on (N, O, prod(Q)) views: dy *= act'(y) in place
-    when apply_act, and db = the sum of dy over batch and positions. Returns False (and
-    emits nothing) when there is neither an activation nor a bias."""
-    if not g.bias and not g.has_act:
+def emit_prepare(code: Code, e: Epilogue) -> bool:
+    """`prepare(y, dy[, db], apply_act)` on (N, O, P) views of any size: dy *= act'(y) in
+    place when apply_act, and db = the sum of dy over batch and positions. Returns False
+    (and emits nothing) when there is neither an activation nor a bias."""
+    if not e.bias and not e.has_act:
         return False
-    derivative = derivative_expression(g.act, "y[n, o, q]")
-    scale = f"dy[n, o, q] * {derivative}" if g.has_act else "dy[n, o, q]"
-    batch, maps, positions = g.batch, g.out_channels, g.positions
+    derivative = derivative_expression(e.act, "y[n, o, q]")
+    scale = f"dy[n, o, q] * {derivative}" if e.has_act else "dy[n, o, q]"
     code.line(jit())
-    if g.bias:  # parallel over channels: each iteration owns db[o]
-        # The bounds are read from dy, not written in: with constant bounds LLVM's O3
-        # unrolls this unvectorisable sum for some shapes (ten times the code) and takes
-        # seconds over it: 18 s for LeNet-5's c3 at batch 32, against 0.5 s at batch 64.
-        # It runs as fast either way.
+    # The bounds are read from dy, not written in: with constant bounds LLVM's O3 unrolls
+    # the unvectorisable sum for some shapes (ten times the code) and takes seconds over
+    # it: 18 s for LeNet-5's c3 at batch 32, against 0.5 s at batch 64. It runs as fast
+    # either way, and one epilogue module then serves every size.
+    if e.bias:  # parallel over channels: each iteration owns db[o]
         with code.block("def prepare(y, dy, db, apply_act)"), \
                 code.block("for o in prange(dy.shape[1])"):
-            code.line(f"total = {g.zero}")
+            code.line(f"total = {e.zero}")
             with code.loops([("n", "range(dy.shape[0])"), ("q", "range(dy.shape[2])")]):
-                if g.has_act:
+                if e.has_act:
                     code.line(f"v = {scale} if apply_act else dy[n, o, q]")
                     code.line("dy[n, o, q] = v")
                 else:
@@ -245,12 +270,13 @@ def emit_prepare(code: Code, g: Geometry) -> bool:
                 code.line("total += v")
             code.line("db[o] = total")
     else:
-        with code.block("def prepare(y, dy, apply_act)"), \
-                code.block(f"for job in prange({batch * maps})"):
-            code.line(f"n = job // {maps}")
-            code.line(f"o = job - n * {maps}")
-            with code.block("if apply_act"), code.block(f"for q in range({positions})"):
-                code.line(f"dy[n, o, q] = {scale}")
+        with code.block("def prepare(y, dy, apply_act)"):
+            code.line("batch, maps, positions = dy.shape")
+            with code.block("for job in prange(batch * maps)"):
+                code.line("n = job // maps")
+                code.line("o = job - n * maps")
+                with code.block("if apply_act"), code.block("for q in range(positions)"):
+                    code.line(f"dy[n, o, q] = {scale}")
     code.line()
     return True
 

@@ -252,7 +252,7 @@ def render(spec: KernelSpec) -> str:
     _input_grad(code, g)
     if g.weight_grad:
         _weight_grad(code, g)
-    prepared = emit_prepare(code, g)
+    prepared = emit_prepare(code, g.epilogue)
     code.line()
     _driver(code, g, prepared)
     return code.text()

@@ -288,7 +288,7 @@ def render(spec: KernelSpec) -> str:
     _crop_input(code, g)
     if g.weight_grad:
         _gather_weight(code, g)
-    prepared = emit_prepare(code, g)
+    prepared = emit_prepare(code, g.epilogue)
     code.line()
     _driver(code, g, prepared)
     return code.text()

@@ -32,6 +32,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import forward_expression
 from convdsl.codegen.cpu.conv_common import (
     IMPORTS,
+    Epilogue,
     Geometry,
     affine,
     columns,
@@ -346,23 +347,23 @@ def pointwise(g: Geometry) -> bool:
 POINTWISE_MIN_POSITIONS = 64
 
 
-def finish_in_place(code: Code, g: Geometry, residual: bool = False) -> bool:
-    """finish(y[, b][, r]) on (N, O, P) views: y = act(y + b + r), r a residual added
-    before the activation. False if there is nothing to do."""
-    if not g.bias and not g.has_act and not residual:
+def finish_in_place(code: Code, e: Epilogue, residual: bool = False) -> bool:
+    """finish(y[, b][, r]) on (N, O, P) views of any size: y = act(y + b + r), r a
+    residual added before the activation. False if there is nothing to do."""
+    if not e.bias and not e.has_act and not residual:
         return False
-    maps, positions = g.out_channels, g.positions
     code.line(jit())
-    with code.block(f"def finish(y{', b' if g.bias else ''}{', r' if residual else ''})"), \
-            code.block(f"for job in prange({g.batch * maps})"):
-        code.line(f"n = job // {maps}")
-        code.line(f"o = job - n * {maps}")
-        code.line("start = b[o]" if g.bias else f"start = {g.zero}")
-        with code.block(f"for q in range({positions})"):
-            code.line("v = y[n, o, q] + start")
-            if residual:
-                code.line("v = v + r[n, o, q]")
-            code.line(f"y[n, o, q] = {forward_expression(g.act, 'v')}")
+    with code.block(f"def finish(y{', b' if e.bias else ''}{', r' if residual else ''})"):
+        code.line("batch, maps, positions = y.shape")
+        with code.block("for job in prange(batch * maps)"):
+            code.line("n = job // maps")
+            code.line("o = job - n * maps")
+            code.line("start = b[o]" if e.bias else f"start = {e.zero}")
+            with code.block("for q in range(positions)"):
+                code.line("v = y[n, o, q] + start")
+                if residual:
+                    code.line("v = v + r[n, o, q]")
+                code.line(f"y[n, o, q] = {forward_expression(e.act, 'v')}")
     code.line()
     return True
 
@@ -410,8 +411,8 @@ def render(spec: KernelSpec) -> str:
     code = Code()
     code.line(PRELUDE + IMPORTS)
     if pointwise(g):
-        finished = finish_in_place(code, g)
-        prepared = emit_prepare(code, g)
+        finished = finish_in_place(code, g.epilogue)
+        prepared = emit_prepare(code, g.epilogue)
         code.line()
         _pointwise_driver(code, g, finished, prepared)
         return code.text()
@@ -425,7 +426,7 @@ def render(spec: KernelSpec) -> str:
         _scatter_output(code, transposed(g), "scatter_input")
     else:
         _col2im(code, g)
-    prepared = emit_prepare(code, g)
+    prepared = emit_prepare(code, g.epilogue)
     code.line()
     _driver(code, g, int(spec.option("chunk")), prepared)
     return code.text()

@@ -45,6 +45,7 @@ from convdsl.codegen import cache
 from convdsl.codegen.activations import act_options, forward_expression
 from convdsl.codegen.cpu.conv_common import (
     IMPORTS,
+    Epilogue,
     Geometry,
     columns,
     emit_prepare,
@@ -485,30 +486,35 @@ def split_epilogue(spec: KernelSpec) -> tuple[KernelSpec, KernelSpec | None]:
     that adds them (None if there is nothing to add). A network compiles a training and
     an inference version of each convolution followed by batch norm (no bias, then the
     folded bias and the activation): kept apart, the products of both are one module, and
-    cold compiles of ResNet-18 take about 15 s less (F4's transforms compile slowly)."""
+    cold compiles of ResNet-18 take about 15 s less (F4's transforms compile slowly).
+    The epilogue reads its sizes at run time, so one serves every layer with the same
+    bias and activation."""
     options = {key: value for key, value in spec.options
                if key not in ("act", "slope", "alpha", "bias")}
     core = KernelSpec.make(spec.template, spec.dtype, spec.shapes, **options, bias=False,
                            **act_options(None))
     if not spec.option("bias") and spec.option("act") == "identity":
         return core, None
-    kept = {key: value for key, value in spec.options if key not in ("tile", "chunk")}
-    return core, KernelSpec.make("conv_epilogue", spec.dtype, spec.shapes, **kept)
+    batch, maps, *positions = spec.shapes[2]  # the output's
+    kept = {key: value for key, value in spec.options if key in ("act", "slope", "alpha")}
+    return core, KernelSpec.make("conv_epilogue", spec.dtype,
+                                 ((batch, maps, math.prod(positions)),),
+                                 bias=spec.option("bias"), **kept)
 
 
-@cache.template("conv_epilogue")
+@cache.template("conv_epilogue", sized=False)
 def render_epilogue(spec: KernelSpec) -> str:
     """finish(y[, b][, r]): y = act(y + b + r), and prepare(y, dy[, db], apply_act)
-    (conv_common), on (N, O, positions) views. With the option `residual` (a residual
-    add fused after an inference convolution, codegen/fused.py) finish adds r, and
-    there is no prepare: the stage goes back through its unfolded layers."""
-    g = Geometry.from_spec(spec)
+    (conv_common), on (N, O, positions) views of any size. With the option `residual` (a
+    residual add fused after an inference convolution, codegen/fused.py) finish adds r,
+    and there is no prepare: the stage goes back through its unfolded layers."""
+    epilogue = Epilogue.from_spec(spec)
     residual = any(key == "residual" for key, _ in spec.options)
     code = Code()
     code.line(PRELUDE + IMPORTS)
-    finish_in_place(code, g, residual)
+    finish_in_place(code, epilogue, residual)
     if not residual:
-        emit_prepare(code, g)
+        emit_prepare(code, epilogue)
     return code.text()
 
 
@@ -543,7 +549,7 @@ def render(spec: KernelSpec) -> str:
     _restore_input(code, g, t)
     if g.weight_grad:
         _store_weight_grad(code, g, t)
-    prepared = emit_prepare(code, g)
+    prepared = emit_prepare(code, g.epilogue)
     code.line()
     _driver(code, g, t, int(spec.option("chunk")), prepared)
     return code.text()

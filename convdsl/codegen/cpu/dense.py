@@ -20,25 +20,24 @@ from convdsl.codegen.spec import KernelSpec
 from convdsl.ir.ops import DenseAttrs, Op
 
 
-@cache.template("dense_epilogue")
+@cache.template("dense_epilogue", sized=False)
 def _render_dense_epilogue(spec: KernelSpec) -> str:
     """forward(y[, b]): y = act(y + b) in place; backward(y, dy, g[, db], act_grad):
-    g = dy * act'(y) and db = the sum of g over the batch."""
-    ((batch, units),) = spec.shapes
+    g = dy * act'(y) and db = the sum of g over the batch. (N, units) of any size."""
     bias = bool(spec.option("bias"))
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
     with code.block("def forward(y, b)" if bias else "def forward(y)"), \
-            code.block(f"for n in prange({batch})"), code.block(f"for u in range({units})"):
+            code.block("for n in prange(y.shape[0])"), code.block("for u in range(y.shape[1])"):
         code.line("v = y[n, u] + b[u]" if bias else "v = y[n, u]")
         code.line(f"y[n, u] = {apply_act(spec, 'v')}")
     code.line()
     code.line(jit())
     with code.block(f"def backward(y, dy, g{', db' if bias else ''}, act_grad)"), \
-            code.block(f"for u in prange({units})"):
+            code.block("for u in prange(y.shape[1])"):
         code.line("total = 0.0")
-        with code.block(f"for n in range({batch})"):
+        with code.block("for n in range(y.shape[0])"):
             gradient_lines(code, spec, "gn", "dy[n, u]", "y[n, u]")
             code.line("g[n, u] = gn")
             code.line("total += gn")

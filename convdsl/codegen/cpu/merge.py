@@ -68,23 +68,22 @@ def _render_concat(spec: KernelSpec) -> str:
     return code.text()
 
 
-@cache.template("add")
+@cache.template("add", sized=False)
 def _render_add(spec: KernelSpec) -> str:
     """forward(x0, .., y): y = act(x0 + x1 + ..); backward(y, dy, dx0, .., act_grad):
-    every dx_i = dy * act'(y). Flat arrays."""
-    ((size,),) = spec.shapes
+    every dx_i = dy * act'(y). Flat arrays of any size."""
     count = int(spec.option("inputs"))
     xs, dxs = _names("x", count), _names("dx", count)
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block(f"def forward({', '.join(xs)}, y)"), code.block(f"for i in prange({size})"):
+    with code.block(f"def forward({', '.join(xs)}, y)"), code.block("for i in prange(y.size)"):
         code.line(f"v = {' + '.join(f'{x}[i]' for x in xs)}")  # left to right
         code.line(f"y[i] = {apply_act(spec, 'v')}")
     code.line()
     code.line(jit())
     with code.block(f"def backward(y, dy, {', '.join(dxs)}, act_grad)"), \
-            code.block(f"for i in prange({size})"):
+            code.block("for i in prange(y.size)"):
         gradient_lines(code, spec, "g", "dy[i]", "y[i]")
         for dx in dxs:
             code.line(f"{dx}[i] = g")

@@ -26,14 +26,14 @@ from convdsl.ir.ops import DropoutAttrs, Op
 from convdsl.runtime.random import dropout_mask
 
 
-@cache.template("multiply")
+@cache.template("multiply", sized=False)
 def _render_multiply(spec: KernelSpec) -> str:
-    """forward(a, b, out): out = a * b over flat arrays (dropout's mask, both ways)."""
-    ((size,),) = spec.shapes
+    """forward(a, b, out): out = a * b over flat arrays of any size (dropout's mask,
+    both ways)."""
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block("def forward(a, b, out)"), code.block(f"for i in prange({size})"):
+    with code.block("def forward(a, b, out)"), code.block("for i in prange(out.size)"):
         code.line("out[i] = a[i] * b[i]")
     return code.text()
 

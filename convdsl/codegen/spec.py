@@ -3,7 +3,9 @@
 Two layers with the same spec share one kernel, in this process (a memo) and
 across processes (the source file named by the hash, and Numba's machine-code
 cache next to it). A spec names its template, the element type, the shapes of
-every array it touches (batch included) and the options of the template.
+every array it touches (batch included) and the options of the template. A template
+that reads its sizes at run time renders the same source for specs that differ only in
+shapes, and those share one kernel too (codegen/cache.py, `sized=False`).
 """
 
 from __future__ import annotations

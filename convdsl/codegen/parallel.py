@@ -184,8 +184,9 @@ def compile_in_workers(compiled: CompiledNetwork, workers: int | None = None) ->
 
 def plan(stages: Sequence[Stage], workers: int) -> list[list[str]]:
     """The stages without machine code, as at most `workers` lists of stage names: stages
-    that share a kernel in the same list, lists balanced by their number of new kernel
-    functions (each takes Numba about the same time to compile).
+    that share a kernel with its sizes in its source in the same list, lists balanced by
+    their number of new kernel functions (each takes Numba about the same time to
+    compile).
 
     A kernel that serves every size (batch norm, epilogues, elementwise) does not tie
     stages together: in ResNet-20 one such kernel serves every stage, which would put all

@@ -47,9 +47,10 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     code = Code()
     code.line(PRELUDE)
 
-    def sizes() -> None:
+    def sizes(count: bool) -> None:
         code.line("batch, channels, positions = x.shape")
-        code.line("count = batch * positions  # values per channel")
+        if count:  # what the batch statistics divide by
+            code.line("count = batch * positions  # values per channel")
 
     def normalise_into_y() -> None:
         """y = act((x - mu) * r * w + b) over channel c, given mu and r."""
@@ -64,8 +65,8 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     code.line(jit())
     with code.block(f"def forward_train(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
                     "running_var)"):
-        sizes()
-        code.line("unbias = count / (count - 1)  # the builder refuses a count of 1")
+        sizes(True)
+        code.line("unbias = count / (count - 1)  # forward refuses a count of 1")
         with code.block("for c in prange(channels)"):
             code.line("total = 0.0")
             with code.loops(every_value):
@@ -88,7 +89,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     code.line(jit())
     with code.block(f"def forward_eval(x, {res_arg}{scale_arg}y, mean, inv, running_mean, "
                     "running_var)"):
-        sizes()
+        sizes(False)
         with code.block("for c in prange(channels)"):
             code.line("mu = running_mean[c]")
             code.line(f"r = 1.0 / math.sqrt(running_var[c] + {eps!r})")
@@ -118,7 +119,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     code.line()
     code.line(jit())
     with code.block(f"def backward_train{signature}"):
-        sizes()
+        sizes(True)
         with code.block("for c in prange(channels)"):
             sums()
             # the batch statistics depend on x too: remove g's mean and its xhat part
@@ -131,7 +132,7 @@ def _render_batchnorm(spec: KernelSpec) -> str:
     code.line()
     code.line(jit())
     with code.block(f"def backward_eval{signature}"):
-        sizes()
+        sizes(False)
         with code.block("for c in prange(channels)"):
             sums()  # fixed statistics: a per-channel affine map
             with code.loops(every_value):

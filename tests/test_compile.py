@@ -43,14 +43,15 @@ def test_whole_network_matches_the_reference(path: str, train: bool) -> None:
 
 
 # Two of each kernel that serves every size (batch norm, Winograd's epilogue, dense's
-# epilogue, add, dropout's multiply), at different shapes
+# epilogue, add, dropout's multiply, max pooling's backward, concat), at different shapes
 SIZES = ("input x: 3x8x8\n"
          "a = conv(4, 3, pad=same, bias=no, algo=winograd) -> bn(act=relu)\n"
          "b = conv(4, 3, pad=same, algo=winograd, act=relu)\n"
-         "s = add(a, b, act=relu) -> dropout(0.3)\n"
+         "s = add(a, b, act=relu) -> dropout(0.3) -> maxpool(2)\n"
          "c = conv(6, 3, stride=2, pad=1, bias=no, algo=gemm) -> bn(act=relu)\n"
          "d = conv(6, 3, pad=same, algo=winograd, act=relu)\n"
-         "t = add(c, d, act=relu) -> dropout(0.3)\n"
+         "t = add(c, d, act=relu) -> dropout(0.3) -> maxpool(2)\n"
+         "u = concat(t, t)\nv = concat(u, u)\n"
          "flatten\nh = dense(8, act=relu)\ng = dense(5, act=relu)\nfc = dense(3)\noutput fc\n")
 
 
@@ -61,7 +62,8 @@ def test_kernels_for_every_size_serve_layers_of_every_shape(train: bool) -> None
     for stage in net.stages:
         for spec in stage.kernel.specs:
             by_template.setdefault(spec.template, []).append(spec)
-    for template in ("batchnorm", "conv_epilogue", "dense_epilogue", "add", "multiply"):
+    for template in ("batchnorm", "conv_epilogue", "dense_epilogue", "add", "multiply",
+                     "argmax_scatter", "concat"):
         specs = list({spec.key: spec for spec in by_template[template]}.values())
         assert len({spec.shapes for spec in specs}) > 1, template
         assert len({cache.kernel_file(spec) for spec in specs}) < len(specs), template

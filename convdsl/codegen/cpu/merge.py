@@ -7,6 +7,8 @@ an array the executor might later accumulate into.
 concat sees maps as (N, C_i, S) (S = 1 for flat vectors) and copies input i into channels
 [offset_i, offset_i + C_i) of the output, in parallel over the input's (n, c) rows;
 add works on flat arrays in parallel over elements. Writes are disjoint either way.
+Both read their sizes from their arrays, so one module serves every concatenation (or
+sum) of the same number of inputs and activation (codegen/cache.py, `sized=False`).
 
 An input a branch has already written into its channels of the output (the executor
 hands such branches the slice as their output, passes/fusion.py concat_writes) is not
@@ -32,39 +34,44 @@ def _names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(count)]
 
 
-@cache.template("concat")
+@cache.template("concat", sized=False)
 def _render_concat(spec: KernelSpec) -> str:
     """forward(x0, .., y, placed), backward(y, dy, dx0, .., act_grad) on (N, C, S)
-    views; placed[i]: input i is in place already, and is not copied."""
-    *inputs, (batch, _, positions) = spec.shapes
-    xs, dxs = _names("x", len(inputs)), _names("dx", len(inputs))
+    views of any size; placed[i]: input i is in place already, and is not copied. Input
+    i fills the channels after those of the inputs before it."""
+    count = int(spec.option("inputs"))
+    xs, dxs = _names("x", count), _names("dx", count)
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
     with code.block(f"def forward({', '.join(xs)}, y, placed)"):
-        offset = 0
-        for index, (x, (_, channels, _)) in enumerate(zip(xs, inputs)):
+        code.line("batch, _, positions = y.shape")
+        code.line("offset = 0")
+        for index, x in enumerate(xs):
+            code.line(f"channels = {x}.shape[1]")
             with code.block(f"if not placed[{index}]"), \
-                    code.block(f"for nc in prange({batch * channels})"):
-                code.line(f"n = nc // {channels}")
-                code.line(f"c = nc % {channels}")
-                with code.block(f"for s in range({positions})"):
+                    code.block("for nc in prange(batch * channels)"):
+                code.line("n = nc // channels")
+                code.line("c = nc % channels")
+                with code.block("for s in range(positions)"):
                     code.line(f"v = {x}[n, c, s]")
-                    code.line(f"y[n, c + {offset}, s] = {apply_act(spec, 'v')}")
-            offset += channels
+                    code.line(f"y[n, c + offset, s] = {apply_act(spec, 'v')}")
+            code.line("offset += channels")
     code.line()
     code.line(jit())
     with code.block(f"def backward(y, dy, {', '.join(dxs)}, act_grad)"):
-        offset = 0
-        for dx, (_, channels, _) in zip(dxs, inputs):
-            with code.block(f"for nc in prange({batch * channels})"):
-                code.line(f"n = nc // {channels}")
-                code.line(f"c = nc % {channels}")
-                with code.block(f"for s in range({positions})"):
-                    gradient_lines(code, spec, "g", f"dy[n, c + {offset}, s]",
-                                   f"y[n, c + {offset}, s]")
+        code.line("batch, _, positions = y.shape")
+        code.line("offset = 0")
+        for dx in dxs:
+            code.line(f"channels = {dx}.shape[1]")
+            with code.block("for nc in prange(batch * channels)"):
+                code.line("n = nc // channels")
+                code.line("c = nc % channels")
+                with code.block("for s in range(positions)"):
+                    gradient_lines(code, spec, "g", "dy[n, c + offset, s]",
+                                   "y[n, c + offset, s]")
                     code.line(f"{dx}[n, c, s] = g")
-            offset += channels
+            code.line("offset += channels")
     return code.text()
 
 
@@ -153,7 +160,8 @@ def build_concat(setup: LayerSetup) -> KernelLayer:
     act = FusedAct(setup.layer.act, setup.batched_output, setup.dtype)
     in_views = [view(shape) for shape in setup.batched_inputs]
     out_view = view(setup.batched_output)
-    spec = KernelSpec.make("concat", setup.dtype, (*in_views, out_view), **act.options())
+    spec = KernelSpec.make("concat", setup.dtype, (*in_views, out_view),
+                           inputs=len(in_views), **act.options())
     return ConcatLayer(setup, spec, act, in_views, out_view)
 
 

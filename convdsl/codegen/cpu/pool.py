@@ -200,19 +200,19 @@ def _render_maxpool_values(code: Code, spec: KernelSpec) -> None:
         code.line(f"y[{here}] = best")
 
 
-@cache.template("argmax_scatter")
+@cache.template("argmax_scatter", sized=False)
 def _render_argmax_scatter(spec: KernelSpec) -> str:
-    """backward(dy, arg, x, dx) on flat (planes, positions) views: each output's gradient
-    goes to the input position its forward pass recorded (times the folded activation's
-    derivative there, read from the input x)."""
-    (planes, positions), (_, outputs) = spec.shapes
+    """backward(dy, arg, x, dx) on flat (planes, positions) views of any size: each
+    output's gradient goes to the input position its forward pass recorded (times the
+    folded activation's derivative there, read from the input x). The window is in the
+    recorded positions, so one module serves every max pooling."""
     code = Code()
     code.line(PRELUDE)
     code.line(jit())
-    with code.block("def backward(dy, arg, x, dx)"), code.block(f"for p in prange({planes})"):
-        with code.block(f"for i in range({positions})"):
+    with code.block("def backward(dy, arg, x, dx)"), code.block("for p in prange(dx.shape[0])"):
+        with code.block("for i in range(dx.shape[1])"):
             code.line("dx[p, i] = 0.0")
-        with code.block(f"for q in range({outputs})"):
+        with code.block("for q in range(dy.shape[1])"):
             code.line("where = arg[p, q]")
             with code.block("if where >= 0"):  # overlapping windows add up
                 share = _times_derivative(spec, "dy[p, q]", "x[p, where]")

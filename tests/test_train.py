@@ -281,10 +281,13 @@ def cli_process(*args: str | Path) -> subprocess.Popen[bytes]:
 def wait_for_epoch(run: Path, epoch: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        # Asked before the look at the checkpoint: a run that ends between the two (this
+        # process may wait a while for a core) has written its last checkpoint by then.
+        ended = process.poll() is not None
         if (run / "checkpoint.npz").exists() and \
                 ckpt.load(run).meta["position"]["epoch"] >= epoch:
             return
-        if process.poll() is not None:
+        if ended:
             pytest.fail(f"training ended early: {process.stderr.read().decode()[-2000:]}"
                         if process.stderr else "training ended early")
         time.sleep(0.005)
@@ -295,7 +298,10 @@ def wait_for_epoch(run: Path, epoch: int, process: subprocess.Popen[bytes]) -> N
 def test_a_run_stopped_and_resumed_ends_bit_identical(tiny: Path, tmp_path: Path,
                                                       how: str) -> None:
     data = write_data(tmp_path / "big.npz", 2400)
-    options = ("--data", data, "--epochs", "6", "--no-progress")
+    # An epoch takes about 0.1 s: enough of them that the run is still going when this
+    # process, on a busy machine, gets to stop it.
+    epochs = 20
+    options = ("--data", data, "--epochs", str(epochs), "--no-progress")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert run_cli("train", tiny, *options, "--out", whole) == 0
 
@@ -310,7 +316,7 @@ def test_a_run_stopped_and_resumed_ends_bit_identical(tiny: Path, tmp_path: Path
         assert process.returncode == 130, err.decode()
         assert b"continue with --resume" in err
     position = ckpt.load(stopped).meta["position"]
-    assert position["epoch"] < 6, "the run finished before it was stopped"
+    assert position["epoch"] < epochs, "the run finished before it was stopped"
 
     assert run_cli("train", tiny, "--out", stopped, "--resume", "--no-progress") == 0
     assert_identical(final_arrays(stopped), final_arrays(whole))

@@ -4,6 +4,7 @@ a real training process is killed."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -305,10 +306,18 @@ def test_a_run_stopped_and_resumed_ends_bit_identical(tiny: Path, tmp_path: Path
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert run_cli("train", tiny, *options, "--out", whole) == 0
 
-    process = cli_process("train", tiny, *options, "--out", stopped)
-    wait_for_epoch(stopped, 2, process)
-    time.sleep(0.05)  # into the next epoch, maybe in the middle of a checkpoint write
-    process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+    # Late in a test session this process holds millions of objects, and a full garbage
+    # collection can take it away for seconds: long enough for the run to finish before
+    # it is stopped (seen twice in CI). Collect now, and not again until it is stopped.
+    gc.collect()
+    gc.disable()
+    try:
+        process = cli_process("train", tiny, *options, "--out", stopped)
+        wait_for_epoch(stopped, 2, process)
+        time.sleep(0.05)  # into the next epoch, maybe in the middle of a checkpoint write
+        process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+    finally:
+        gc.enable()
     _, err = process.communicate(timeout=120)
     if how == "kill":
         assert process.returncode == -signal.SIGKILL

@@ -306,9 +306,10 @@ def test_a_run_stopped_and_resumed_ends_bit_identical(tiny: Path, tmp_path: Path
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert run_cli("train", tiny, *options, "--out", whole) == 0
 
-    # Late in a test session this process holds millions of objects, and a full garbage
-    # collection can take it away for seconds: long enough for the run to finish before
-    # it is stopped (seen twice in CI). Collect now, and not again until it is stopped.
+    # Late in a test session this process holds hundreds of thousands of objects or more,
+    # and a full garbage collection can likely take it away for seconds: long enough for
+    # the run to finish before it is stopped (seen twice in CI). Collect now, and not
+    # again until it is stopped.
     gc.collect()
     gc.disable()
     try:

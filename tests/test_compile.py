@@ -66,10 +66,10 @@ def test_kernels_for_every_size_serve_layers_of_every_shape(train: bool) -> None
                      "argmax_scatter", "concat"):
         specs = list({spec.key: spec for spec in by_template[template]}.values())
         assert len({spec.shapes for spec in specs}) > 1, template
-        assert len({cache.kernel_file(spec) for spec in specs}) < len(specs), template
+        assert len({cache.source_path(spec) for spec in specs}) < len(specs), template
     for template in ("conv_winograd", "conv_gemm"):  # sizes baked in: a file per shape
         specs = list({spec.key: spec for spec in by_template[template]}.values())
-        assert len({cache.kernel_file(spec) for spec in specs}) == len(specs), template
+        assert len({cache.source_path(spec) for spec in specs}) == len(specs), template
     _check_against_the_reference(net, train)
 
 

@@ -131,7 +131,7 @@ def test_stages_sharing_a_kernel_go_to_one_worker(monkeypatch: pytest.MonkeyPatc
     owner = {name: index for index, share in enumerate(shares) for name in share}
 
     def sized_files(stage: Stage) -> set[Path]:
-        return {cache.kernel_file(s) for s in stage.kernel.specs if cache.sized(s)}
+        return {cache.source_path(s) for s in stage.kernel.specs if cache.sized(s)}
 
     for first in net.stages:
         for second in net.stages:
@@ -150,7 +150,7 @@ def test_a_kernel_for_every_size_ties_no_stages(monkeypatch: pytest.MonkeyPatch)
     norms = [spec for name in ("b", "d", "f")
              for spec in stages[name].kernel.specs if spec.template == "batchnorm"]
     assert len(norms) == 3 and not any(cache.sized(spec) for spec in norms)
-    assert len({cache.kernel_file(spec) for spec in norms}) == 1
+    assert len({cache.source_path(spec) for spec in norms}) == 1
     shares = parallel.plan(net.stages, 3)
     assert sorted(map(sorted, shares)) == [["b"], ["d", "f"], ["fc"]]
 
@@ -183,7 +183,7 @@ def test_a_damaged_record_falls_back_to_the_warm_up(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cache, "write_record", lambda record, value: None)
     spec = net.stages[0].kernel.specs[0]
     # e.g. written by another version
-    broken = {cache.kernel_file(spec).name: {"no_such_function": [()]}}
+    broken = {cache.source_path(spec).name: {"no_such_function": [()]}}
     monkeypatch.setattr(cache, "read_record", lambda record: broken)
     parallel.warm(net)
     assert calls == [1]

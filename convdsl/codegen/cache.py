@@ -118,8 +118,10 @@ def render(spec: KernelSpec) -> str:
 
 def source_path(spec: KernelSpec) -> Path:
     """The file of the kernel, named by a hash of its source: a change to a template
-    gives new files, so a stale kernel is never loaded."""
-    return _source(spec)[0]
+    gives new files, so a stale kernel is never loaded. Two specs with the same file
+    share their kernels: it, not the spec key, says which kernels are one and the same."""
+    known = _PATHS.get((spec.key, source.threads_from()))  # rendered when it was loaded
+    return known if known is not None else _source(spec)[0]
 
 
 def _source(spec: KernelSpec) -> tuple[Path, str]:
@@ -155,14 +157,6 @@ def _import(path: Path, text: str) -> ModuleType:
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     return module
-
-
-def kernel_file(spec: KernelSpec) -> Path:
-    """The file that holds the kernels of `spec`, loading them if need be. Two specs
-    with the same file share their kernels: it, not the spec key, says which kernels
-    are one and the same."""
-    load(spec)
-    return _PATHS[spec.key, source.threads_from()]
 
 
 def sized(spec: KernelSpec) -> bool:
@@ -211,7 +205,7 @@ def load_signatures(spec: KernelSpec, wanted: Signatures) -> None:
 def has_machine_code(spec: KernelSpec) -> bool:
     """Whether Numba's cache beside the kernel's file holds any of its functions (its
     index files are `__pycache__/<file stem>.<function>-<line>.py<version>.nbi`)."""
-    path = kernel_file(spec)
+    path = source_path(spec)
     return any((path.parent / "__pycache__").glob(f"{path.stem}.*.nbi"))
 
 

@@ -103,7 +103,7 @@ def record_name(stages: Sequence[Stage]) -> str:
 
 def _compiled_signatures(stages: Sequence[Stage]) -> dict[str, cache.Signatures]:
     """The versions of every kernel file's functions, by the file's name."""
-    return {cache.kernel_file(spec).name: cache.signatures(spec)
+    return {cache.source_path(spec).name: cache.signatures(spec)
             for spec in _unique_specs(stages)}
 
 
@@ -116,7 +116,7 @@ def _load_recorded(compiled: CompiledNetwork,
         for stage in compiled.stages:
             start = time.perf_counter()
             for spec in stage.kernel.specs:
-                name = cache.kernel_file(spec).name
+                name = cache.source_path(spec).name
                 if name not in done:
                     cache.load_signatures(spec, wanted.get(name, {}))
                     done.add(name)
@@ -134,7 +134,7 @@ def _unique_specs(stages: Sequence[Stage]) -> list[KernelSpec]:
     specs: dict[Path, KernelSpec] = {}
     for stage in stages:
         for spec in stage.kernel.specs:
-            specs.setdefault(cache.kernel_file(spec), spec)
+            specs.setdefault(cache.source_path(spec), spec)
     return list(specs.values())
 
 
@@ -196,13 +196,13 @@ def plan(stages: Sequence[Stage], workers: int) -> list[list[str]]:
             if any(not cache.has_machine_code(spec) for spec in stage.kernel.specs)]
     groups: list[tuple[set[Path], list[str]]] = []  # (kernel files, stage names)
     for stage in cold:
-        files = {cache.kernel_file(spec) for spec in stage.kernel.specs}
-        ties = {cache.kernel_file(spec) for spec in stage.kernel.specs if cache.sized(spec)}
+        files = {cache.source_path(spec) for spec in stage.kernel.specs}
+        ties = {cache.source_path(spec) for spec in stage.kernel.specs if cache.sized(spec)}
         touching = [group for group in groups if group[0] & ties]
         merged = (files.union(*(g[0] for g in touching)),
                   [name for g in touching for name in g[1]] + [stage.name])
         groups = [group for group in groups if group not in touching] + [merged]
-    specs = {cache.kernel_file(spec): spec for spec in _unique_specs(cold)}
+    specs = {cache.source_path(spec): spec for spec in _unique_specs(cold)}
     costs = [sum(len(cache.functions(specs[file])) for file in files)
              for files, _ in groups]
     shares: list[list[str]] = [[] for _ in range(min(workers, len(groups)))]
